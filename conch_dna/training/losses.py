@@ -1,0 +1,192 @@
+"""Distillation losses: dense and sparse (cached top-k) KD, CE, and vocabulary alignment.
+
+Conventions: logits and log-probabilities carry the vocabulary on the last axis; a `mask` is 1
+for tokens that count (answer tokens) and 0 for the rest; every loss is a mean over the tokens
+that count. The teacher is always the first argument, the student the second.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tuner.losses import kl_div_loss
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+ALIGN_STRATEGIES = ("truncate", "token_map")
+# A bucket's log-mass never goes below this: keeps 0·log(0) terms finite when the top-k ids hold
+# (nearly) all of a distribution's mass.
+_LOG_FLOOR = -13.8  # log(1e-6)
+
+
+class VocabMismatchError(ValueError):
+    """Teacher and student tokenizers do not give the same ids to the same tokens."""
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def masked_mean(values: mx.array, mask: mx.array | None) -> mx.array:
+    """Mean of `values` over the positions where `mask` is non-zero (all positions without one)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.astype(values.dtype)
+    return (values * mask).sum() / mx.maximum(mask.sum(), 1)
+
+
+def forward_kl(teacher_logp: mx.array, student_logp: mx.array) -> mx.array:
+    """KL(teacher ‖ student) per position, from log-distributions over the last axis."""
+    return (mx.exp(teacher_logp) * (teacher_logp - student_logp)).sum(axis=-1)
+
+
+def reverse_kl(teacher_logp: mx.array, student_logp: mx.array) -> mx.array:
+    """KL(student ‖ teacher) per position: mode-seeking, the student may drop teacher modes."""
+    return (mx.exp(student_logp) * (student_logp - teacher_logp)).sum(axis=-1)
+
+
+def generalized_jsd(teacher_logp: mx.array, student_logp: mx.array, beta: float = 0.5) -> mx.array:
+    """Generalized Jensen-Shannon divergence per position (Agarwal et al., GKD):
+
+    β·KL(P ‖ M) + (1-β)·KL(Q ‖ M) with M = β·P + (1-β)·Q, P the teacher, Q the student.
+    β = 0.5 is the symmetric JSD; it is bounded, so one wild token cannot dominate a batch.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+    mixture = mx.logaddexp(teacher_logp + mx.log(beta), student_logp + mx.log(1.0 - beta))
+    return beta * forward_kl(teacher_logp, mixture) + (1.0 - beta) * forward_kl(
+        student_logp, mixture
+    )
+
+
+def divergence(teacher_logp, student_logp, kind: str = "forward_kl", beta: float = 0.5):
+    """The divergence named by `kind` ("forward_kl", "reverse_kl" or "jsd") per position."""
+    if kind == "forward_kl":
+        return forward_kl(teacher_logp, student_logp)
+    if kind == "reverse_kl":
+        return reverse_kl(teacher_logp, student_logp)
+    if kind == "jsd":
+        return generalized_jsd(teacher_logp, student_logp, beta)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def compute_kd_loss(
+    teacher_logits: mx.array,
+    student_logits: mx.array,
+    temperature: float = 2.0,
+    mask: mx.array | None = None,
+) -> mx.array:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², averaged over unmasked tokens.
+
+    The T² keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+    Vocabularies of different padded sizes are truncated to the shared ids first.
+    """
+    teacher_logits, student_logits = align_vocab_sizes(teacher_logits, student_logits)
+    t = teacher_logits.astype(mx.float32) / temperature
+    s = student_logits.astype(mx.float32) / temperature
+    # mlx-lm's kl_div_loss(q, p) is KL(p ‖ q) per position, with a fused kernel on Metal.
+    return masked_mean(kl_div_loss(s, t), mask) * temperature**2
+
+
+def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = -100) -> mx.array:
+    """Cross-entropy of `targets` under `logits`, averaged over targets that are not ignore_index."""
+    mask = targets != ignore_index
+    safe_targets = mx.where(mask, targets, 0)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), safe_targets)
+    return masked_mean(ce, mask)
+
+
+def teacher_bucket_logprobs(topk_logprobs: mx.array) -> mx.array:
+    """The teacher's top-k log-probs plus one last bucket holding the mass outside the top k.
+
+    The tail is kept instead of renormalising the top k to 1: renormalising tells the student the
+    teacher is surer than it is, most of all where the teacher is unsure.
+    """
+    lp = topk_logprobs.astype(mx.float32)
+    tail_mass = 1.0 - mx.exp(lp).sum(axis=-1, keepdims=True)
+    tail = mx.log(mx.maximum(tail_mass, mx.exp(mx.array(_LOG_FLOOR))))
+    return mx.concatenate([lp, tail], axis=-1)
+
+
+def student_bucket_logprobs(student_logits: mx.array, topk_ids: mx.array) -> mx.array:
+    """The student's log-probs at the teacher's top-k ids plus the log-mass of all other ids."""
+    logp = log_softmax(student_logits.astype(mx.float32))
+    top = mx.take_along_axis(logp, topk_ids, axis=-1)
+    rest = mx.put_along_axis(logp, topk_ids, mx.array(-mx.inf, logp.dtype), axis=-1)
+    tail = mx.maximum(mx.logsumexp(rest, axis=-1, keepdims=True), _LOG_FLOOR)
+    return mx.concatenate([top, tail], axis=-1)
+
+
+def sparse_kd_loss(
+    student_logits: mx.array,
+    topk_ids: mx.array,
+    topk_logprobs: mx.array,
+    temperature: float = 2.0,
+    mask: mx.array | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> mx.array:
+    """KD against cached teacher top-k log-probs (at T = 1), times T², over unmasked tokens.
+
+    Teacher and student are both reduced to the same k + 1 buckets (the teacher's top-k ids and
+    "everything else"), then both are softened by T. With k equal to the vocabulary this is the
+    dense loss; with k = 64 it keeps the signal while the cache stays a few hundred bytes a token.
+    """
+    t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
+    s = log_softmax(student_bucket_logprobs(student_logits, topk_ids) / temperature)
+    return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
+
+
+def align_vocab_sizes(
+    teacher_logits: mx.array,
+    student_logits: mx.array,
+    strategy: str = "truncate",
+    token_map: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Bring teacher and student logits onto one vocabulary axis.
+
+    "truncate": the vocabularies share ids and differ only in padded size (Qwen2.5-7B's 152064
+    rows against 3B's 151936); both are cut to the shorter. Only valid when the tokenizers share
+    ids: `check_shared_vocab` says so, and the distiller calls it before any training.
+    "token_map": `token_map[i]` is the teacher id of the student's token i (-1 if the teacher has
+    no such token string; see `token_string_map`); the teacher's logits are gathered into the
+    student's order and missing tokens get a logit far below any real one.
+    """
+    if strategy == "truncate":
+        v = min(teacher_logits.shape[-1], student_logits.shape[-1])
+        return teacher_logits[..., :v], student_logits[..., :v]
+    if strategy == "token_map":
+        if token_map is None:
+            raise ValueError("align_vocab_sizes(strategy='token_map') needs a token_map")
+        if token_map.shape[0] != student_logits.shape[-1]:
+            raise ValueError(
+                f"token_map has {token_map.shape[0]} entries but the student vocabulary has "
+                f"{student_logits.shape[-1]}"
+            )
+        gathered = mx.take(teacher_logits, mx.maximum(token_map, 0), axis=-1)
+        floor = teacher_logits.min() - 30.0
+        return mx.where(token_map >= 0, gathered, floor), student_logits
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALIGN_STRATEGIES)}")
+
+
+def check_shared_vocab(teacher_tokenizer, student_tokenizer) -> None:
+    """Raise VocabMismatchError unless every token both tokenizers know has the same id in both."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    differ = [tok for tok, i in s_vocab.items() if tok in t_vocab and t_vocab[tok] != i]
+    missing = [tok for tok in s_vocab if tok not in t_vocab]
+    if differ or len(missing) > 0.01 * len(s_vocab):
+        example = (differ or missing)[0]
+        raise VocabMismatchError(
+            f"teacher and student tokenizers do not share token ids ({len(differ)} tokens have "
+            f"different ids, {len(missing)} student tokens are unknown to the teacher; e.g. "
+            f"{example!r}): truncating would pair unrelated tokens. Use a student from the "
+            f"teacher's family, or the 'token_map' strategy."
+        )
+
+
+def token_string_map(teacher_tokenizer, student_tokenizer) -> mx.array:
+    """For each student id, the teacher id of the same token string, or -1."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    table = [-1] * (max(s_vocab.values()) + 1)
+    for tok, i in s_vocab.items():
+        table[i] = t_vocab.get(tok, -1)
+    return mx.array(table, dtype=mx.int32)

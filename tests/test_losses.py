@@ -1,0 +1,156 @@
+"""Each loss against an independent numpy reference written from its textbook definition."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conch_dna.training.losses import (
+    VocabMismatchError,
+    align_vocab_sizes,
+    check_shared_vocab,
+    compute_ce_loss,
+    compute_kd_loss,
+    divergence,
+    sparse_kd_loss,
+    token_string_map,
+)
+
+rng = np.random.default_rng(0)
+
+
+def np_softmax(x, t=1.0):
+    z = x / t - (x / t).max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_kl(p, q):
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+def logits(*shape, scale=3.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 5.0])
+def test_kd_loss_is_tempered_kl_times_t_squared(temperature):
+    t, s = logits(2, 5, 17), logits(2, 5, 17)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], np.float32)
+    kl = np_kl(np_softmax(t, temperature), np_softmax(s, temperature))
+    expected = (kl * mask).sum() / mask.sum() * temperature**2
+    got = compute_kd_loss(mx.array(t), mx.array(s), temperature, mx.array(mask)).item()
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_kd_loss_is_zero_for_identical_and_positive_otherwise():
+    t = logits(3, 11)
+    assert compute_kd_loss(mx.array(t), mx.array(t), 2.0).item() == pytest.approx(0, abs=1e-5)
+    assert compute_kd_loss(mx.array(t), mx.array(logits(3, 11)), 2.0).item() > 0.01
+
+
+def test_kd_loss_truncates_padded_teacher_vocab():
+    t, s = logits(4, 20), logits(4, 16)
+    expected = np_kl(np_softmax(t[:, :16], 2.0), np_softmax(s, 2.0)).mean() * 4
+    assert compute_kd_loss(mx.array(t), mx.array(s), 2.0).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ce_loss_ignores_ignore_index():
+    x = logits(2, 4, 9)
+    y = np.array([[1, 2, -100, 3], [-100, -100, 8, 0]])
+    p = np_softmax(x)
+    keep = y != -100
+    expected = -np.log(p[keep, y[keep]]).mean()
+    got = compute_ce_loss(mx.array(x), mx.array(y)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def np_sparse_reference(teacher_logits, student_logits, k, temperature):
+    """Build the k+1-bucket distributions by hand: top-k of the teacher, then 'the rest'."""
+    pt, ps = np_softmax(teacher_logits), np_softmax(student_logits)
+    ids = np.argsort(-pt, axis=-1)[..., :k]
+    t_top = np.take_along_axis(pt, ids, -1)
+    s_top = np.take_along_axis(ps, ids, -1)
+    t_b = np.concatenate([t_top, 1 - t_top.sum(-1, keepdims=True)], -1)
+    s_b = np.concatenate([s_top, 1 - s_top.sum(-1, keepdims=True)], -1)
+    kl = np_kl(np_softmax(np.log(t_b), temperature), np_softmax(np.log(s_b), temperature))
+    return ids, np.log(t_top), kl.mean() * temperature**2
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 1.0), (4, 1.0), (8, 2.0), (15, 3.0)])
+def test_sparse_kd_keeps_tail_bucket(k, temperature):
+    t, s = logits(3, 6, 16), logits(3, 6, 16)
+    ids, lp, expected = np_sparse_reference(t, s, k, temperature)
+    got = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), temperature).item()
+    assert got == pytest.approx(expected, rel=1e-3)
+
+
+def test_sparse_kd_differs_from_renormalised_top_k():
+    # A flat teacher: its top-4 hold little mass. Renormalising would pretend they hold it all.
+    t, s = logits(2, 32, scale=0.1), logits(2, 32)
+    ids, lp, expected = np_sparse_reference(t, s, 4, 1.0)
+    pt = np.exp(lp) / np.exp(lp).sum(-1, keepdims=True)
+    ps = np.take_along_axis(np_softmax(s), ids, -1)
+    renormalised = np_kl(pt, ps / ps.sum(-1, keepdims=True)).mean()
+    got = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 1.0).item()
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert abs(got - renormalised) > 0.05
+
+
+def test_sparse_kd_with_full_k_equals_dense():
+    t, s = logits(2, 3, 12), logits(2, 3, 12)
+    lp = np.log(np_softmax(t))
+    ids = np.argsort(-lp, -1)
+    lp_sorted = np.take_along_axis(lp, ids, -1)
+    dense = compute_kd_loss(mx.array(t), mx.array(s), 2.0).item()
+    sparse = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp_sorted), 2.0).item()
+    assert sparse == pytest.approx(dense, rel=2e-3)
+
+
+def test_reverse_kl_and_jsd_match_definitions():
+    p, q = np_softmax(logits(5, 7)), np_softmax(logits(5, 7))
+    lp, lq = mx.array(np.log(p)), mx.array(np.log(q))
+    assert np.allclose(divergence(lp, lq, "reverse_kl"), np_kl(q, p), rtol=1e-4)
+    for beta in (0.1, 0.5, 0.9):
+        m = beta * p + (1 - beta) * q
+        expected = beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
+        assert np.allclose(divergence(lp, lq, "jsd", beta), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown divergence 'bogus'"):
+        divergence(lp, lq, "bogus")
+
+
+def test_jsd_is_bounded_by_log_two():
+    p = np.full((1, 4), 1e-9)
+    p[0, 0] = 1
+    q = np.full((1, 4), 1e-9)
+    q[0, 3] = 1
+    got = divergence(mx.array(np.log(p)), mx.array(np.log(q)), "jsd", 0.5).item()
+    assert got == pytest.approx(np.log(2), rel=1e-3)
+
+
+class Tok:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_check_shared_vocab_accepts_padded_family_and_rejects_permuted_ids():
+    base = {f"t{i}": i for i in range(100)}
+    check_shared_vocab(Tok({**base, "<extra>": 100}), Tok(base))
+    shuffled = {f"t{i}": (i * 7) % 100 for i in range(100)}
+    with pytest.raises(VocabMismatchError, match="do not share token ids"):
+        check_shared_vocab(Tok(base), Tok(shuffled))
+
+
+def test_token_map_strategy_gathers_teacher_logits_by_token_string():
+    teacher = Tok({"a": 0, "b": 1, "c": 2})
+    student = Tok({"c": 0, "a": 1, "z": 2})
+    mapping = token_string_map(teacher, student)
+    assert mapping.tolist() == [2, 0, -1]
+    t = mx.array([[1.0, 2.0, 3.0]])
+    aligned, _ = align_vocab_sizes(t, mx.zeros((1, 3)), "token_map", mapping)
+    assert aligned[0, :2].tolist() == [3.0, 1.0]
+    assert aligned[0, 2].item() < -20
+    with pytest.raises(ValueError, match="unknown strategy 'project'"):
+        align_vocab_sizes(t, t, "project")
