@@ -1,0 +1,64 @@
+"""Loading teacher and student models through mlx_lm.load, with errors a person can act on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model id or path that cannot be loaded; the message says why."""
+
+
+def check_model_ref(model_id: str) -> None:
+    """Fail early for a local path that does not exist; hub ids are left to mlx_lm.load."""
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {model_id} has no config.json")
+        return
+    if not _HUB_ID.match(model_id) or model_id.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path does not exist: {model_id}")
+
+
+def _ref(model_id: str) -> str:
+    path = Path(model_id).expanduser()
+    return str(path) if path.exists() else model_id
+
+
+def load_model(model_id: str, adapter_path: str | Path | None = None):
+    """mlx_lm.load(model_id, adapter_path=...) -> (model, tokenizer), or ModelLoadError."""
+    from mlx_lm import load
+
+    check_model_ref(model_id)
+    try:
+        return load(_ref(model_id), adapter_path=str(adapter_path) if adapter_path else None)
+    except Exception as exc:  # noqa: BLE001 - one clear message whatever mlx_lm raised
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model {model_id!r}: {first_line}") from exc
+
+
+def load_tokenizer_only(model_id: str):
+    """The tokenizer of a model, without its weights (mlx-lm's own loader)."""
+    from mlx_lm.utils import _download, load_tokenizer
+
+    check_model_ref(model_id)
+    try:
+        return load_tokenizer(_download(_ref(model_id)))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the tokenizer of {model_id!r}: {exc}") from exc
+
+
+def output_vocab_size(model) -> int:
+    """Rows of the model's output layer (mlx-lm models keep their config in .args)."""
+    return int(model.args.vocab_size)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary: same fingerprint, same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]

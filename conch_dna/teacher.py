@@ -1,0 +1,147 @@
+"""Teacher targets: the teacher's top-k log-probs for every answer token, cached on disk.
+
+A target costs one teacher forward pass over prompt + answer; the result is stored as a small
+safetensors file keyed by a hash of the teacher id, k and the token ids, so the same trace never
+costs a teacher pass twice. When a prompt has no answer yet, the teacher writes one first.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from conch_dna.fsutil import atomic_write, private_dir
+from conch_dna.models import load_model, tokenizer_fingerprint
+from conch_dna.training.data import KDExample, encode_chat, prompt_tokens
+
+
+class TeacherCache:
+    """One safetensors file per (teacher, k, tokens): `ids` int32 [n, k], `logprobs` float16 [n, k]."""
+
+    def __init__(self, root: str | Path):
+        self.root = private_dir(root)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(teacher_id: str, tokens, offset: int, k: int) -> str:
+        h = hashlib.sha256(f"{teacher_id}\0{k}\0{offset}\0".encode())
+        h.update(np.asarray(tokens, np.int32).tobytes())
+        return h.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        path = self.path(key)
+        try:
+            data = load_file(str(path))
+            found = data["ids"], data["logprobs"]
+        except FileNotFoundError:
+            found = None
+        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, not a crash
+            path.unlink(missing_ok=True)
+            found = None
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key: str, ids: np.ndarray, logprobs: np.ndarray, meta: dict[str, str]) -> None:
+        path = self.path(key)
+        private_dir(path.parent)
+        tensors = {"ids": ids.astype(np.int32), "logprobs": logprobs.astype(np.float16)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
+
+
+def topk_logprobs(logits: mx.array, k: int, vocab_limit: int | None = None):
+    """Top-k (ids, log-probs) per row, best first, among the first vocab_limit ids.
+
+    Log-probs are normalised over the teacher's whole vocabulary, so the mass outside the top k
+    (padding ids included) stays visible as the tail.
+    """
+    logp = logits.astype(mx.float32)
+    logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+    candidates = logp[..., :vocab_limit] if vocab_limit else logp
+    k = min(k, candidates.shape[-1])
+    ids = mx.argpartition(-candidates, kth=k - 1, axis=-1)[..., :k]
+    vals = mx.take_along_axis(candidates, ids, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
+
+
+class TeacherScorer:
+    """Loads the teacher on first use; `release()` frees it before the student trains."""
+
+    def __init__(self, teacher_model_id: str, cache: TeacherCache, top_k: int = 64,
+                 vocab_limit: int | None = None, max_answer_tokens: int = 256):
+        self.teacher_model_id = teacher_model_id
+        self.cache = cache
+        self.top_k = top_k
+        self.vocab_limit = vocab_limit
+        self.max_answer_tokens = max_answer_tokens
+        self.forward_passes = 0
+        self._model = None
+        self._tokenizer = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def _load(self):
+        if self._model is None:
+            self._model, self._tokenizer = load_model(self.teacher_model_id)
+        return self._model, self._tokenizer
+
+    @property
+    def tokenizer(self):
+        return self._load()[1]
+
+    def fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
+
+    def release(self) -> None:
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+        mx.clear_cache()
+
+    def complete(self, messages: list[dict]) -> list[dict]:
+        """The chat with the teacher's answer last: the given one, or one it writes now (greedy)."""
+        if messages[-1].get("role") == "assistant":
+            return messages
+        from mlx_lm import generate
+
+        model, tokenizer = self._load()
+        answer = generate(model, tokenizer, prompt=prompt_tokens(tokenizer, messages),
+                          max_tokens=self.max_answer_tokens, verbose=False)
+        return [*messages, {"role": "assistant", "content": answer}]
+
+    def targets(self, tokens: list[int], offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids and log-probs of the teacher for each answer token, from cache or one pass."""
+        key = self.cache.key(self.teacher_model_id, tokens, offset, self.top_k)
+        if (cached := self.cache.get(key)) is not None:
+            return cached
+        model, _ = self._load()
+        logits = model(mx.array(tokens[:-1])[None])[0, offset - 1 :]
+        ids, logprobs = topk_logprobs(logits, self.top_k, self.vocab_limit)
+        mx.eval(ids, logprobs)
+        self.forward_passes += 1
+        ids_np, lp_np = np.array(ids, np.int32), np.array(logprobs, np.float32)
+        self.cache.put(key, ids_np, lp_np, {"teacher": self.teacher_model_id})
+        return ids_np, lp_np.astype(np.float16)
+
+    def example(self, messages: list[dict], tokenizer) -> KDExample:
+        """A KD example for a chat (answered by the teacher if it has no answer yet)."""
+        tokens, offset = encode_chat(tokenizer, self.complete(messages))
+        ids, logprobs = self.targets(tokens, offset)
+        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)

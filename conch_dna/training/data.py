@@ -1,0 +1,93 @@
+"""Chat examples with teacher targets, and the padded batches the KD step consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+# Teacher log-prob written into padding rows: far below any real one, so the padded rows' "tail"
+# bucket holds all the mass and nothing is NaN; the mask drops these rows anyway.
+_PAD_LOGPROB = -30.0
+
+
+@dataclass
+class KDExample:
+    """One chat: its tokens, where the answer starts, and the teacher's top-k per answer token."""
+
+    tokens: np.ndarray  # int32 [n]
+    offset: int  # index of the first answer token
+    topk_ids: np.ndarray  # int32 [n - offset, k]
+    topk_logprobs: np.ndarray  # float16 [n - offset, k]
+
+    @property
+    def answer_tokens(self) -> np.ndarray:
+        return self.tokens[self.offset :]
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """Token ids of a chat whose last message is the answer, and the index where the answer starts."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("the last message of a chat to train on must be the assistant's answer")
+    tokens = tokenizer.apply_chat_template(messages, return_dict=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                           return_dict=False)
+    if tokens[: len(prompt)] != prompt or len(tokens) <= len(prompt):
+        raise ValueError("the chat template does not put the answer after the prompt's tokens")
+    return list(tokens), len(prompt)
+
+
+def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat up to and including the generation prompt for the next answer."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              return_dict=False))
+
+
+def _batch_order(n: int, batch_size: int, rng: np.random.Generator):
+    """Endless index lists of batch_size, epoch after shuffled epoch; small sets repeat."""
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending.extend(rng.permutation(n).tolist())
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
+    """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step.
+
+    Position p of the inputs predicts token p + 1; the mask keeps the positions whose target is an
+    answer token, and topk rows are placed at those same positions.
+    """
+    k = examples[0].topk_ids.shape[1]
+    longest = max(len(e.tokens) for e in examples) - 1
+    width = min(pad_to * ((longest + pad_to - 1) // pad_to), max_seq_length)
+    b = len(examples)
+    inputs = np.zeros((b, width), np.int32)
+    targets = np.zeros((b, width), np.int32)
+    mask = np.zeros((b, width), np.float32)
+    ids = np.zeros((b, width, k), np.int32)
+    logprobs = np.full((b, width, k), _PAD_LOGPROB, np.float32)
+    for row, e in enumerate(examples):
+        n = min(len(e.tokens) - 1, width)
+        inputs[row, :n] = e.tokens[:n]
+        targets[row, :n] = e.tokens[1 : n + 1]
+        start = e.offset - 1
+        stop = min(len(e.tokens) - 1, width)
+        if stop > start:
+            mask[row, start:stop] = 1.0
+            ids[row, start:stop] = e.topk_ids[: stop - start]
+            logprobs[row, start:stop] = e.topk_logprobs[: stop - start]
+    return (mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(ids),
+            mx.array(logprobs))
+
+
+def iterate_kd_batches(examples: list[KDExample], batch_size: int, max_seq_length: int,
+                       seed: int = 0):
+    """Endless shuffled, padded KD batches."""
+    if not examples:
+        raise ValueError("no training examples")
+    rng = np.random.default_rng(seed)
+    for idx in _batch_order(len(examples), batch_size, rng):
+        yield collate([examples[i] for i in idx], max_seq_length)
