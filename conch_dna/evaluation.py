@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from conch_dna.training.data import KDExample, collate
-from conch_dna.training.losses import forward_kl, student_bucket_logprobs, teacher_bucket_logprobs
+from conch_dna.training.losses import (
+    forward_kl,
+    log_softmax,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+)
 
 
 @dataclass
@@ -31,10 +35,10 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     for i in range(0, len(examples), batch_size):
         inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size],
                                                        max_seq_length)
-        logits = model(inputs).astype(mx.float32)
-        kl = forward_kl(teacher_bucket_logprobs(logprobs), student_bucket_logprobs(logits, ids))
-        ce = nn.losses.cross_entropy(logits, targets)
-        agree = (mx.argmax(logits, axis=-1) == ids[..., 0]).astype(mx.float32)
+        logp = log_softmax(model(inputs).astype(mx.float32))
+        kl = forward_kl(teacher_bucket_logprobs(logprobs), student_bucket_logprobs(logp, ids))
+        ce = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        agree = (mx.argmax(logp, axis=-1) == ids[..., 0]).astype(mx.float32)
         sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]
         mx.eval(sums)
         kl_sum, ce_sum, agree_sum, count = (a + b.item() for a, b in

@@ -2,21 +2,23 @@
 
 A target costs one teacher forward pass over prompt + answer; the result is stored as a small
 safetensors file keyed by a hash of the teacher id, k and the token ids, so the same trace never
-costs a teacher pass twice. When a prompt has no answer yet, the teacher writes one first.
+costs a teacher pass twice. When a prompt has no answer yet, the teacher writes one first (greedy),
+and that answer is cached too.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from conch_dna.fsutil import atomic_write, private_dir
-from conch_dna.models import load_model, tokenizer_fingerprint
+from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
+from conch_dna.models import load_model
 from conch_dna.training.data import KDExample, encode_chat, prompt_tokens
 
 
@@ -59,6 +61,19 @@ class TeacherCache:
         tensors = {"ids": ids.astype(np.int32), "logprobs": logprobs.astype(np.float16)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
+    def answer_path(self, key: str) -> Path:
+        return self.root / "answers" / f"{key}.json"
+
+    def get_answer(self, key: str) -> str | None:
+        try:
+            return json.loads(self.answer_path(key).read_text())["answer"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def put_answer(self, key: str, answer: str) -> None:
+        private_dir(self.answer_path(key).parent)
+        atomic_write_json(self.answer_path(key), {"answer": answer})
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
 
@@ -90,6 +105,7 @@ class TeacherScorer:
         self.vocab_limit = vocab_limit
         self.max_answer_tokens = max_answer_tokens
         self.forward_passes = 0
+        self.generated_answers = 0
         self._model = None
         self._tokenizer = None
 
@@ -102,28 +118,30 @@ class TeacherScorer:
             self._model, self._tokenizer = load_model(self.teacher_model_id)
         return self._model, self._tokenizer
 
-    @property
-    def tokenizer(self):
-        return self._load()[1]
-
-    def fingerprint(self) -> str:
-        return tokenizer_fingerprint(self.tokenizer)
-
     def release(self) -> None:
         self._model = None
         self._tokenizer = None
         gc.collect()
         mx.clear_cache()
 
-    def complete(self, messages: list[dict]) -> list[dict]:
-        """The chat with the teacher's answer last: the given one, or one it writes now (greedy)."""
+    def complete(self, messages: list[dict], tokenizer) -> list[dict]:
+        """The chat with the teacher's answer last: the given one, or one it writes now (greedy).
+
+        `tokenizer` shares the teacher's ids (the student's), so a cached answer needs no teacher.
+        """
         if messages[-1].get("role") == "assistant":
             return messages
         from mlx_lm import generate
 
-        model, tokenizer = self._load()
-        answer = generate(model, tokenizer, prompt=prompt_tokens(tokenizer, messages),
-                          max_tokens=self.max_answer_tokens, verbose=False)
+        prompt = prompt_tokens(tokenizer, messages)
+        key = self.cache.key(f"{self.teacher_model_id}\0answer", prompt, self.max_answer_tokens, 0)
+        answer = self.cache.get_answer(key)
+        if answer is None:
+            model, teacher_tokenizer = self._load()
+            answer = generate(model, teacher_tokenizer, prompt=prompt,
+                              max_tokens=self.max_answer_tokens, verbose=False)
+            self.generated_answers += 1
+            self.cache.put_answer(key, answer)
         return [*messages, {"role": "assistant", "content": answer}]
 
     def targets(self, tokens: list[int], offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +160,6 @@ class TeacherScorer:
 
     def example(self, messages: list[dict], tokenizer) -> KDExample:
         """A KD example for a chat (answered by the teacher if it has no answer yet)."""
-        tokens, offset = encode_chat(tokenizer, self.complete(messages))
+        tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
         ids, logprobs = self.targets(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)

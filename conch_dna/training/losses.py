@@ -7,6 +7,8 @@ that count. The teacher is always the first argument, the student the second.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.losses import kl_div_loss
@@ -95,25 +97,35 @@ def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = -10
     return masked_mean(ce, mask)
 
 
-def teacher_bucket_logprobs(topk_logprobs: mx.array) -> mx.array:
-    """The teacher's top-k log-probs plus one last bucket holding the mass outside the top k.
+def with_tail_bucket(topk_logprobs: mx.array) -> mx.array:
+    """Top-k log-probs plus one last bucket holding the mass outside the top k: log(1 - Σ p).
 
     The tail is kept instead of renormalising the top k to 1: renormalising tells the student the
-    teacher is surer than it is, most of all where the teacher is unsure.
+    teacher is surer than it is, most of all where the teacher is unsure. Costs O(k), not O(vocab).
     """
     lp = topk_logprobs.astype(mx.float32)
     tail_mass = 1.0 - mx.exp(lp).sum(axis=-1, keepdims=True)
-    tail = mx.log(mx.maximum(tail_mass, mx.exp(mx.array(_LOG_FLOOR))))
+    tail = mx.log(mx.maximum(tail_mass, math.exp(_LOG_FLOOR)))
     return mx.concatenate([lp, tail], axis=-1)
 
 
-def student_bucket_logprobs(student_logits: mx.array, topk_ids: mx.array) -> mx.array:
-    """The student's log-probs at the teacher's top-k ids plus the log-mass of all other ids."""
-    logp = log_softmax(student_logits.astype(mx.float32))
-    top = mx.take_along_axis(logp, topk_ids, axis=-1)
-    rest = mx.put_along_axis(logp, topk_ids, mx.array(-mx.inf, logp.dtype), axis=-1)
-    tail = mx.maximum(mx.logsumexp(rest, axis=-1, keepdims=True), _LOG_FLOOR)
-    return mx.concatenate([top, tail], axis=-1)
+def teacher_bucket_logprobs(topk_logprobs: mx.array) -> mx.array:
+    """The teacher's cached top-k log-probs (at T = 1) as k + 1 buckets."""
+    return with_tail_bucket(topk_logprobs)
+
+
+def student_bucket_logprobs(student_logp: mx.array, topk_ids: mx.array) -> mx.array:
+    """The student's log-probs (log_softmax output) at the teacher's top-k ids, as k + 1 buckets."""
+    return with_tail_bucket(mx.take_along_axis(student_logp, topk_ids, axis=-1))
+
+
+def sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature=2.0, mask=None,
+                            kind="forward_kl", beta=0.5) -> mx.array:
+    """sparse_kd_loss for a caller that already has the student's log_softmax (the training step
+    shares it with the CE term, so the vocabulary is normalised once)."""
+    t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
+    s = log_softmax(student_bucket_logprobs(student_logp, topk_ids) / temperature)
+    return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
 
 
 def sparse_kd_loss(
@@ -131,9 +143,9 @@ def sparse_kd_loss(
     "everything else"), then both are softened by T. With k equal to the vocabulary this is the
     dense loss; with k = 64 it keeps the signal while the cache stays a few hundred bytes a token.
     """
-    t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
-    s = log_softmax(student_bucket_logprobs(student_logits, topk_ids) / temperature)
-    return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
+    student_logp = log_softmax(student_logits.astype(mx.float32))
+    return sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature, mask, kind,
+                                   beta)
 
 
 def align_vocab_sizes(

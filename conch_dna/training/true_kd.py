@@ -41,7 +41,9 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     check_shared_vocab,
     compute_ce_loss,
     compute_kd_loss,
+    log_softmax,
     masked_mean,
+    sparse_kd_from_logprobs,
     sparse_kd_loss,
 )
 
@@ -127,21 +129,14 @@ def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Pa
 def kd_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, *, temperature, alpha,
             kind="forward_kl", beta=0.5):
     """α·KD·T² + (1-α)·CE over the answer tokens; returns (combined, kd, ce)."""
-    logits = model(inputs)
-    kd = sparse_kd_loss(logits, topk_ids, topk_logprobs, temperature, mask, kind, beta)
-    ce = masked_mean(nn.losses.cross_entropy(logits.astype(mx.float32), targets), mask)
+    logp = log_softmax(model(inputs).astype(mx.float32))
+    kd = sparse_kd_from_logprobs(logp, topk_ids, topk_logprobs, temperature, mask, kind, beta)
+    ce = masked_mean(-mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], mask)
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
-             checkpoint_dir: Path | None = None, on_report=None) -> list[dict]:
-    """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
-
-    Every steps_per_report a report dict (iteration, kd, ce, combined, tokens/s) goes to the
-    history and to on_report; every steps_per_save the adapter is saved to checkpoint_<N>/.
-    """
-    mx.random.seed(config.seed)
-    optimizer = optim.Adam(learning_rate=config.learning_rate)
+def make_kd_step(model, optimizer, config: KDConfig):
+    """The compiled training step: one batch in, LoRA updated, (combined, kd, ce) out."""
     loss_and_grad = nn.value_and_grad(
         model, lambda m, *batch: kd_loss(m, *batch, temperature=config.temperature,
                                          alpha=config.alpha, kind=config.divergence,
@@ -154,7 +149,19 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
         optimizer.update(model, grads)
         return combined, kd, ce
 
-    step = mx.compile(step, inputs=state, outputs=state)
+    return mx.compile(step, inputs=state, outputs=state), state
+
+
+def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
+             checkpoint_dir: Path | None = None, on_report=None) -> list[dict]:
+    """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
+
+    Every steps_per_report a report dict (iteration, kd, ce, combined, tokens/s) goes to the
+    history and to on_report; every steps_per_save the adapter is saved to checkpoint_<N>/.
+    """
+    mx.random.seed(config.seed)
+    optimizer = optim.Adam(learning_rate=config.learning_rate)
+    step, state = make_kd_step(model, optimizer, config)
     batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed)
 
     model.train()

@@ -1,0 +1,135 @@
+"""Step cost of true KD against mlx-lm's own LoRA SFT step, and teacher-cache bytes per token.
+
+All steps run in one process on the same student, LoRA shape, batch and length:
+  - KD with cached top-k targets: conch_dna's compiled training step (make_kd_step);
+  - SFT: mlx-lm's default_loss (its trainer's loss) under the same compile pattern its trainer uses;
+  - KD with an online teacher: a teacher forward pass inside every step, dense KL over the vocabulary.
+
+    python bench/kd_step.py                       # the tiny kit
+    python bench/kd_step.py --teacher mlx-community/Qwen2.5-7B-Instruct-4bit \\
+        --student mlx-community/Qwen2.5-3B-Instruct-4bit --length 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm.tuner.trainer import default_loss
+
+from conch_dna.adapters import apply_lora
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+from conch_dna.models import load_model, output_vocab_size
+from conch_dna.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.data import KDExample, collate, encode_chat
+from conch_dna.training.losses import compute_kd_loss, masked_mean
+from conch_dna.training.true_kd import KDConfig, make_kd_step
+
+
+def median_step_seconds(step, state, batch, warmup: int, repeats: int) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        tic = time.perf_counter()
+        out = step(*batch)
+        mx.eval(state, out)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def fresh_student(student_id: str, config: KDConfig):
+    mx.random.seed(0)
+    model, tokenizer = load_model(student_id)
+    apply_lora(model, config.lora_layers, config.lora_rank, config.lora_scale, config.lora_dropout)
+    model.train()
+    return model, tokenizer
+
+
+def compiled(model, loss_fn):
+    optimizer = optim.Adam(learning_rate=1e-5)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(*batch):
+        (value, _), grads = loss_and_grad(model, *batch)
+        optimizer.update(model, grads)
+        return value
+
+    return mx.compile(step, inputs=state, outputs=state), state
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=TEACHER_PATH)
+    p.add_argument("--student", default=STUDENT_PATH)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size)
+
+    model, tokenizer = fresh_student(args.student, config)
+    chats = corpus.dialogues(args.batch_size * 8, seed=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = TeacherCache(tmp)
+        scorer = TeacherScorer(args.teacher, cache, args.top_k, output_vocab_size(model))
+        examples, answer_tokens = [], 0
+        for chat in chats:
+            tokens, offset = encode_chat(tokenizer, chat)
+            ids, logprobs = scorer.targets(tokens, offset)
+            examples.append(KDExample(np.array(tokens, np.int32), offset, ids, logprobs))
+            answer_tokens += len(tokens) - offset
+        cache_bytes = cache.size_bytes()
+        teacher = scorer._load()[0]
+
+    # One fixed batch of exactly --length tokens: every step variant sees the same shapes.
+    batch = collate(examples[: args.batch_size], args.length, pad_to=args.length)
+    inputs, targets, mask, ids, logprobs = batch
+    kd_step, kd_state = make_kd_step(model, optim.Adam(learning_rate=1e-5), config)
+
+    sft_model, _ = fresh_student(args.student, config)
+    full = mx.concatenate([inputs, targets[:, -1:]], axis=1)
+    offsets = (mx.argmax(mask, axis=1) + 1).astype(mx.int32)
+    lengths = mx.stack([offsets, mask.sum(axis=1).astype(mx.int32) + offsets], axis=1)
+    sft_step, sft_state = compiled(sft_model, default_loss)
+
+    online_model, _ = fresh_student(args.student, config)
+
+    def online_loss(m, inputs, targets, mask):
+        logits = m(inputs)
+        t_logits = mx.stop_gradient(teacher(inputs))
+        kd = compute_kd_loss(t_logits, logits, config.temperature, mask)
+        ce = masked_mean(nn.losses.cross_entropy(logits, targets), mask)
+        return config.alpha * kd + (1 - config.alpha) * ce, kd
+
+    online_step, online_state = compiled(online_model, online_loss)
+
+    runs = {}
+    for name, step, state, b in (
+        ("sft (mlx-lm default_loss)", sft_step, sft_state, (full, lengths)),
+        ("kd, cached top-k", kd_step, kd_state, batch),
+        ("kd, online teacher", online_step, online_state, (inputs, targets, mask)),
+    ):
+        runs[name] = median_step_seconds(step, state, b, warmup=3, repeats=args.repeats)
+
+    sft = runs["sft (mlx-lm default_loss)"]
+    print(f"student {args.student}  teacher {args.teacher}")
+    print(f"batch {args.batch_size} x {args.length} tokens, top-k {args.top_k}, "
+          f"{args.repeats} timed steps each (median)")
+    for name, seconds in runs.items():
+        print(f"  {name:28s} {seconds * 1000:8.1f} ms/step   ratio to sft {seconds / sft:5.2f}")
+    print(f"kd cached / sft ratio: {runs['kd, cached top-k'] / sft:.3f}  (target <= 1.10)")
+    print(f"kd online / sft ratio: {runs['kd, online teacher'] / sft:.3f}")
+    print(f"teacher cache: {cache_bytes} bytes for {answer_tokens} answer tokens = "
+          f"{cache_bytes / answer_tokens:.1f} bytes/token at k={args.top_k} (target <= 400)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+
+
+@pytest.fixture(autouse=True)
+def conch_home(tmp_path, monkeypatch):
+    """Every test gets its own $CONCH_HOME: nothing touches the user's ~/.conch."""
+    home = tmp_path / "conch-home"
+    monkeypatch.setenv("CONCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def kit():
+    return {"teacher": TEACHER_PATH, "student": STUDENT_PATH}
+
+
+@pytest.fixture(scope="session")
+def student(kit):
+    from mlx_lm import load
+
+    return load(kit["student"])
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300):
+    """Run `python -m module args...` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
