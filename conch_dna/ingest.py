@@ -1,0 +1,64 @@
+"""Ingesting JSONL trace files: every line ends up stored, a duplicate, or quarantined with a reason."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conch_dna.store import TraceStore
+from conch_dna.traces import TraceError, parse_trace_line
+
+
+@dataclass
+class IngestReport:
+    source: str
+    stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    outcomes: list[str] = field(default_factory=list)  # per line: stored / duplicate / quarantined
+
+    @property
+    def lines(self) -> int:
+        return len(self.outcomes)
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The lines of a JSONL file; a final newline ends the last line rather than starting one."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def ingest_bytes(store: TraceStore, data: bytes, source: str) -> IngestReport:
+    """Ingest one file's content in one transaction: all of it lands, or none of it does.
+
+    Re-ingesting the same content is harmless: traces are keyed by content and quarantined
+    lines by (file hash, line number), so a crash between commit and cleanup stores nothing twice.
+    """
+    source_hash = hashlib.sha256(data).hexdigest()
+    report = IngestReport(source)
+    traces, kinds, bad = [], [], []
+    for number, raw in enumerate(split_lines(data), start=1):
+        try:
+            traces.append(parse_trace_line(raw, store.domains))
+            kinds.append(None)
+        except TraceError as exc:
+            bad.append((number, str(exc), raw))
+            kinds.append("quarantined")
+    with store.write() as conn:
+        fresh = iter(store.add(traces, source, conn))
+        store.quarantine(bad, source, source_hash, conn)
+    for kind in kinds:
+        outcome = kind or ("stored" if next(fresh) else "duplicate")
+        report.outcomes.append(outcome)
+    report.stored = report.outcomes.count("stored")
+    report.duplicates = report.outcomes.count("duplicate")
+    report.quarantined = report.outcomes.count("quarantined")
+    return report
+
+
+def ingest_file(store: TraceStore, path: str | Path, source: str | None = None) -> IngestReport:
+    path = Path(path)
+    return ingest_bytes(store, path.read_bytes(), source or path.name)

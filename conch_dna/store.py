@@ -1,0 +1,209 @@
+"""TraceStore: every teacher trace and every quarantined line, in one SQLite file (WAL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+from conch_dna.domains import DOMAINS
+from conch_dna.fsutil import private_dir
+from conch_dna.traces import Trace
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    db["traces"].create({
+        "id": str, "domain": str, "split": str, "teacher": str, "messages": str,
+        "topk_ids": bytes, "topk_logprobs": bytes, "topk_k": int, "tokenizer": str,
+        "created_at": str, "ingested_at": float, "source": str, "meta": str,
+    }, pk="id")
+    db["traces"].create_index(["domain", "split"])
+    db["quarantine"].create({
+        "id": int, "source": str, "source_hash": str, "line": int, "reason": str, "raw": bytes,
+        "quarantined_at": float,
+    }, pk="id")
+    db["quarantine"].create_index(["source_hash", "line"], unique=True)
+    db["training_marks"].create({"domain": str, "last_rowid": int, "at": float}, pk="domain")
+
+
+MIGRATIONS = {1: _create_v1}  # version -> function that brings version - 1 up to it
+
+
+@dataclass
+class DomainCounts:
+    domain: str
+    total: int
+    train: int
+    heldout: int
+    new_train: int  # train traces since the last successful training run of the domain
+
+
+def _encode_topk(trace: Trace):
+    if trace.topk is None:
+        return None, None, None, None
+    ids = np.asarray(trace.topk.token_ids, np.int32)
+    lps = np.asarray(trace.topk.logprobs, np.float16)
+    return ids.tobytes(), lps.tobytes(), ids.shape[1], trace.topk.tokenizer
+
+
+class TraceStore:
+    """One SQLite file; safe to use from many threads and processes at once."""
+
+    def __init__(self, path: str | Path, domains=DOMAINS, heldout_fraction: float = 0.1):
+        self.path = Path(path)
+        self.domains = tuple(domains)
+        self.heldout_fraction = heldout_fraction
+        private_dir(self.path.parent)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._local = threading.local()
+        self._migrate()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (sqlite3 connections must not cross threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            db = self._local.db = sqlite_utils.Database(conn)
+        return db
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE), so writers queue on the busy
+        timeout instead of failing with 'database is locked' half way through."""
+        conn = self.db.conn
+        for attempt in range(50):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+        else:
+            raise sqlite3.OperationalError(f"{self.path} stayed locked for too long")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        with self.write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has schema version {version}; this conch knows up "
+                                   f"to {SCHEMA_VERSION}: upgrade conch-dna")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[v](self.db)
+                conn.execute(f"PRAGMA user_version = {v}")
+
+    def schema_version(self) -> int:
+        return self.db.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(self, traces: Iterable[Trace], source: str, conn: sqlite3.Connection | None = None) -> list[bool]:
+        """Store traces; for each, True if it is new, False if the same trace is already stored.
+
+        Pass `conn` to take part in a transaction the caller holds (see write()).
+        """
+        traces = list(traces)
+        if conn is None:
+            with self.write() as own:
+                return self.add(traces, source, own)
+        ids = [t.trace_id() for t in traces]
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            known.update(r[0] for r in conn.execute(
+                f"SELECT id FROM traces WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        now, rows, fresh = time.time(), [], []
+        for trace, trace_id in zip(traces, ids):
+            is_new = trace_id not in known
+            fresh.append(is_new)
+            if is_new:
+                known.add(trace_id)
+                rows.append((trace_id, trace.domain, trace.split(self.heldout_fraction), trace.teacher,
+                             json.dumps(trace.chat(), ensure_ascii=False), *_encode_topk(trace),
+                             trace.created_at.isoformat() if trace.created_at else None, now, source,
+                             json.dumps(trace.meta, ensure_ascii=False)))
+        conn.executemany(
+            "INSERT INTO traces (id, domain, split, teacher, messages, topk_ids, topk_logprobs, topk_k,"
+            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        return fresh
+
+    def quarantine(self, items: Iterable[tuple[int, str, bytes]], source: str, source_hash: str,
+                   conn: sqlite3.Connection | None = None) -> None:
+        """Keep bad lines (line number, reason, raw bytes); the same line of the same file once."""
+        items = list(items)
+        if conn is None:
+            with self.write() as own:
+                return self.quarantine(items, source, source_hash, own)
+        now = time.time()
+        conn.executemany(
+            "INSERT OR IGNORE INTO quarantine (source, source_hash, line, reason, raw, quarantined_at)"
+            " VALUES (?,?,?,?,?,?)", [(source, source_hash, n, reason, raw, now) for n, reason, raw in items])
+
+    def mark_trained(self, domain: str, upto_rowid: int) -> None:
+        """Record that a training run of the domain consumed every trace up to upto_rowid."""
+        with self.write() as conn:
+            conn.execute("INSERT INTO training_marks (domain, last_rowid, at) VALUES (?,?,?) "
+                         "ON CONFLICT(domain) DO UPDATE SET last_rowid = excluded.last_rowid, at = excluded.at",
+                         (domain, upto_rowid, time.time()))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def counts(self, domain: str) -> DomainCounts:
+        row = self.db.conn.execute(
+            "SELECT count(*), coalesce(sum(split = 'train'), 0), coalesce(sum(split = 'heldout'), 0),"
+            " coalesce(sum(split = 'train' AND rowid > coalesce((SELECT last_rowid FROM training_marks"
+            " WHERE domain = ?), 0)), 0) FROM traces WHERE domain = ?", (domain, domain)).fetchone()
+        return DomainCounts(domain, *row)
+
+    def stats(self) -> list[DomainCounts]:
+        return [self.counts(d) for d in self.domains]
+
+    def max_rowid(self, domain: str) -> int:
+        return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM traces WHERE domain = ?",
+                                    (domain,)).fetchone()[0]
+
+    def chats(self, domain: str, split: str = "train", since_rowid: int = 0,
+              limit: int | None = None) -> list[list[dict]]:
+        sql = ("SELECT messages FROM traces WHERE domain = ? AND split = ? AND rowid > ? ORDER BY rowid"
+               + (f" LIMIT {int(limit)}" if limit else ""))
+        return [json.loads(r[0]) for r in self.db.conn.execute(sql, (domain, split, since_rowid))]
+
+    def quarantined(self, limit: int = 100) -> list[dict]:
+        rows = self.db.conn.execute(
+            "SELECT source, line, reason, raw, quarantined_at FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"source": s, "line": n, "reason": r, "raw": raw.decode("utf-8", "backslashreplace")[:200],
+                 "quarantined_at": at} for s, n, r, raw, at in rows]
+
+    def quarantine_count(self) -> int:
+        return self.db.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None

@@ -1,0 +1,172 @@
+"""The teacher trace: its model, its canonical id, its split, and parsing one JSONL line into it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
+
+MAX_LINE_BYTES = 1 << 20  # a trace line over 1 MiB is quarantined, not parsed
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class TopK(BaseModel):
+    """The teacher's top-k per answer token: ids in the teacher's vocabulary, log-probs <= 0."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    tokenizer: str  # tokenizer fingerprint (conch_dna.models.tokenizer_fingerprint)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(f"topk has {len(self.token_ids)} rows of token_ids but "
+                             f"{len(self.logprobs)} rows of logprobs")
+        for i, (ids, lps) in enumerate(zip(self.token_ids, self.logprobs)):
+            if len(ids) != len(lps) or not ids:
+                raise ValueError(f"topk row {i} has {len(ids)} ids and {len(lps)} logprobs")
+            if any(t < 0 for t in ids):
+                raise ValueError(f"topk row {i} has a negative token id")
+            if any(not math.isfinite(v) or v > 1e-4 for v in lps):
+                raise ValueError(f"topk row {i} has a logprob that is not a finite value <= 0")
+        return self
+
+
+class Trace(BaseModel):
+    """One teacher answer: the chat that led to it (last message = the answer) and its source."""
+
+    model_config = ConfigDict(extra="forbid")
+    domain: str
+    messages: list[Message]
+    teacher: str
+    topk: TopK | None = None
+    created_at: datetime | None = None
+    meta: dict = {}
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        return validate_domain_name(v)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        if not v.strip() or len(v) > 512:
+            raise ValueError("teacher must be a non-empty model id of at most 512 characters")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v: list[Message]) -> list[Message]:
+        if len(v) < 2:
+            raise ValueError("messages must hold at least a prompt and the teacher's answer")
+        if v[-1].role != "assistant":
+            raise ValueError(f"the last message must be the teacher's assistant answer, not {v[-1].role!r}")
+        if not v[-1].content.strip():
+            raise ValueError("the teacher's answer (last message) is empty")
+        if all(m.role == "assistant" for m in v[:-1]):
+            raise ValueError("messages hold no prompt before the teacher's answer")
+        return v
+
+    def chat(self) -> list[dict]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def prompt_text(self) -> str:
+        """Everything before the answer: what the train / held-out split is decided on."""
+        return "\n".join(f"{m.role}: {m.content}" for m in self.messages[:-1])
+
+    def trace_id(self) -> str:
+        """Hash of the canonical content (domain, chat, teacher): the same trace twice is one."""
+        canonical = json.dumps([self.domain, self.chat(), self.teacher], sort_keys=True,
+                               ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def split(self, heldout_fraction: float = 0.1) -> str:
+        return "heldout" if is_heldout(self.prompt_text(), heldout_fraction) else "train"
+
+
+class TraceError(ValueError):
+    """A line that is not a valid trace; the message is the reason a person can act on."""
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        where = ".".join(str(x) for x in e["loc"]) or "trace"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def parse_trace_line(raw: bytes, domains=DOMAINS) -> Trace:
+    """A trace from one JSONL line, or TraceError saying exactly what is wrong with it."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise TraceError(f"line of {len(raw)} bytes is over the {MAX_LINE_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise TraceError("empty line")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise TraceError(f"a trace must be a JSON object, got {type(data).__name__}")
+    try:
+        trace = Trace.model_validate(data)
+    except ValidationError as exc:
+        raise TraceError(_describe(exc)) from None
+    if trace.domain not in domains:
+        raise TraceError(f"unknown domain {trace.domain!r}; configured domains: {', '.join(domains)}")
+    return trace
+
+
+_stores: dict[str, object] = {}
+
+
+def default_store():
+    """The TraceStore of $CONCH_HOME/conch.db, opened once per process."""
+    from conch_dna.store import TraceStore
+    from conch_dna.training.true_kd import conch_home
+
+    path = str(conch_home() / "conch.db")
+    if path not in _stores:
+        _stores[path] = TraceStore(path)
+    return _stores[path]
+
+
+def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = None,
+           meta: dict | None = None, store=None) -> str | None:
+    """Keep one teacher answer as a trace; agent code calls this after each EGO call.
+
+    Returns the trace id, or None when the trace is invalid: then it is quarantined with the
+    reason (never silently dropped) and the agent carries on.
+    """
+    store = store or default_store()
+    data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk,
+            "meta": meta or {}}
+    raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    try:
+        trace = parse_trace_line(raw, store.domains)
+    except TraceError as exc:
+        store.quarantine([(0, str(exc), raw)], "record()", hashlib.sha256(raw).hexdigest())
+        return None
+    store.add([trace], "record()")
+    return trace.trace_id()

@@ -1,0 +1,168 @@
+"""The inbox: a watchdog observer on $CONCH_HOME/inbox that ingests dropped *.jsonl files.
+
+Producers write a file under a temporary name and rename it to *.jsonl. A file to ingest is first
+claimed by renaming it into inbox/.processing/, then ingested in one transaction, then removed.
+A crash at any point loses nothing: a claimed file that is still there is ingested again at the
+next start, and ingesting the same content twice stores nothing twice. Filesystem events can be
+lost, so a reconcile sweep runs at start and every `sweep_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from conch_dna.fsutil import private_dir
+from conch_dna.ingest import IngestReport, ingest_file
+from conch_dna.store import TraceStore
+
+log = logging.getLogger("conch.inbox")
+PROCESSING = ".processing"
+
+
+def is_candidate(path: Path) -> bool:
+    """A finished trace file: *.jsonl, not hidden, not a temporary or partial name."""
+    name = path.name
+    return name.endswith(".jsonl") and not name.startswith(".") and not name.endswith((".tmp", ".part"))
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+
+    def on_created(self, event):
+        if not event.is_directory:
+            self.inbox.notice(Path(event.src_path))
+
+    def on_moved(self, event):
+        if not event.is_directory:
+            self.inbox.notice(Path(event.dest_path))
+
+    def on_closed(self, event):
+        if not event.is_directory:
+            self.inbox.notice(Path(event.src_path))
+
+
+class Inbox:
+    def __init__(self, store: TraceStore, directory: str | Path, debounce_seconds: float = 0.2,
+                 sweep_seconds: float = 180.0, on_report=None):
+        self.store = store
+        self.directory = private_dir(directory)
+        self.processing = private_dir(self.directory / PROCESSING)
+        self.debounce_seconds = debounce_seconds
+        self.sweep_seconds = sweep_seconds
+        self.on_report = on_report
+        self._pending: dict[Path, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._observer = None
+        self._worker = None
+        self.reports: list[IngestReport] = []
+
+    def notice(self, path: Path) -> None:
+        """A filesystem event for `path`: ingest it once it has been quiet for the debounce time."""
+        if path.parent == self.directory and is_candidate(path):
+            with self._lock:
+                self._pending[path] = time.monotonic()
+            self._wake.set()
+
+    def claim_and_ingest(self, path: Path) -> IngestReport | None:
+        """Claim a file by renaming it into .processing/, ingest it, then remove it."""
+        claimed = self.processing / path.name
+        if path.parent != self.processing:
+            if claimed.exists():  # an earlier file of the same name is not finished: keep both
+                claimed = self.processing / f"{path.stem}.{time.time_ns()}.jsonl"
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:
+                return None  # someone else claimed it, or it was a transient name
+        report = ingest_file(self.store, claimed, source=path.name)
+        claimed.unlink()
+        self.reports.append(report)
+        log.info("ingested %s: %d stored, %d duplicates, %d quarantined", path.name, report.stored,
+                 report.duplicates, report.quarantined)
+        if self.on_report:
+            self.on_report(report)
+        return report
+
+    def sweep(self) -> list[IngestReport]:
+        """Ingest what a crash left claimed, then every finished file in the inbox."""
+        reports = []
+        for path in sorted(self.processing.glob("*.jsonl")) + sorted(
+                p for p in self.directory.iterdir() if is_candidate(p)):
+            report = self.claim_and_ingest(path)
+            if report:
+                reports.append(report)
+        return reports
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_seconds
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(self.debounce_seconds, max(0.0, next_sweep - time.monotonic())))
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                due = [p for p, t in self._pending.items() if now - t >= self.debounce_seconds]
+                for p in due:
+                    del self._pending[p]
+                if self._pending:
+                    self._wake.set()
+            for path in due:
+                self._safely(self.claim_and_ingest, path)
+            if now >= next_sweep:
+                self._safely(self.sweep)
+                next_sweep = now + self.sweep_seconds
+            if self._wake.is_set():
+                time.sleep(self.debounce_seconds / 4)
+
+    def _safely(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - the ingester never stops on one bad file
+            log.exception("inbox: %s%s failed; will retry at the next sweep", fn.__name__, args)
+
+    def start(self) -> Inbox:
+        self._safely(self.sweep)
+        self._observer = Observer()
+        self._observer.schedule(_Events(self), str(self.directory), recursive=False)
+        self._observer.start()
+        self._worker = threading.Thread(target=self._run, name="conch-inbox", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._observer:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._worker:
+            self._worker.join(timeout=5)
+
+
+def main() -> None:
+    """Run the inbox alone until SIGTERM / SIGINT: `python -m daemon.inbox`."""
+    import signal
+
+    from conch_dna.training.true_kd import conch_home
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    home = conch_home()
+    inbox = Inbox(TraceStore(home / "conch.db"), home / "inbox").start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("inbox ready", flush=True)
+    stop.wait()
+    inbox.stop()
+
+
+if __name__ == "__main__":
+    main()
