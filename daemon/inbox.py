@@ -155,10 +155,10 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = conch_home()
-    inbox = Inbox(TraceStore(home / "conch.db"), home / "inbox").start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    inbox = Inbox(TraceStore(home / "conch.db"), home / "inbox").start()
     print("inbox ready", flush=True)
     stop.wait()
     inbox.stop()

@@ -1,0 +1,145 @@
+"""The inbox with a real watchdog observer, real processes, and a real SIGKILL."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conch_dna.store import TraceStore
+from conch_dna.traces import record
+from daemon.inbox import Inbox
+
+
+def trace_line(i: int, domain: str = "task") -> str:
+    return json.dumps({"domain": domain, "teacher": "tiny-teacher", "messages": [
+        {"role": "user", "content": f"Plan step {i}"},
+        {"role": "assistant", "content": f"1. Do {i}. 2. Check {i}."}]})
+
+
+def drop(inbox_dir: Path, name: str, lines: list[str]) -> None:
+    """What a producer does: write under a temporary name, then rename to *.jsonl."""
+    tmp = inbox_dir / f".{name}.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.rename(tmp, inbox_dir / name)
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_dropped_files_are_ingested_and_leave_the_inbox(tmp_path):
+    store = TraceStore(tmp_path / "conch.db")
+    inbox_dir = tmp_path / "inbox"
+    inbox_dir.mkdir()
+    drop(inbox_dir, "before-start.jsonl", [trace_line(0)])  # found by the start sweep
+    inbox = Inbox(store, inbox_dir, debounce_seconds=0.1).start()
+    try:
+        drop(inbox_dir, "a.jsonl", [trace_line(i) for i in range(1, 6)] + ["{not json"])
+        (inbox_dir / "partial.jsonl.part").write_text(trace_line(99) + "\n")
+        (inbox_dir / "notes.txt").write_text("not a trace file")
+        assert wait_for(lambda: store.counts("task").total == 6 and store.quarantine_count() == 1)
+        assert wait_for(lambda: not (inbox_dir / "a.jsonl").exists())
+    finally:
+        inbox.stop()
+    assert (inbox_dir / "partial.jsonl.part").exists() and (inbox_dir / "notes.txt").exists()
+    assert list((inbox_dir / ".processing").iterdir()) == []
+    (bad,) = store.quarantined()
+    assert bad["source"] == "a.jsonl" and bad["line"] == 6 and "bad JSON" in bad["reason"]
+
+
+def test_sweep_finds_files_whose_events_were_missed(tmp_path):
+    store = TraceStore(tmp_path / "conch.db")
+    inbox = Inbox(store, tmp_path / "inbox", sweep_seconds=0.3)
+    inbox.start()
+    inbox._observer.stop()  # from here on, no filesystem event arrives
+    inbox._observer.join()
+    try:
+        drop(tmp_path / "inbox", "late.jsonl", [trace_line(i) for i in range(3)])
+        assert wait_for(lambda: store.counts("task").total == 3, timeout=10)
+    finally:
+        inbox.stop()
+
+
+def _producer(inbox_dir: str, worker: int, files: int, per_file: int) -> None:
+    for f in range(files):
+        lines = [trace_line(worker * 100_000 + f * 1000 + i) for i in range(per_file)]
+        lines.append(trace_line(-1))  # the same trace from every producer: stored once
+        drop(Path(inbox_dir), f"w{worker}-{f}.jsonl", lines)
+        time.sleep(0.01)
+
+
+def test_concurrent_producers_and_record_threads_lose_nothing(tmp_path, conch_home):
+    store = TraceStore(conch_home / "conch.db")
+    inbox = Inbox(store, conch_home / "inbox", debounce_seconds=0.05).start()
+    errors: list[BaseException] = []
+
+    def recorder(t: int):
+        try:
+            for i in range(60):
+                msgs = [{"role": "user", "content": f"thread {t} question {i}"},
+                        {"role": "assistant", "content": f"answer {i}"}]
+                assert record("thinking", msgs, teacher="tiny-teacher")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_producer, args=(str(conch_home / "inbox"), w, 5, 40)) for w in range(3)]
+    threads = [threading.Thread(target=recorder, args=(t,)) for t in range(4)]
+    try:
+        for p in procs:
+            p.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in procs:
+            p.join()
+        expected_task = 3 * 5 * 40 + 1
+        assert wait_for(lambda: store.counts("task").total == expected_task, timeout=60), store.counts("task")
+    finally:
+        inbox.stop()
+    assert not errors, errors
+    assert store.counts("thinking").total == 4 * 60
+    assert store.quarantine_count() == 0
+    assert sum(r.duplicates for r in inbox.reports) == 3 * 5 - 1
+
+
+def test_ingester_killed_mid_file_loses_nothing_and_stores_nothing_twice(tmp_path):
+    home = tmp_path / "home"
+    inbox_dir = home / "inbox"
+    inbox_dir.mkdir(parents=True)
+    n = 60_000
+    lines = [trace_line(i) for i in range(n)] + ["{broken"] * 3
+    drop(inbox_dir, "big.jsonl", lines)
+    env = {**os.environ, "CONCH_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.inbox"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # kill it once the file is claimed, while the file is being parsed and written
+    assert wait_for(lambda: (inbox_dir / ".processing" / "big.jsonl").exists(), timeout=30)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (inbox_dir / ".processing" / "big.jsonl").exists()  # killed before it finished
+    store = TraceStore(home / "conch.db")
+    assert store.counts("task").total in (0, n)  # one transaction: all of the file or none
+
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.inbox"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: store.counts("task").total == n and store.quarantine_count() == 3, timeout=60)
+        assert wait_for(lambda: not (inbox_dir / ".processing" / "big.jsonl").exists())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert store.db.conn.execute("SELECT count(*) FROM traces").fetchone()[0] == n
