@@ -144,9 +144,9 @@ class TraceStore:
             if is_new:
                 known.add(trace_id)
                 rows.append((trace_id, trace.domain, trace.split(self.heldout_fraction), trace.teacher,
-                             json.dumps(trace.chat(), ensure_ascii=False), *_encode_topk(trace),
+                             trace.chat_json, *_encode_topk(trace),
                              trace.created_at.isoformat() if trace.created_at else None, now, source,
-                             json.dumps(trace.meta, ensure_ascii=False)))
+                             json.dumps(trace.meta, ensure_ascii=False) if trace.meta else "{}"))
         conn.executemany(
             "INSERT INTO traces (id, domain, split, teacher, messages, topk_ids, topk_logprobs, topk_k,"
             " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from datetime import datetime
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -83,7 +84,14 @@ class Trace(BaseModel):
         return v
 
     def chat(self) -> list[dict]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        return [{k: v for k, v in (("role", m.role), ("content", m.content), ("name", m.name),
+                                   ("tool_call_id", m.tool_call_id)) if v is not None}
+                for m in self.messages]
+
+    @cached_property
+    def chat_json(self) -> str:
+        """The chat as canonical JSON: what is stored, and what the id is a hash of."""
+        return json.dumps(self.chat(), ensure_ascii=False, separators=(",", ":"))
 
     def prompt_text(self) -> str:
         """Everything before the answer: what the train / held-out split is decided on."""
@@ -91,9 +99,9 @@ class Trace(BaseModel):
 
     def trace_id(self) -> str:
         """Hash of the canonical content (domain, chat, teacher): the same trace twice is one."""
-        canonical = json.dumps([self.domain, self.chat(), self.teacher], sort_keys=True,
-                               ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        h = hashlib.sha256(f"{self.domain}\0{self.teacher}\0".encode())
+        h.update(self.chat_json.encode("utf-8"))
+        return h.hexdigest()
 
     def split(self, heldout_fraction: float = 0.1) -> str:
         return "heldout" if is_heldout(self.prompt_text(), heldout_fraction) else "train"
@@ -101,6 +109,23 @@ class Trace(BaseModel):
 
 class TraceError(ValueError):
     """A line that is not a valid trace; the message is the reason a person can act on."""
+
+
+def _explain(raw: bytes, err: ValidationError) -> str:
+    """The reason for a line pydantic refused: bad bytes and bad JSON first, then the fields."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+    if not text.strip():
+        return "empty line"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"bad JSON: {exc.msg} at column {exc.colno}"
+    if not isinstance(data, dict):
+        return f"a trace must be a JSON object, got {type(data).__name__}"
+    return _describe(err)
 
 
 def _describe(err: ValidationError) -> str:
@@ -118,21 +143,9 @@ def parse_trace_line(raw: bytes, domains=DOMAINS) -> Trace:
     if len(raw) > MAX_LINE_BYTES:
         raise TraceError(f"line of {len(raw)} bytes is over the {MAX_LINE_BYTES}-byte limit")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-    if not text.strip():
-        raise TraceError("empty line")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"bad JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(data, dict):
-        raise TraceError(f"a trace must be a JSON object, got {type(data).__name__}")
-    try:
-        trace = Trace.model_validate(data)
+        trace = Trace.model_validate_json(raw)
     except ValidationError as exc:
-        raise TraceError(_describe(exc)) from None
+        raise TraceError(_explain(raw, exc)) from None
     if trace.domain not in domains:
         raise TraceError(f"unknown domain {trace.domain!r}; configured domains: {', '.join(domains)}")
     return trace
@@ -143,8 +156,8 @@ _stores: dict[str, object] = {}
 
 def default_store():
     """The TraceStore of $CONCH_HOME/conch.db, opened once per process."""
+    from conch_dna.home import conch_home
     from conch_dna.store import TraceStore
-    from conch_dna.training.true_kd import conch_home
 
     path = str(conch_home() / "conch.db")
     if path not in _stores:

@@ -151,7 +151,7 @@ def main() -> None:
     """Run the inbox alone until SIGTERM / SIGINT: `python -m daemon.inbox`."""
     import signal
 
-    from conch_dna.training.true_kd import conch_home
+    from conch_dna.home import conch_home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = conch_home()

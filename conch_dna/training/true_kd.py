@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +25,7 @@ from conch_dna.adapters import adapter_weights, apply_lora, load_adapter_weights
 from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
 from conch_dna.evaluation import heldout_metrics
 from conch_dna.fsutil import atomic_write_json
+from conch_dna.home import conch_home
 from conch_dna.models import (
     ModelLoadError,
     check_model_ref,
@@ -49,11 +49,6 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
 
 DEFAULT_TEACHER = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 DEFAULT_STUDENT = "mlx-community/Qwen2.5-3B-Instruct-4bit"
-
-
-def conch_home() -> Path:
-    """$CONCH_HOME, default ~/.conch: the one folder that holds all state."""
-    return Path(os.environ.get("CONCH_HOME", "~/.conch")).expanduser()
 
 
 def _range(lo, hi, lo_open=False):
