@@ -1,0 +1,140 @@
+"""$CONCH_HOME/config.toml, validated: an unknown key or a bad value is an error naming the key.
+
+    teacher = "mlx-community/Qwen2.5-7B-Instruct-4bit"
+    student = "mlx-community/Qwen2.5-3B-Instruct-4bit"
+    retrain_threshold = 32          # new train prompts of a domain that trigger a retrain
+    check_minutes = 10
+
+    [kd]
+    temperature = 2.0
+    num_iters = 200
+
+    [domain.debug]                  # per-domain overrides
+    retrain_threshold = 16
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conch_dna.domains import DOMAINS, validate_domain_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_TEACHER = "mlx-community/Qwen2.5-7B-Instruct-4bit"
+DEFAULT_STUDENT = "mlx-community/Qwen2.5-3B-Instruct-4bit"
+
+
+class ConfigError(ValueError):
+    """config.toml is unreadable or has an unknown key or a bad value; the message names it."""
+
+
+class KDSettings(BaseModel):
+    """KDConfig fields a config may set; KDConfig itself checks their ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = 2.0
+    alpha: float = 0.7
+    lora_rank: int = 16
+    lora_scale: float = 20.0
+    lora_layers: int = 16
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    num_iters: int = 200
+    steps_per_report: int = 10
+    steps_per_save: int = 100
+    top_k: int = 64
+    max_seq_length: int = 2048
+    max_answer_tokens: int = 256
+    divergence: str = "forward_kl"
+
+    def kd_config(self, **changes):
+        from conch_dna.training.true_kd import KDConfig
+
+        known = {f.name for f in fields(KDConfig)}
+        return KDConfig(**{k: v for k, v in {**self.model_dump(), **changes}.items() if k in known})
+
+
+class DomainSettings(BaseModel):
+    """Per-domain overrides of the top-level thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+    retrain_threshold: int | None = Field(default=None, ge=1)
+    num_iters: int | None = Field(default=None, ge=1)
+    min_heldout: int | None = Field(default=None, ge=0)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    teacher: str = DEFAULT_TEACHER
+    student: str = DEFAULT_STUDENT
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
+    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    check_minutes: float = Field(default=10.0, gt=0)
+    retrain_threshold: int = Field(default=32, ge=1)
+    replay_count: int = Field(default=32, ge=0)  # older train traces mixed into each retrain
+    promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
+    max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    min_heldout: int = Field(default=8, ge=0)
+    train_on_battery: bool = False
+    kd: KDSettings = Field(default_factory=KDSettings)
+    domain: dict[str, DomainSettings] = Field(default_factory=dict)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        for name in v:
+            validate_domain_name(name)
+        if len(set(v)) != len(v) or not v:
+            raise ValueError("domains must be a non-empty list of distinct names")
+        return v
+
+    def threshold(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.retrain_threshold if o and o.retrain_threshold else self.retrain_threshold
+
+    def iters(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.num_iters if o and o.num_iters else self.kd.num_iters
+
+    def heldout_minimum(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.min_heldout if o and o.min_heldout is not None else self.min_heldout
+
+
+def parse_config(text: str, source: str = "config.toml") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = Config.model_validate(data)
+        config.kd.kd_config()  # KDConfig's own range checks, reported as config errors
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{source}: {key}: {msg}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: kd: {str(exc).replace('KDConfig.', 'kd.')}") from None
+    unknown = [d for d in config.domain if d not in config.domains]
+    if unknown:
+        raise ConfigError(f"{source}: domain.{unknown[0]}: not one of the configured domains")
+    return config
+
+
+def load_config(home: str | Path) -> Config:
+    """The home's config.toml, or the defaults when there is none."""
+    path = Path(home) / "config.toml"
+    if not path.exists():
+        return Config()
+    return parse_config(path.read_text(), str(path))

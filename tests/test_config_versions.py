@@ -1,0 +1,67 @@
+"""config.toml validation and adapter versions / manifest switching on real files."""
+
+import json
+
+import pytest
+
+from conch_dna.config import ConfigError, load_config, parse_config
+from conch_dna.versions import (
+    current_adapter_path,
+    current_version,
+    list_versions,
+    promote,
+    read_manifest,
+    rollback,
+)
+
+
+def test_defaults_and_overrides(tmp_path):
+    assert load_config(tmp_path).retrain_threshold == 32
+    (tmp_path / "config.toml").write_text(
+        'teacher = "t"\nretrain_threshold = 5\n[kd]\nnum_iters = 7\n[domain.debug]\nretrain_threshold = 2\n')
+    c = load_config(tmp_path)
+    assert (c.threshold("debug"), c.threshold("task"), c.iters("task"), c.teacher) == (2, 5, 7, "t")
+    assert c.kd.kd_config().num_iters == 7
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour = 1", "colour: unknown key"),
+    ("[kd]\nbogus = 1", "kd.bogus: unknown key"),
+    ("[kd]\ntemperature = 50", "kd.temperature must be in [0.5, 10.0]"),
+    ("retrain_threshold = -1", "retrain_threshold: Input should be greater than or equal to 1"),
+    ("[domain.nope]\nretrain_threshold = 1", "domain.nope: not one of the configured domains"),
+    ('domains = ["../x"]', "invalid domain name '../x'"),
+    ("x = ", "not valid TOML"),
+])
+def test_bad_config_names_the_key(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert message in str(err.value)
+
+
+def candidate(tmp_path, name, payload=b"weights"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "adapters.safetensors").write_bytes(payload)
+    (d / "adapter_config.json").write_text("{}")
+    return d
+
+
+def test_promote_writes_immutable_versions_and_switches_the_manifest(tmp_path):
+    home = tmp_path / "home"
+    assert current_version(home, "task") is None and current_adapter_path(home, "task") is None
+    assert promote(home, "task", candidate(tmp_path, "c1"), "first") == "v0001"
+    assert promote(home, "task", candidate(tmp_path, "c2", b"two"), "better") == "v0002"
+    assert list_versions(home, "task") == ["v0001", "v0002"]
+    assert current_adapter_path(home, "task").name == "v0002"
+    assert (current_adapter_path(home, "task") / "adapters.safetensors").read_bytes() == b"two"
+    assert [h["reason"] for h in read_manifest(home, "task")["history"]] == ["first", "better"]
+
+    assert rollback(home, "task") == "v0001" and current_version(home, "task") == "v0001"
+    assert rollback(home, "task", to="v0002") == "v0002"
+    with pytest.raises(ValueError, match="no version 'v0009'"):
+        rollback(home, "task", to="v0009")
+    with pytest.raises(ValueError, match="no version has been promoted"):
+        rollback(home, "debug")
+    manifest = json.loads((home / "adapters_kd" / "task" / "manifest.json").read_text())
+    assert manifest["current"] == "v0002" and len(manifest["history"]) == 4
