@@ -20,7 +20,7 @@ from conch_dna.domains import DOMAINS
 from conch_dna.fsutil import private_dir
 from conch_dna.traces import Trace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -39,7 +39,17 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db["training_marks"].create({"domain": str, "last_rowid": int, "at": float}, pk="domain")
 
 
-MIGRATIONS = {1: _create_v1}  # version -> function that brings version - 1 up to it
+def _add_runs_v2(db: sqlite_utils.Database) -> None:
+    db["runs"].create({
+        "id": int, "domain": str, "status": str, "started_at": float, "finished_at": float,
+        "upto_rowid": int, "new_traces": int, "replay_traces": int, "heldout_traces": int,
+        "iters": int, "current_metrics": str, "candidate_metrics": str, "decision": str,
+        "reason": str, "version": str, "history": str, "pid": int,
+    }, pk="id")
+    db["runs"].create_index(["domain", "started_at"])
+
+
+MIGRATIONS = {1: _create_v1, 2: _add_runs_v2}  # version -> function that brings version - 1 up to it
 
 
 @dataclass
@@ -201,6 +211,67 @@ class TraceStore:
 
     def quarantine_count(self) -> int:
         return self.db.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+
+    # -- training runs -------------------------------------------------------------------------
+
+    def start_run(self, domain: str, **fields) -> int:
+        with self.write() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (domain, status, started_at, pid, upto_rowid, new_traces, replay_traces,"
+                " heldout_traces, iters) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (domain, time.time(), os.getpid(), fields.get("upto_rowid"), fields.get("new_traces"),
+                 fields.get("replay_traces"), fields.get("heldout_traces"), fields.get("iters")))
+            return cur.lastrowid
+
+    def finish_run(self, run_id: int, status: str, **fields) -> None:
+        """Close a run: promoted / rejected / failed, with its metrics, decision and reason."""
+        values = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
+        values.update(status=status, finished_at=time.time())
+        with self.write() as conn:
+            conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
+                         (*values.values(), run_id))
+
+    def fail_stale_runs(self, reason: str, alive=lambda pid: False) -> int:
+        """Runs left 'running' by a process that died are recorded as failed."""
+        stale = [(i, pid) for i, pid in self.db.conn.execute("SELECT id, pid FROM runs WHERE status = 'running'")
+                 if not alive(pid)]
+        for run_id, _ in stale:
+            self.finish_run(run_id, "failed", reason=reason)
+        return len(stale)
+
+    def runs(self, domain: str | None = None, limit: int = 20) -> list[dict]:
+        sql = "SELECT * FROM runs" + (" WHERE domain = ?" if domain else "") + " ORDER BY id DESC LIMIT ?"
+        cur = self.db.conn.execute(sql, (domain, limit) if domain else (limit,))
+        cols = [c[0] for c in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur]
+        for r in rows:
+            for k in ("current_metrics", "candidate_metrics", "history"):
+                r[k] = json.loads(r[k]) if r[k] else None
+        return rows
+
+    def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
+                  before_rowid: int | None = None, sample: int | None = None) -> list[dict]:
+        """Trace rows (chat + top-k) of a domain's split; `sample` draws that many at random."""
+        sql = "SELECT rowid, messages, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
+              "WHERE domain = ? AND split = ? AND rowid > ?"
+        args: list = [domain, split, since_rowid]
+        if upto_rowid is not None:
+            sql += " AND rowid <= ?"
+            args.append(upto_rowid)
+        if before_rowid is not None:
+            sql += " AND rowid <= ?"
+            args.append(before_rowid)
+        sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid"
+        if sample is not None:
+            args.append(sample)
+        out = []
+        for rowid, messages, ids, lps, k, tok in self.db.conn.execute(sql, args):
+            topk = None
+            if ids is not None:
+                topk = {"token_ids": np.frombuffer(ids, np.int32).reshape(-1, k),
+                        "logprobs": np.frombuffer(lps, np.float16).reshape(-1, k), "tokenizer": tok}
+            out.append({"rowid": rowid, "messages": json.loads(messages), "topk": topk})
+        return out
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -158,8 +158,34 @@ class TeacherScorer:
         self.cache.put(key, ids_np, lp_np, {"teacher": self.teacher_model_id})
         return ids_np, lp_np.astype(np.float16)
 
-    def example(self, messages: list[dict], tokenizer) -> KDExample:
-        """A KD example for a chat (answered by the teacher if it has no answer yet)."""
+    def example(self, messages: list[dict], tokenizer, topk: dict | None = None,
+                fingerprint: str | None = None) -> KDExample:
+        """A KD example for a chat (answered by the teacher if it has no answer yet).
+
+        `topk` captured with the trace is used as is when it was made with this tokenizer
+        (`fingerprint`) and covers every answer token; otherwise the teacher scores the chat.
+        """
         tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
-        ids, logprobs = self.targets(tokens, offset)
+        captured = _fit_topk(topk, fingerprint, len(tokens) - offset, self.top_k)
+        ids, logprobs = captured if captured else self.targets(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
+
+
+def _fit_topk(topk: dict | None, fingerprint: str | None, n_answer: int, k: int):
+    """Captured top-k as (ids, logprobs) of width k, or None if it does not fit this chat.
+
+    Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher gives no
+    mass, which keeps every example in a batch the same width.
+    """
+    if not topk or topk.get("tokenizer") != fingerprint:
+        return None
+    ids = np.asarray(topk["token_ids"], np.int32)
+    lps = np.asarray(topk["logprobs"], np.float16)
+    if ids.ndim != 2 or ids.shape[0] != n_answer:
+        return None
+    ids, lps = ids[:, :k], lps[:, :k]
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)))
+        lps = np.pad(lps, ((0, 0), (0, pad)), constant_values=-30.0)
+    return ids, lps

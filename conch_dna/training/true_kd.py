@@ -32,6 +32,7 @@ from conch_dna.models import (
     load_model,
     load_tokenizer_only,
     output_vocab_size,
+    tokenizer_fingerprint,
 )
 from conch_dna.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.data import KDExample, iterate_kd_batches
@@ -117,8 +118,12 @@ class DistillResult:
 
 
 def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Path:
-    """The adapter directory of a domain: <output-dir>/adapters_kd/<domain>."""
-    return Path(output_dir or conch_home()) / "adapters_kd" / validate_domain_name(domain)
+    """The adapter directory of a domain: the current promoted version when the domain has a
+    manifest (the daemon's layout), else <output-dir>/adapters_kd/<domain> (the plain trainer's)."""
+    from conch_dna.versions import current_adapter_path
+
+    home = Path(output_dir or conch_home())
+    return current_adapter_path(home, domain) or home / "adapters_kd" / validate_domain_name(domain)
 
 
 def kd_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, *, temperature, alpha,
@@ -243,15 +248,19 @@ class TrueKnowledgeDistiller:
         if not self._vocab_checked:
             check_shared_vocab(load_tokenizer_only(self.teacher_model_id), tokenizer)
             self._vocab_checked = True
-        return [self.scorer.example(to_messages(domain, p), tokenizer) for p in prompts]
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        return [self.scorer.example(to_messages(domain, p), tokenizer,
+                                    p.get("topk") if isinstance(p, dict) else None, fingerprint)
+                for p in prompts]
 
     def distill_domain(self, domain: str, prompts, heldout=None,
-                       warm_start: str | Path | None = None, on_report=None) -> DistillResult:
+                       warm_start: str | Path | None = None, on_report=None,
+                       adapter_dir: str | Path | None = None) -> DistillResult:
         """Train the domain's adapter on `prompts`; evaluate on `heldout` before and after.
 
         Prompts are strings, chat message lists (answered if the last message is not the
         assistant's) or traces ({"messages": ...}). The adapter is written to
-        get_kd_adapter_path(domain, output_dir), with checkpoints inside it.
+        get_kd_adapter_path(domain, output_dir) (or adapter_dir), with checkpoints inside it.
         """
         validate_domain_name(domain)
         if not prompts:
@@ -266,7 +275,7 @@ class TrueKnowledgeDistiller:
         self.scorer.release()  # teacher and student are never resident together while training
 
         before = heldout_metrics(model, held) if held else None
-        out = get_kd_adapter_path(domain, self.output_dir)
+        out = Path(adapter_dir or self.output_dir / "adapters_kd" / domain)
         adapter_config = {
             "model": self.student_model_id,
             **adapter_config,

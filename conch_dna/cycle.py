@@ -1,0 +1,102 @@
+"""One retrain cycle of one domain: select traces, distil, validate against the current adapter,
+promote or reject, and record the run. The daemon and `conch kd retrain` both call retrain_domain."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from conch_dna.config import Config, load_config
+from conch_dna.domains import check_domain
+from conch_dna.store import TraceStore
+from conch_dna.versions import current_adapter_path, current_version, discard, domain_dir, promote
+
+
+@dataclass
+class CycleResult:
+    run_id: int | None
+    domain: str
+    status: str  # promoted / rejected / skipped / failed
+    reason: str
+    version: str | None = None
+    current_metrics: dict | None = None
+    candidate_metrics: dict | None = None
+
+
+def open_store(home: str | Path, config: Config) -> TraceStore:
+    return TraceStore(Path(home) / "conch.db", config.domains, config.heldout_fraction)
+
+
+def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
+           force: bool) -> tuple[bool, str]:
+    """The promotion gate: (promote?, the reason in words)."""
+    minimum = config.heldout_minimum(domain)
+    if n_heldout < minimum:
+        if force:
+            return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
+        return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
+    if not current or not candidate:
+        return force, "forced without held-out metrics" if force else "no held-out metrics"
+    gain = 1.0 - candidate["kl"] / current["kl"] if current["kl"] > 0 else 0.0
+    words = (f"held-out KL {current['kl']:.4f} -> {candidate['kl']:.4f} ({-gain:+.1%}), "
+             f"top-1 {current['agreement']:.1%} -> {candidate['agreement']:.1%}")
+    if gain < config.promote_margin:
+        return False, f"{words}: KL must fall by at least {config.promote_margin:.0%}"
+    if candidate["agreement"] < current["agreement"] - config.max_agreement_drop:
+        return False, f"{words}: top-1 agreement fell by more than {config.max_agreement_drop:.0%}"
+    return True, words
+
+
+def pending(store: TraceStore, domain: str) -> int:
+    """New train traces of a domain since its last completed run."""
+    return store.counts(domain).new_train
+
+
+def retrain_domain(home: str | Path, domain: str, config: Config | None = None, iters: int | None = None,
+                   force: bool = False, on_report=None, console=None) -> CycleResult:
+    home = Path(home)
+    config = config or load_config(home)
+    check_domain(domain, config.domains)
+    store = open_store(home, config)
+    mark = store.db.conn.execute("SELECT last_rowid FROM training_marks WHERE domain = ?", (domain,)).fetchone()
+    mark = mark[0] if mark else 0
+    upto = store.max_rowid(domain)
+    new = store.traces_of(domain, "train", since_rowid=mark, upto_rowid=upto)
+    replay = store.traces_of(domain, "train", before_rowid=mark, sample=config.replay_count) if mark else []
+    held = store.traces_of(domain, "heldout", upto_rowid=upto)
+    if not new and not force:
+        return CycleResult(None, domain, "skipped", "no new train traces since the last run")
+    if not new + replay:
+        return CycleResult(None, domain, "skipped", "no train traces at all")
+
+    kd = config.kd.kd_config(num_iters=iters or config.iters(domain))
+    run_id = store.start_run(domain, upto_rowid=upto, new_traces=len(new), replay_traces=len(replay),
+                             heldout_traces=len(held), iters=kd.num_iters)
+    candidate_dir = domain_dir(home, domain) / f".candidate-{run_id}"
+    try:
+        from conch_dna.training.true_kd import TrueKnowledgeDistiller
+
+        distiller = TrueKnowledgeDistiller(config.teacher, config.student, kd, output_dir=home,
+                                           cache_dir=home / "teacher_cache", console=console)
+        result = distiller.distill_domain(domain, new + replay, held or None,
+                                          warm_start=current_adapter_path(home, domain),
+                                          on_report=on_report, adapter_dir=candidate_dir)
+        ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force)
+        version = promote(home, domain, candidate_dir, reason) if ok else None
+        if not ok:
+            discard(candidate_dir)
+        status = "promoted" if ok else "rejected"
+        store.mark_trained(domain, upto)
+        store.finish_run(run_id, status, decision=status, reason=reason,
+                         version=version or current_version(home, domain), current_metrics=result.heldout_before, candidate_metrics=result.heldout_after,
+                         history=result.history)
+        return CycleResult(run_id, domain, status, reason, version, result.heldout_before, result.heldout_after)
+    except BaseException as exc:
+        discard(candidate_dir)
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        store.finish_run(run_id, "failed", decision="failed", reason=reason[:2000])
+        if isinstance(exc, Exception):
+            traceback.print_exc()
+            return CycleResult(run_id, domain, "failed", reason)
+        raise
