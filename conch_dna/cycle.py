@@ -89,7 +89,8 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
         status = "promoted" if ok else "rejected"
         store.mark_trained(domain, upto)
         store.finish_run(run_id, status, decision=status, reason=reason,
-                         version=version or current_version(home, domain), current_metrics=result.heldout_before, candidate_metrics=result.heldout_after,
+                         version=version or current_version(home, domain),
+                         current_metrics=result.heldout_before, candidate_metrics=result.heldout_after,
                          history=result.history)
         return CycleResult(run_id, domain, status, reason, version, result.heldout_before, result.heldout_after)
     except BaseException as exc:
