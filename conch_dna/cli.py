@@ -15,6 +15,34 @@ app = typer.Typer(help="Conch DNA: continuous true knowledge distillation on MLX
 console = Console()
 traces_app = typer.Typer(help="Teacher traces: import, stats, quarantine, export.", no_args_is_help=True)
 app.add_typer(traces_app, name="traces")
+kd_app = typer.Typer(help="Distillation: status, retrain, history, rollback.", no_args_is_help=True)
+app.add_typer(kd_app, name="kd")
+daemon_app = typer.Typer(help="The background service.", no_args_is_help=True)
+app.add_typer(daemon_app, name="daemon")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _home_and_config():
+    from conch_dna.config import ConfigError, load_config
+    from conch_dna.home import conch_home
+
+    try:
+        return conch_home(), load_config(conch_home())
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _checked_domain(domain: str, config) -> str:
+    from conch_dna.domains import UnknownDomainError, check_domain
+
+    try:
+        return check_domain(domain, config.domains)
+    except UnknownDomainError as exc:
+        _fail(str(exc))
 
 
 def _store():
@@ -153,6 +181,173 @@ def demo(
                       f"{a['agreement']:.1%}")
     console.print(table)
     console.print(f"adapters under {home / 'adapters_kd'}; done in {time.perf_counter() - tic:.0f}s")
+
+
+def kd_status_data(home, config) -> dict:
+    """What `conch kd status --json` prints: per domain counts, version, metrics, last run; the daemon."""
+    import json as _json
+
+    from conch_dna.cycle import open_store
+    from conch_dna.versions import current_adapter_path, current_version
+    from daemon.service import read_state
+
+    store = open_store(home, config)
+    state = read_state(home)
+    domains = []
+    for c in store.stats():
+        path = current_adapter_path(home, c.domain)
+        metrics = None
+        if path and (path / "kd_metrics.json").exists():
+            metrics = _json.loads((path / "kd_metrics.json").read_text()).get("heldout_after")
+        runs = store.runs(c.domain, limit=1)
+        last = runs[0] if runs else None
+        domains.append({
+            "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
+            "threshold": config.threshold(c.domain), "version": current_version(home, c.domain) or "base",
+            "metrics": metrics,
+            "last_run": {k: last[k] for k in ("id", "status", "reason", "started_at", "finished_at", "version")}
+            if last else None,
+        })
+    return {"home": str(home), "daemon": {"running": state is not None, "pid": state and state["pid"],
+                                          "next_check": state and state.get("next_check"),
+                                          "training": state and state.get("running")},
+            "domains": domains}
+
+
+@kd_app.command("status")
+def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Per domain: traces against the threshold, current version and its metrics, the last run."""
+    home, config = _home_and_config()
+    data = kd_status_data(home, config)
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title=f"conch kd status ({home})")
+    for col in ("domain", "train", "held-out", "new / threshold", "version", "held-out KL", "top-1", "last run"):
+        table.add_column(col)
+    for d in data["domains"]:
+        m, last = d["metrics"], d["last_run"]
+        table.add_row(d["domain"], str(d["train"]), str(d["heldout"]), f"{d['new']} / {d['threshold']}",
+                      d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
+                      f"{last['status']}: {last['reason'] or ''}"[:60] if last else "-")
+    console.print(table)
+    daemon = data["daemon"]
+    if daemon["running"]:
+        nxt = time.strftime("%H:%M:%S", time.localtime(daemon["next_check"])) if daemon["next_check"] else "-"
+        console.print(f"daemon: running (pid {daemon['pid']}), next check {nxt}"
+                      + (f", training {daemon['training']['domain']}" if daemon["training"] else ""))
+    else:
+        console.print("daemon: not running (start it with `conch daemon run` or `conch daemon install`)")
+
+
+@kd_app.command("retrain")
+def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
+               iters: int = typer.Option(None, help="KD steps (default: the config's)"),
+               force: bool = typer.Option(False, help="promote even with too few held-out traces")) -> None:
+    """Retrain a domain now: through the daemon when it runs, else here with a progress bar."""
+    from conch_dna.cycle import retrain_domain
+    from daemon.service import read_state, request_retrain
+
+    home, config = _home_and_config()
+    domain = _checked_domain(domain, config)
+    if iters is not None and iters < 1:
+        _fail(f"--iters must be at least 1, got {iters}")
+    if read_state(home):
+        import json as _json
+
+        answer = request_retrain(home, domain, iters, force)
+        console.print(f"asked the running daemon to retrain {domain}; waiting for it")
+        while not answer.exists():
+            if not read_state(home):
+                _fail("the daemon stopped before answering")
+            time.sleep(0.5)
+        result = _json.loads(answer.read_text())
+        answer.unlink(missing_ok=True)
+        status, reason = result.get("status", result.get("event")), result.get("reason", "")
+    else:
+        r = retrain_domain(home, domain, config, iters=iters, force=force, console=console)
+        status, reason = r.status, r.reason
+    console.print(f"{domain}: {status}: {reason}")
+    if status == "failed":
+        raise typer.Exit(1)
+
+
+@kd_app.command("history")
+def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(False, "--json"),
+               limit: int = typer.Option(20)) -> None:
+    """The domain's training runs, newest first, with their decisions and reasons."""
+    home, config = _home_and_config()
+    runs = _store().runs(_checked_domain(domain, config), limit)
+    if as_json:
+        _print_json(runs)
+        return
+    table = Table(title=f"{domain}: training runs")
+    for col in ("run", "started", "status", "version", "KL current -> candidate", "reason"):
+        table.add_column(col)
+    for r in runs:
+        cur, cand = r["current_metrics"], r["candidate_metrics"]
+        kl = f"{cur['kl']:.4f} -> {cand['kl']:.4f}" if cur and cand else "-"
+        table.add_row(str(r["id"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])),
+                      r["status"], r["version"] or "-", kl, r["reason"] or "")
+    console.print(table)
+
+
+@kd_app.command("rollback")
+def kd_rollback(domain: str = typer.Option(...), to: str = typer.Option(None, help="version, e.g. v0002")) -> None:
+    """Make an earlier version current again (default: the previous one)."""
+    from conch_dna.versions import rollback
+
+    home, config = _home_and_config()
+    try:
+        version = rollback(home, _checked_domain(domain, config), to)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"{domain}: {version} is current again")
+
+
+@daemon_app.command("run")
+def daemon_run() -> None:
+    """Run the daemon in the foreground until SIGTERM / Ctrl-C."""
+    from daemon.service import run_forever
+
+    home, _ = _home_and_config()
+    try:
+        raise typer.Exit(run_forever(home))
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@daemon_app.command("status")
+def daemon_status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Whether the daemon runs, its pid, and what it is doing."""
+    from daemon.service import read_state
+
+    home, _ = _home_and_config()
+    state = read_state(home)
+    if as_json:
+        _print_json({"running": state is not None, **(state or {})})
+    elif state:
+        doing = f"training {state['running']['domain']}" if state.get("running") else "idle"
+        console.print(f"daemon running (pid {state['pid']}), {doing}")
+    else:
+        console.print("daemon not running")
+
+
+@daemon_app.command("install")
+def daemon_install() -> None:
+    """Install and start the service: launchd on macOS, a systemd user unit on Linux."""
+    from launchd.install import install
+
+    home, _ = _home_and_config()
+    console.print(install(home))
+
+
+@daemon_app.command("uninstall")
+def daemon_uninstall() -> None:
+    """Stop and remove the service."""
+    from launchd.install import uninstall
+
+    console.print(uninstall())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""The Conch DNA daemon: inbox ingestion, a scheduled check per domain, one trainer worker at a time.
+
+    conch daemon run            (launchd / systemd run exactly this)
+
+- The inbox watcher ingests dropped JSONL files (daemon.inbox).
+- An APScheduler job checks every `check_minutes` whether a domain has at least its threshold
+  of new train traces, and retrains it in a worker subprocess (daemon.worker), one at a time.
+- `conch kd retrain` while the daemon runs writes a request file into $CONCH_HOME/requests/;
+  the daemon runs it in the same single worker queue (nothing listens on the network).
+- SIGTERM / SIGINT: stop taking work, interrupt the worker (the current adapter is untouched),
+  exit 0. A worker that dies is recorded as a failed run and the next check retries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from conch_dna.config import Config, load_config
+from conch_dna.cycle import open_store, pending
+from conch_dna.fsutil import atomic_write_json, private_dir
+from conch_dna.power import on_battery
+from conch_dna.versions import discard, domain_dir
+from daemon.inbox import Inbox
+
+log = logging.getLogger("conch.daemon")
+STATE_FILE = "daemon.json"
+CHECK_JOB = "conch-check"
+REQUESTS_JOB = "conch-requests"
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(home: str | Path) -> dict | None:
+    """The running daemon's state file, or None when no daemon runs."""
+    try:
+        state = json.loads((Path(home) / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if pid_alive(state.get("pid")) else None
+
+
+def request_retrain(home: str | Path, domain: str, iters: int | None, force: bool) -> Path:
+    """Ask the running daemon for a retrain; returns the path its answer will be written to."""
+    requests = private_dir(Path(home) / "requests")
+    rid = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    atomic_write_json(requests / f"{rid}.json", {"domain": domain, "iters": iters, "force": force})
+    return requests / f"{rid}.done.json"
+
+
+class Daemon:
+    def __init__(self, home: str | Path, config: Config | None = None):
+        self.home = private_dir(home)
+        self.config = config or load_config(self.home)
+        self.store = open_store(self.home, self.config)
+        self.inbox = Inbox(self.store, self.home / "inbox")
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": MemoryJobStore()},
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600})
+        self._stopping = threading.Event()
+        self._worker: subprocess.Popen | None = None
+        self._running: dict | None = None
+        self._lock_file = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def acquire_lock(self) -> None:
+        self._lock_file = open(self.home / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = read_state(self.home)
+            raise RuntimeError(f"another conch daemon already runs on {self.home}"
+                               + (f" (pid {other['pid']})" if other else "")) from None
+
+    def start(self) -> Daemon:
+        self.acquire_lock()
+        failed = self.store.fail_stale_runs("the worker process died before the run finished", pid_alive)
+        if failed:
+            log.warning("recorded %d interrupted run(s) as failed", failed)
+        self._clean_candidates()
+        self.inbox.start()
+        self.scheduler.add_job(self.check, "interval", minutes=self.config.check_minutes, id=CHECK_JOB,
+                               next_run_time=datetime.now() + timedelta(seconds=1))
+        self.scheduler.add_job(self.take_requests, "interval", seconds=1, id=REQUESTS_JOB)
+        self.scheduler.start()
+        self._write_state()
+        log.info("daemon started on %s (pid %d)", self.home, os.getpid())
+        return self
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """Stop taking work, interrupt the worker, and return within `timeout` seconds."""
+        self._stopping.set()
+        worker = self._worker
+        if worker and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        self.scheduler.shutdown(wait=False)
+        self.inbox.stop()
+        (self.home / STATE_FILE).unlink(missing_ok=True)
+        log.info("daemon stopped")
+
+    def _clean_candidates(self) -> None:
+        for domain in self.config.domains:
+            for leftover in domain_dir(self.home, domain).glob(".candidate-*"):
+                discard(leftover)
+
+    def _write_state(self) -> None:
+        job = self.scheduler.get_job(CHECK_JOB)
+        atomic_write_json(self.home / STATE_FILE, {
+            "pid": os.getpid(), "home": str(self.home),
+            "next_check": job.next_run_time.timestamp() if job and job.next_run_time else None,
+            "running": self._running, "updated_at": time.time()})
+
+    # -- work ----------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Retrain every domain whose new train traces reached its threshold; returns those run."""
+        ran = []
+        for domain in self.config.domains:
+            if self._stopping.is_set():
+                break
+            if pending(self.store, domain) < self.config.threshold(domain):
+                continue
+            if on_battery() and not self.config.train_on_battery:
+                log.info("%s is due but the machine is on battery; waiting", domain)
+                break
+            self.run_worker(domain)
+            ran.append(domain)
+        self._write_state()
+        return ran
+
+    def take_requests(self) -> None:
+        requests = self.home / "requests"
+        if self._stopping.is_set() or not requests.is_dir():
+            return
+        for path in sorted(requests.glob("*.json")):
+            if path.name.endswith(".done.json"):
+                continue
+            try:
+                req = json.loads(path.read_text())
+                result = self.run_worker(req["domain"], req.get("iters"), bool(req.get("force")))
+            except (ValueError, KeyError) as exc:
+                result = {"status": "failed", "reason": f"bad request: {exc}"}
+            atomic_write_json(path.with_name(path.name.replace(".json", ".done.json")), result)
+            path.unlink(missing_ok=True)
+
+    def run_worker(self, domain: str, iters: int | None = None, force: bool = False) -> dict:
+        """One retrain cycle in a worker subprocess; waits for it and returns its result event."""
+        cmd = [sys.executable, "-m", "daemon.worker", "--domain", domain]
+        if iters:
+            cmd += ["--iters", str(iters)]
+        if force:
+            cmd.append("--force")
+        env = {**os.environ, "CONCH_HOME": str(self.home)}
+        log.info("retraining %s", domain)
+        self._running = {"domain": domain, "started_at": time.time(), "progress": None}
+        self._write_state()
+        result: dict = {"status": "failed", "reason": "the worker exited without a result", "domain": domain}
+        self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in self._worker.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "progress":
+                self._running["progress"] = event
+                self._write_state()
+            elif event.get("event") in ("result", "interrupted"):
+                result = event
+        code = self._worker.wait()
+        self._worker, self._running = None, None
+        if code < 0:  # killed: its run is still 'running' in the store
+            self.store.fail_stale_runs(f"the worker was killed by signal {-code}", pid_alive)
+            self._clean_candidates()
+            result = {"status": "failed", "reason": f"worker killed by signal {-code}", "domain": domain}
+        log.info("%s: %s (%s)", domain, result.get("status", result.get("event")), result.get("reason"))
+        self._write_state()
+        return result
+
+
+def run_forever(home: str | Path) -> int:
+    """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
+    private_dir(Path(home) / "logs")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    daemon = Daemon(home).start()
+    print(f"conch daemon running on {daemon.home} (pid {os.getpid()})", flush=True)
+    stop.wait()
+    daemon.stop()
+    return 0
