@@ -134,6 +134,8 @@ class Daemon:
                 discard(leftover)
 
     def _write_state(self) -> None:
+        if self._stopping.is_set():
+            return
         job = self.scheduler.get_job(CHECK_JOB)
         atomic_write_json(self.home / STATE_FILE, {
             "pid": os.getpid(), "home": str(self.home),
@@ -185,7 +187,8 @@ class Daemon:
         self._running = {"domain": domain, "started_at": time.time(), "progress": None}
         self._write_state()
         result: dict = {"status": "failed", "reason": "the worker exited without a result", "domain": domain}
-        self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        with open(private_dir(self.home / "logs") / "worker.log", "a") as worker_log:
+            self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True)
         for line in self._worker.stdout:
             try:
                 event = json.loads(line)

@@ -1,0 +1,163 @@
+"""The daemon as a real process on the tiny kit: ingest, retrain, validate, promote; and its faults."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conch_dna.config import load_config
+from conch_dna.cycle import open_store, retrain_domain
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+from conch_dna.versions import current_version, list_versions, read_manifest
+from tests.conftest import run_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(home: Path, **extra) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    settings = {"teacher": TEACHER_PATH, "student": STUDENT_PATH, "domains": ["debug", "memory"],
+                "retrain_threshold": 24, "check_minutes": 0.02, "min_heldout": 4, "heldout_fraction": 0.25,
+                "replay_count": 8, **extra}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[kd]", "num_iters = 40", "learning_rate = 1e-3", "lora_rank = 8", "max_answer_tokens = 64",
+              "steps_per_save = 10"]
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def teacher_traces(domain: str, n: int, seed: int) -> list[str]:
+    return [json.dumps({"domain": domain, "teacher": TEACHER_PATH, "messages": d})
+            for d in corpus.dialogues(n, seed=seed, domains=[domain])]
+
+
+def noise_traces(domain: str, n: int, seed: int) -> list[str]:
+    r = random.Random(seed)
+    words = [w for d in corpus.dialogues(50, seed=1) for w in d[2]["content"].split()]
+    out = []
+    for d in corpus.dialogues(n, seed=seed, domains=[domain]):
+        d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
+        out.append(json.dumps({"domain": domain, "teacher": TEACHER_PATH, "messages": d}))
+    return out
+
+
+def drop(home: Path, name: str, lines: list[str]) -> None:
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.rename(tmp, inbox / name)
+
+
+def start_daemon(home: Path) -> subprocess.Popen:
+    env = {**os.environ, "CONCH_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := condition()):
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}: {proc.stdout.read()}")
+        time.sleep(0.25)
+    raise AssertionError("timed out")
+
+
+def status(home: Path) -> dict:
+    proc = run_module("conch_dna.cli", "kd", "status", "--json", env={"CONCH_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    return {d["domain"]: d for d in json.loads(proc.stdout)["domains"]} | {"_": json.loads(proc.stdout)}
+
+
+def test_daemon_ingests_retrains_promotes_and_rejects_noise(tmp_path):
+    home = tmp_path / "home"
+    write_config(home)
+    daemon = start_daemon(home)
+    try:
+        drop(home, "good.jsonl", teacher_traces("debug", 48, seed=5))
+        wait_for(lambda: current_version(home, "debug") == "v0001", 240, daemon)
+        s = status(home)
+        assert s["_"]["daemon"]["running"] is True
+        assert s["debug"]["version"] == "v0001" and s["debug"]["metrics"]["kl"] > 0
+        assert s["debug"]["last_run"]["status"] == "promoted"
+        assert s["memory"]["version"] == "base"
+
+        drop(home, "noise.jsonl", noise_traces("debug", 48, seed=6))
+        runs = lambda: open_store(home, load_config(home)).runs("debug")  # noqa: E731
+        wait_for(lambda: len(runs()) == 2 and runs()[0]["status"] != "running", 240, daemon)
+        last = runs()[0]
+        assert last["status"] == "rejected", last
+        assert current_version(home, "debug") == "v0001" and list_versions(home, "debug") == ["v0001"]
+        assert not list((home / "adapters_kd" / "debug").glob(".candidate-*"))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    assert not (home / "daemon.json").exists()
+
+
+def test_too_few_heldout_traces_needs_force(tmp_path):
+    home = tmp_path / "home"
+    write_config(home, min_heldout=1000)
+    store = open_store(home, load_config(home))
+    from conch_dna.ingest import ingest_bytes
+
+    ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=9)).encode(), "m.jsonl")
+    result = retrain_domain(home, "memory", iters=5)
+    assert result.status == "rejected" and "--force" in result.reason
+    assert current_version(home, "memory") is None
+    forced = retrain_domain(home, "memory", iters=5, force=True)
+    assert forced.status == "promoted" and current_version(home, "memory") == "v0001"
+    assert "forced" in read_manifest(home, "memory")["history"][0]["reason"]
+
+
+def test_worker_killed_mid_training_is_a_failed_run_and_the_next_check_retries(tmp_path):
+    home = tmp_path / "home"
+    write_config(home)
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("num_iters = 40", "num_iters = 100000"))
+    daemon = start_daemon(home)
+    try:
+        drop(home, "good.jsonl", teacher_traces("debug", 48, seed=5))
+        state = lambda: json.loads((home / "daemon.json").read_text())  # noqa: E731
+        wait_for(lambda: (state().get("running") or {}).get("progress"), 240, daemon)
+        worker_pid = open_store(home, load_config(home)).runs("debug")[0]["pid"]
+        os.kill(worker_pid, signal.SIGKILL)
+        runs = lambda: open_store(home, load_config(home)).runs("debug")  # noqa: E731
+        wait_for(lambda: runs()[-1]["status"] == "failed", 60, daemon)
+        assert "killed by signal 9" in runs()[-1]["reason"]
+        assert current_version(home, "debug") is None  # nothing half-written became current
+        wait_for(lambda: len(runs()) >= 2, 60, daemon)  # the next check retries
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert daemon.wait(timeout=30) == 0  # SIGTERM mid-training: clean exit within 30 s
+        assert time.monotonic() - tic < 30
+    assert all(r["status"] != "running" for r in runs())
+
+
+def test_kd_cli_retrain_history_rollback_without_daemon(tmp_path):
+    home = tmp_path / "home"
+    write_config(home, min_heldout=0)
+    env = {"CONCH_HOME": str(home)}
+    drop(home, "m.jsonl", teacher_traces("memory", 30, seed=3))
+    assert run_module("conch_dna.cli", "traces", "import", str(home / "inbox" / "m.jsonl"), env=env).returncode == 0
+    for _ in range(2):
+        proc = run_module("conch_dna.cli", "kd", "retrain", "--domain", "memory", "--iters", "5", "--force", env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "memory: promoted" in proc.stdout
+    history = json.loads(run_module("conch_dna.cli", "kd", "history", "--domain", "memory", "--json",
+                                    env=env).stdout)
+    assert [h["version"] for h in history] == ["v0002", "v0001"]
+    proc = run_module("conch_dna.cli", "kd", "rollback", "--domain", "memory", env=env)
+    assert proc.returncode == 0 and "v0001 is current again" in proc.stdout
+    from conch_dna.training.true_kd import get_kd_adapter_path
+
+    assert get_kd_adapter_path("memory", home).name == "v0001"
+    bad = run_module("conch_dna.cli", "kd", "retrain", "--domain", "../x", env=env)
+    assert bad.returncode == 2 and "invalid domain name" in bad.stdout
