@@ -46,10 +46,10 @@ def _checked_domain(domain: str, config) -> str:
 
 
 def _store():
-    from conch_dna.home import conch_home
-    from conch_dna.store import TraceStore
+    from conch_dna.cycle import open_store
 
-    return TraceStore(conch_home() / "conch.db")
+    home, config = _home_and_config()
+    return open_store(home, config)
 
 
 def _print_json(data) -> None:
@@ -312,9 +312,10 @@ def daemon_run() -> None:
 
     home, _ = _home_and_config()
     try:
-        raise typer.Exit(run_forever(home))
-    except RuntimeError as exc:
+        code = run_forever(home)
+    except RuntimeError as exc:  # another daemon holds the lock
         _fail(str(exc))
+    raise typer.Exit(code)
 
 
 @daemon_app.command("status")

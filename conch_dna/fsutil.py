@@ -12,8 +12,13 @@ from pathlib import Path
 def private_dir(path: str | Path) -> Path:
     """Create a directory (and parents) readable by its owner alone; return it."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for p in reversed(missing):  # mkdir(parents=True) would give the parents the umask's mode
+        p.mkdir(mode=0o700, exist_ok=True)
+    return missing[0] if missing else path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

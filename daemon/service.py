@@ -214,6 +214,7 @@ def run_forever(home: str | Path) -> int:
     """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
     private_dir(Path(home) / "logs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
