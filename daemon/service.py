@@ -214,7 +214,8 @@ def run_forever(home: str | Path) -> int:
     """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
     private_dir(Path(home) / "logs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # a check skipped while a training runs is the design (one training at a time), not news
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
