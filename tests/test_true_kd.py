@@ -116,7 +116,7 @@ def test_teacher_answers_a_prompt_once(kit, student, tmp_path):
     _, tokenizer = student
     scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path), top_k=8, max_answer_tokens=60)
     chat = scorer.complete(CHAT[:2], tokenizer)
-    assert chat[-1]["role"] == "assistant" and "notes.txt" in chat[-1]["content"]
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"].startswith('{"tool": "')
     fresh = TeacherScorer(kit["teacher"], TeacherCache(tmp_path), top_k=8, max_answer_tokens=60)
     assert fresh.complete(CHAT[:2], tokenizer) == chat and not fresh.loaded
 
@@ -178,7 +178,7 @@ def test_lora_on_a_quantized_student(kit, tmp_path):
     save_config(config, qdir / "config.json")
     tokenizer.save_pretrained(str(qdir))
 
-    train, held = split_prompts(DOMAIN_PROMPTS["task"]["examples"][:24], 0.2)
+    train, held = split_prompts(DOMAIN_PROMPTS["task"]["examples"][:32], 0.25)
     distiller = TrueKnowledgeDistiller(
         kit["teacher"], str(qdir),
         KDConfig(num_iters=25, learning_rate=1e-3, lora_rank=8, max_answer_tokens=64),

@@ -152,6 +152,17 @@ def make_kd_step(model, optimizer, config: KDConfig):
     return mx.compile(step, inputs=state, outputs=state), state
 
 
+def learning_rate_schedule(config: KDConfig):
+    """Linear warmup over the first 10% of steps, then cosine decay to 10% of the peak.
+
+    LoRA starts at zero; without a warmup the first Adam steps overshoot at the scales mlx-lm uses.
+    """
+    warmup = max(1, config.num_iters // 10)
+    peak = config.learning_rate
+    decay = optim.cosine_decay(peak, max(1, config.num_iters - warmup), end=0.1 * peak)
+    return optim.join_schedules([optim.linear_schedule(0.1 * peak, peak, warmup), decay], [warmup])
+
+
 def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
              checkpoint_dir: Path | None = None, on_report=None) -> list[dict]:
     """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
@@ -160,7 +171,7 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     history and to on_report; every steps_per_save the adapter is saved to checkpoint_<N>/.
     """
     mx.random.seed(config.seed)
-    optimizer = optim.Adam(learning_rate=config.learning_rate)
+    optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
     step, state = make_kd_step(model, optimizer, config)
     batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed)
 
