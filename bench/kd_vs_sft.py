@@ -5,7 +5,7 @@ KL(teacher ‖ student), CE on the teacher's tokens and top-1 agreement for:
   - no training (the student base),
   - SFT on the teacher's text with mlx-lm's own trainer (mlx_lm.tuner.trainer.train),
   - true KD (conch_dna's train_kd),
-with the same LoRA shape, learning rate, batch size and number of steps.
+with the same LoRA shape, learning-rate schedule (warmup + cosine), batch size and number of steps.
 
     python bench/kd_vs_sft.py                     # the tiny kit, domains thinking + debug
 """
@@ -25,7 +25,13 @@ from mlx_lm.tuner.trainer import TrainingArgs, train
 from conch_dna.evaluation import heldout_metrics
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.training.distillation import DOMAIN_PROMPTS
-from conch_dna.training.true_kd import KDConfig, TrueKnowledgeDistiller, split_prompts, train_kd
+from conch_dna.training.true_kd import (
+    KDConfig,
+    TrueKnowledgeDistiller,
+    learning_rate_schedule,
+    split_prompts,
+    train_kd,
+)
 
 
 def main() -> None:
@@ -37,8 +43,11 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.7)
     args = p.parse_args()
-    config = KDConfig(num_iters=args.iters, learning_rate=args.learning_rate,
+    config = KDConfig(num_iters=args.iters, learning_rate=args.learning_rate, temperature=args.temperature,
+                      alpha=args.alpha,
                       lora_rank=args.lora_rank, max_answer_tokens=96, steps_per_report=args.iters)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +71,7 @@ def main() -> None:
         sft_model, _, _ = distiller.load_student()
         dataset = CacheDataset(ChatDataset(train_chats, tokenizer, mask_prompt=True))
         tic = time.perf_counter()
-        train(sft_model, optim.Adam(learning_rate=args.learning_rate), dataset,
+        train(sft_model, optim.Adam(learning_rate=learning_rate_schedule(config)), dataset,
               args=TrainingArgs(batch_size=config.batch_size, iters=args.iters,
                                 steps_per_report=args.iters, steps_per_save=10**9,
                                 adapter_file=str(Path(tmp) / "sft.safetensors")))
