@@ -92,6 +92,8 @@ class TraceStore:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            # trace ids are random hashes: their index wants more than the default 2 MB of cache
+            conn.execute("PRAGMA cache_size = -65536")
             db = self._local.db = sqlite_utils.Database(conn)
         return db
 

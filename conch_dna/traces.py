@@ -9,19 +9,22 @@ from datetime import datetime
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import NotRequired, TypedDict
 
 from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
 
 MAX_LINE_BYTES = 1 << 20  # a trace line over 1 MiB is quarantined, not parsed
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Message(TypedDict):
+    """One chat message; a TypedDict rather than a model, since ingest validates millions of them."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     role: Literal["system", "user", "assistant", "tool"]
     content: str
-    name: str | None = None
-    tool_call_id: str | None = None
+    name: NotRequired[str]
+    tool_call_id: NotRequired[str]
 
 
 class TopK(BaseModel):
@@ -56,7 +59,7 @@ class Trace(BaseModel):
     teacher: str
     topk: TopK | None = None
     created_at: datetime | None = None
-    meta: dict = {}
+    meta: dict = Field(default_factory=dict)
 
     @field_validator("domain")
     @classmethod
@@ -75,27 +78,25 @@ class Trace(BaseModel):
     def _messages(cls, v: list[Message]) -> list[Message]:
         if len(v) < 2:
             raise ValueError("messages must hold at least a prompt and the teacher's answer")
-        if v[-1].role != "assistant":
-            raise ValueError(f"the last message must be the teacher's assistant answer, not {v[-1].role!r}")
-        if not v[-1].content.strip():
+        if v[-1]["role"] != "assistant":
+            raise ValueError(f"the last message must be the teacher's assistant answer, not {v[-1]['role']!r}")
+        if not v[-1]["content"].strip():
             raise ValueError("the teacher's answer (last message) is empty")
-        if all(m.role == "assistant" for m in v[:-1]):
+        if all(m["role"] == "assistant" for m in v[:-1]):
             raise ValueError("messages hold no prompt before the teacher's answer")
         return v
 
     def chat(self) -> list[dict]:
-        return [{k: v for k, v in (("role", m.role), ("content", m.content), ("name", m.name),
-                                   ("tool_call_id", m.tool_call_id)) if v is not None}
-                for m in self.messages]
+        return [dict(m) for m in self.messages]
 
     @cached_property
     def chat_json(self) -> str:
         """The chat as canonical JSON: what is stored, and what the id is a hash of."""
-        return json.dumps(self.chat(), ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(self.messages, ensure_ascii=False, separators=(",", ":"))
 
     def prompt_text(self) -> str:
         """Everything before the answer: what the train / held-out split is decided on."""
-        return "\n".join(f"{m.role}: {m.content}" for m in self.messages[:-1])
+        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages[:-1])
 
     def trace_id(self) -> str:
         """Hash of the canonical content (domain, chat, teacher): the same trace twice is one."""
