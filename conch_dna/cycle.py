@@ -3,21 +3,27 @@ promote or reject, and record the run. The daemon and `conch kd retrain` both ca
 
 from __future__ import annotations
 
+import json
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.config import Config, load_config
 from conch_dna.domains import check_domain
+from conch_dna.fsutil import atomic_write_json
 from conch_dna.store import TraceStore
 from conch_dna.versions import current_adapter_path, current_version, discard, domain_dir, promote
+
+RESUME_FILE = ".resume.json"
+RESUME_DIR = ".resume"
 
 
 @dataclass
 class CycleResult:
     run_id: int | None
     domain: str
-    status: str  # promoted / rejected / skipped / failed
+    status: str  # promoted / rejected / skipped / interrupted / failed
     reason: str
     version: str | None = None
     current_metrics: dict | None = None
@@ -53,15 +59,39 @@ def pending(store: TraceStore, domain: str) -> int:
     return store.counts(domain).new_train
 
 
+def _resume_state(home: Path, domain: str) -> dict | None:
+    try:
+        return json.loads((domain_dir(home, domain) / RESUME_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _keep_for_resume(home: Path, domain: str, checkpoint: Path, iteration: int, upto: int, iters: int) -> None:
+    """Move an interrupted run's checkpoint aside so the next run of the domain continues it."""
+    resume_dir = domain_dir(home, domain) / RESUME_DIR
+    discard(resume_dir)
+    os.rename(checkpoint, resume_dir)
+    atomic_write_json(domain_dir(home, domain) / RESUME_FILE,
+                      {"iteration": iteration, "upto_rowid": upto, "iters": iters})
+
+
+def _drop_resume(home: Path, domain: str) -> None:
+    (domain_dir(home, domain) / RESUME_FILE).unlink(missing_ok=True)
+    discard(domain_dir(home, domain) / RESUME_DIR)
+
+
 def retrain_domain(home: str | Path, domain: str, config: Config | None = None, iters: int | None = None,
-                   force: bool = False, on_report=None, console=None) -> CycleResult:
+                   force: bool = False, on_report=None, console=None, should_stop=None) -> CycleResult:
+    """One cycle; should_stop() turning true interrupts it (a SIGTERM): the checkpoint is kept and
+    the next cycle of the domain resumes from it with the same traces."""
     home = Path(home)
     config = config or load_config(home)
     check_domain(domain, config.domains)
     store = open_store(home, config)
     mark = store.db.conn.execute("SELECT last_rowid FROM training_marks WHERE domain = ?", (domain,)).fetchone()
     mark = mark[0] if mark else 0
-    upto = store.max_rowid(domain)
+    resume_state = _resume_state(home, domain)
+    upto = resume_state["upto_rowid"] if resume_state else store.max_rowid(domain)
     new = store.traces_of(domain, "train", since_rowid=mark, upto_rowid=upto)
     replay = store.traces_of(domain, "train", before_rowid=mark, sample=config.replay_count) if mark else []
     held = store.traces_of(domain, "heldout", upto_rowid=upto)
@@ -71,6 +101,11 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
         return CycleResult(None, domain, "skipped", "no train traces at all")
 
     kd = config.kd.kd_config(num_iters=iters or config.iters(domain))
+    resume = None
+    if resume_state and resume_state["iters"] == kd.num_iters:
+        resume = (domain_dir(home, domain) / RESUME_DIR, resume_state["iteration"])
+    from conch_dna.training.true_kd import TrainingInterrupted
+
     run_id = store.start_run(domain, upto_rowid=upto, new_traces=len(new), replay_traces=len(replay),
                              heldout_traces=len(held), iters=kd.num_iters)
     candidate_dir = domain_dir(home, domain) / f".candidate-{run_id}"
@@ -79,15 +114,26 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
 
         distiller = TrueKnowledgeDistiller(config.teacher, config.student, kd, output_dir=home,
                                            cache_dir=home / "teacher_cache", console=console)
-        result = distiller.distill_domain(domain, new + replay, held or None,
-                                          warm_start=current_adapter_path(home, domain),
-                                          on_report=on_report, adapter_dir=candidate_dir)
+        try:
+            result = distiller.distill_domain(domain, new + replay, held or None,
+                                              warm_start=current_adapter_path(home, domain),
+                                              on_report=on_report, adapter_dir=candidate_dir,
+                                              should_stop=should_stop, resume=resume)
+        except TrainingInterrupted as stop:
+            if stop.checkpoint:
+                _keep_for_resume(home, domain, stop.checkpoint, stop.iteration, upto, kd.num_iters)
+            discard(candidate_dir)
+            reason = (f"interrupted at step {stop.iteration}; the next run resumes from its checkpoint"
+                      if stop.checkpoint else "interrupted before training started")
+            store.finish_run(run_id, "interrupted", decision="interrupted", reason=reason)
+            return CycleResult(run_id, domain, "interrupted", reason)
         ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force)
         version = promote(home, domain, candidate_dir, reason) if ok else None
         if not ok:
             discard(candidate_dir)
         status = "promoted" if ok else "rejected"
         store.mark_trained(domain, upto)
+        _drop_resume(home, domain)
         store.finish_run(run_id, status, decision=status, reason=reason,
                          version=version or current_version(home, domain),
                          current_metrics=result.heldout_before, candidate_metrics=result.heldout_after,

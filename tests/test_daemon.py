@@ -140,6 +140,88 @@ def test_worker_killed_mid_training_is_a_failed_run_and_the_next_check_retries(t
         assert daemon.wait(timeout=30) == 0  # SIGTERM mid-training: clean exit within 30 s
         assert time.monotonic() - tic < 30
     assert all(r["status"] != "running" for r in runs())
+    assert runs()[0]["status"] == "interrupted", runs()[0]  # SIGTERM: recorded, not lost
+
+
+def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path):
+    home = tmp_path / "home"
+    write_config(home, min_heldout=1000)
+    store = open_store(home, load_config(home))
+    from conch_dna.ingest import ingest_bytes
+
+    ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=4)).encode(), "m.jsonl")
+    stop = []
+    first = retrain_domain(home, "memory", iters=30, should_stop=lambda: bool(stop),
+                           on_report=lambda r: stop.append(r["iteration"]))
+    assert first.status == "interrupted" and "step 10" in first.reason
+    resume = json.loads((home / "adapters_kd" / "memory" / ".resume.json").read_text())
+    assert resume["iteration"] == 10
+    assert (home / "adapters_kd" / "memory" / ".resume" / "adapters.safetensors").is_file()
+    assert current_version(home, "memory") is None
+
+    second = retrain_domain(home, "memory", iters=30, force=True)
+    assert second.status == "promoted"
+    history = open_store(home, load_config(home)).runs("memory")[0]["history"]
+    assert [h["iteration"] for h in history] == [20, 30]  # steps 1-10 were not done again
+    assert not (home / "adapters_kd" / "memory" / ".resume.json").exists()
+
+
+def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
+    import numpy as np
+    from mlx_lm import load
+
+    from conch_dna.models import tokenizer_fingerprint
+    from conch_dna.teacher import TeacherCache, TeacherScorer
+    from conch_dna.training.data import encode_chat
+
+    _, tokenizer = load(STUDENT_PATH)
+    chat = corpus.dialogues(1, seed=3, domains=["memory"])[0]
+    tokens, offset = encode_chat(tokenizer, chat)
+    n = len(tokens) - offset
+    topk = {"token_ids": np.tile(np.arange(5), (n, 1)).tolist(), "logprobs": [[-0.5] * 5] * n,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path), top_k=8)
+    ex = scorer.example(chat, tokenizer, topk, tokenizer_fingerprint(tokenizer))
+    assert scorer.forward_passes == 0 and not scorer.loaded
+    assert ex.topk_ids.shape == (n, 8) and (ex.topk_ids[:, :5] == np.arange(5)).all()
+    assert (ex.topk_logprobs[:, 5:] == -30).all()  # padded buckets carry no teacher mass
+    # another tokenizer's capture, or one that does not cover the answer, costs a teacher pass
+    scorer.example(chat, tokenizer, {**topk, "tokenizer": "other"}, tokenizer_fingerprint(tokenizer))
+    scorer.example(chat, tokenizer, {**topk, "token_ids": topk["token_ids"][:-1],
+                                     "logprobs": topk["logprobs"][:-1]}, tokenizer_fingerprint(tokenizer))
+    assert scorer.forward_passes == 1  # the same chat: the second one was served from the cache
+
+
+PROMOTER = """
+import sys, os
+from pathlib import Path
+from conch_dna.versions import promote
+home, work = Path(sys.argv[1]), Path(sys.argv[2])
+i = 0
+while True:
+    c = work / f"c{i}"
+    c.mkdir(parents=True)
+    (c / "adapters.safetensors").write_bytes(os.urandom(200_000))
+    (c / "adapter_config.json").write_text('{"i": %d}' % i)
+    promote(home, "task", c, f"round {i}")
+    i += 1
+"""
+
+
+def test_killed_mid_promotion_the_manifest_is_old_or_new_never_broken(tmp_path):
+    for attempt in range(4):
+        home, work = tmp_path / f"h{attempt}", tmp_path / f"w{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", PROMOTER, str(home), str(work)],
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wait_for(lambda: len(list_versions(home, "task")) >= 3, 30)  # noqa: B023
+        time.sleep(random.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        manifest = read_manifest(home, "task")  # parses: never a torn file
+        current = home / "adapters_kd" / "task" / manifest["current"]
+        assert (current / "adapters.safetensors").stat().st_size == 200_000
+        assert json.loads((current / "adapter_config.json").read_text())["i"] >= 0
+        assert manifest["history"][-1]["version"] == manifest["current"]
 
 
 def test_kd_cli_retrain_history_rollback_without_daemon(tmp_path):

@@ -163,12 +163,23 @@ def learning_rate_schedule(config: KDConfig):
     return optim.join_schedules([optim.linear_schedule(0.1 * peak, peak, warmup), decay], [warmup])
 
 
+class TrainingInterrupted(Exception):
+    """should_stop() said stop: the adapter so far was saved to `checkpoint` at `iteration`."""
+
+    def __init__(self, iteration: int, checkpoint: Path | None):
+        super().__init__(f"training interrupted at step {iteration}")
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
 def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
-             checkpoint_dir: Path | None = None, on_report=None) -> list[dict]:
+             checkpoint_dir: Path | None = None, on_report=None, should_stop=None,
+             start_iteration: int = 0) -> list[dict]:
     """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
 
     Every steps_per_report a report dict (iteration, kd, ce, combined, tokens/s) goes to the
     history and to on_report; every steps_per_save the adapter is saved to checkpoint_<N>/.
+    When should_stop() turns true, the adapter is saved to checkpoint_<N>/ and
+    TrainingInterrupted is raised; start_iteration resumes the schedule from such a checkpoint.
     """
     mx.random.seed(config.seed)
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
@@ -178,7 +189,9 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     model.train()
     history: list[dict] = []
     sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
-    for it in range(1, config.num_iters + 1):
+    # the learning-rate schedule goes on where the checkpoint left it
+    optimizer.state["step"] = mx.array(start_iteration, dtype=mx.uint64)
+    for it in range(start_iteration + 1, config.num_iters + 1):
         batch = next(batches)
         combined, kd, ce = step(*batch)
         mx.eval(state, combined, kd, ce)
@@ -195,6 +208,12 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
         if checkpoint_dir and it % config.steps_per_save == 0 and it != config.num_iters:
             save_adapter(checkpoint_dir / f"checkpoint_{it}", adapter_weights(model),
                          adapter_config)
+        if should_stop and should_stop() and it != config.num_iters:
+            path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir else None
+            if path:
+                save_adapter(path, adapter_weights(model), adapter_config)
+            model.eval()
+            raise TrainingInterrupted(it, path)
     model.eval()
     return history
 
@@ -254,24 +273,31 @@ class TrueKnowledgeDistiller:
                       "starting from the bare student[/yellow]")
         return model, tokenizer, adapter_config
 
-    def teacher_examples(self, domain: str, prompts, tokenizer) -> list[KDExample]:
+    def teacher_examples(self, domain: str, prompts, tokenizer, should_stop=None) -> list[KDExample]:
         """KD examples for prompts: teacher answers where missing, then cached top-k targets."""
         if not self._vocab_checked:
             check_shared_vocab(load_tokenizer_only(self.teacher_model_id), tokenizer)
             self._vocab_checked = True
         fingerprint = tokenizer_fingerprint(tokenizer)
-        return [self.scorer.example(to_messages(domain, p), tokenizer,
-                                    p.get("topk") if isinstance(p, dict) else None, fingerprint)
-                for p in prompts]
+        examples = []
+        for p in prompts:
+            if should_stop and should_stop():
+                raise TrainingInterrupted(0, None)
+            examples.append(self.scorer.example(to_messages(domain, p), tokenizer,
+                                                p.get("topk") if isinstance(p, dict) else None, fingerprint))
+        return examples
 
     def distill_domain(self, domain: str, prompts, heldout=None,
                        warm_start: str | Path | None = None, on_report=None,
-                       adapter_dir: str | Path | None = None) -> DistillResult:
+                       adapter_dir: str | Path | None = None, should_stop=None,
+                       resume: tuple[str | Path, int] | None = None) -> DistillResult:
         """Train the domain's adapter on `prompts`; evaluate on `heldout` before and after.
 
         Prompts are strings, chat message lists (answered if the last message is not the
         assistant's) or traces ({"messages": ...}). The adapter is written to
         get_kd_adapter_path(domain, output_dir) (or adapter_dir), with checkpoints inside it.
+        `resume` = (checkpoint dir, its step) continues an interrupted run: "before" metrics are
+        still those of warm_start, training goes on from the checkpoint's weights and step.
         """
         validate_domain_name(domain)
         if not prompts:
@@ -281,11 +307,15 @@ class TrueKnowledgeDistiller:
         self._say(f"[bold]{domain}[/bold]: teacher targets for {len(prompts)} prompts"
                   + (f" + {len(heldout)} held-out" if heldout else ""))
         passes_before = self.scorer.forward_passes
-        train = self.teacher_examples(domain, prompts, tokenizer)
-        held = self.teacher_examples(domain, heldout, tokenizer) if heldout else []
+        train = self.teacher_examples(domain, prompts, tokenizer, should_stop)
+        held = self.teacher_examples(domain, heldout, tokenizer, should_stop) if heldout else []
         self.scorer.release()  # teacher and student are never resident together while training
 
         before = heldout_metrics(model, held) if held else None
+        start = 0
+        if resume and load_adapter_weights(model, resume[0]):
+            start = resume[1]
+            self._say(f"{domain}: resuming from {resume[0]} at step {start}")
         out = Path(adapter_dir or self.output_dir / "adapters_kd" / domain)
         adapter_config = {
             "model": self.student_model_id,
@@ -293,7 +323,8 @@ class TrueKnowledgeDistiller:
             "kd": {**asdict(self.config), "teacher": self.teacher_model_id, "domain": domain},
         }
         tic = time.perf_counter()
-        history = self._train_with_progress(model, train, adapter_config, out, domain, on_report)
+        history = self._train_with_progress(model, train, adapter_config, out, domain, on_report,
+                                            should_stop, start)
         elapsed = time.perf_counter() - tic
         after = heldout_metrics(model, held) if held else None
         save_adapter(out, adapter_weights(model), adapter_config)
@@ -313,9 +344,11 @@ class TrueKnowledgeDistiller:
                   f"{result.teacher_forward_passes} teacher passes)")
         return result
 
-    def _train_with_progress(self, model, examples, adapter_config, out, domain, on_report):
+    def _train_with_progress(self, model, examples, adapter_config, out, domain, on_report,
+                             should_stop=None, start=0):
         if self.console is None:
-            return train_kd(model, examples, self.config, adapter_config, out, on_report)
+            return train_kd(model, examples, self.config, adapter_config, out, on_report, should_stop,
+                            start)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -329,7 +362,8 @@ class TrueKnowledgeDistiller:
                 if on_report:
                     on_report(r)
 
-            return train_kd(model, examples, self.config, adapter_config, out, report)
+            return train_kd(model, examples, self.config, adapter_config, out, report, should_stop,
+                            start)
 
     def distill_all(self, domains=None, heldout_fraction: float = 0.1) -> list[DistillResult]:
         """Distil every domain from DOMAIN_PROMPTS; writes <output-dir>/adapters_kd/kd_summary.json."""
