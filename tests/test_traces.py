@@ -134,3 +134,23 @@ def test_every_line_is_stored_duplicate_or_quarantined(lines, data):
         assert store.db.conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(set(valid_ids))
         assert store.quarantine_count() == report.quarantined
         store.close()
+
+
+def test_a_version_1_database_is_migrated_on_open(tmp_path):
+    import sqlite_utils
+
+    from conch_dna.store import _create_v1
+
+    path = tmp_path / "conch.db"
+    db = sqlite_utils.Database(path)
+    _create_v1(db)
+    db.execute("PRAGMA user_version = 1")
+    db.conn.commit()
+    db.conn.close()
+    store = TraceStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.runs() == [] and "runs" in store.db.table_names()
+    path2 = tmp_path / "future.db"
+    sqlite_utils.Database(path2).execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        TraceStore(path2)

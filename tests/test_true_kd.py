@@ -212,3 +212,13 @@ def test_cli_trains_a_domain_on_the_kit(tmp_path):
     assert "held-out before" in proc.stderr and "held-out after" in proc.stderr
     assert (tmp_path / "adapters_kd" / "memory" / "adapters.safetensors").is_file()
     assert stat.S_IMODE((tmp_path / "teacher_cache").stat().st_mode) == 0o700
+
+
+def test_distill_all_writes_one_adapter_per_domain_and_a_summary(kit, tmp_path):
+    distiller = TrueKnowledgeDistiller(
+        kit["teacher"], kit["student"], KDConfig(num_iters=3, max_answer_tokens=48), output_dir=tmp_path)
+    results = distiller.distill_all(domains=["memory"], heldout_fraction=0.2)
+    summary = json.loads((tmp_path / "adapters_kd" / "kd_summary.json").read_text())
+    assert [r["domain"] for r in summary] == ["memory"] == [r.domain for r in results]
+    assert summary[0]["heldout_before"]["tokens"] > 0
+    assert (tmp_path / "adapters_kd" / "memory" / "adapters.safetensors").is_file()
