@@ -244,3 +244,21 @@ def test_kd_cli_retrain_history_rollback_without_daemon(tmp_path):
     assert get_kd_adapter_path("memory", home).name == "v0001"
     bad = run_module("conch_dna.cli", "kd", "retrain", "--domain", "../x", env=env)
     assert bad.returncode == 2 and "invalid domain name" in bad.stdout
+
+
+def test_kd_retrain_asks_the_running_daemon(tmp_path):
+    home = tmp_path / "home"
+    write_config(home, retrain_threshold=10_000, min_heldout=1000)  # the daemon never starts one itself
+    drop(home, "m.jsonl", teacher_traces("memory", 30, seed=8))
+    daemon = start_daemon(home)
+    try:
+        wait_for(lambda: (home / "daemon.json").exists() and not list((home / "inbox").glob("*.jsonl")), 60, daemon)
+        proc = run_module("conch_dna.cli", "kd", "retrain", "--domain", "memory", "--iters", "5", "--force",
+                          env={"CONCH_HOME": str(home)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "asked the running daemon" in proc.stdout and "memory: promoted" in proc.stdout
+        run = open_store(home, load_config(home)).runs("memory")[0]
+        assert run["pid"] != os.getpid() and run["status"] == "promoted"  # trained by the daemon's worker
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
