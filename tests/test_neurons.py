@@ -1,0 +1,133 @@
+"""The neuron registry: threads calling while another process promotes versions; a corrupt version."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlx_lm import generate, load
+
+from conch_dna.kit import STUDENT_PATH
+from conch_dna.versions import read_manifest
+from neurons import NeuronRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Plan how to send the email."
+
+PROMOTER = """
+import sys, time
+from pathlib import Path
+import mlx.core as mx
+from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+from conch_dna.models import load_model
+from conch_dna.versions import promote
+home, student, n, pause = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+model, _ = load_model(student)
+config = {"model": student, **apply_lora(model, 16, 8, 20.0, 0.0)}
+shapes = {k: v.shape for k, v in adapter_weights(model).items()}
+for i in range(n):
+    mx.random.seed(1000 + i)
+    weights = {k: mx.random.normal(s) * (0.05 if k.endswith("lora_b") else 0.3) for k, s in shapes.items()}
+    cand = home / f"cand{i}"
+    save_adapter(cand, weights, config)
+    promote(home, "task", cand, f"round {i}")
+    time.sleep(pause)
+"""
+
+
+def make_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'student = "{STUDENT_PATH}"\n[kd]\nlora_layers = 16\nlora_rank = 8\n')
+    return home
+
+
+def promote_versions(home, n, pause):
+    return subprocess.Popen([sys.executable, "-c", PROMOTER, str(home), STUDENT_PATH, str(n), str(pause)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_threads_keep_calling_while_another_process_promotes_20_versions(tmp_path):
+    home = make_home(tmp_path)
+    registry = NeuronRegistry(home, poll_seconds=0.25)
+    assert registry.get("task").version == "base"
+    served, failures, done = [], [], threading.Event()
+
+    def agent():
+        while not done.is_set():
+            try:
+                neuron = registry.get("task")
+                out = neuron.generate(PROMPT, max_tokens=6)
+                served.append((neuron.served_version, out))
+            except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
+
+    threads = [threading.Thread(target=agent) for _ in range(3)]
+    for t in threads:
+        t.start()
+    producer = promote_versions(home, 20, 0.5)
+    try:
+        assert producer.wait(timeout=240) == 0
+        deadline = time.monotonic() + 5
+        while registry.get("task").version != "v0020" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        registry.close()
+    assert not failures, failures[:3]
+    assert registry.get("task").version == "v0020"
+
+    # each swap became visible within 2 s of its manifest change
+    history = {h["version"]: h["at"] for h in read_manifest(home, "task")["history"]}
+    lags = {v: registry.swapped_at[("task", v)] - at for v, at in history.items() if ("task", v) in registry.swapped_at}
+    assert len(lags) >= 15 and max(lags.values()) < 2.0, lags
+
+    # every output equals what its version produces alone (greedy decoding)
+    by_version: dict[str, set] = {}
+    for version, out in served:
+        by_version.setdefault(version, set()).add(out)
+    assert len(by_version) >= 5
+    for version, outputs in by_version.items():
+        path = None if version == "base" else str(home / "adapters_kd" / "task" / version)
+        model, tokenizer = load(STUDENT_PATH, adapter_path=path)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+        assert outputs == {generate(model, tokenizer, prompt, max_tokens=6)}, version
+
+
+def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(tmp_path):
+    home = make_home(tmp_path)
+    assert promote_versions(home, 1, 0).wait(timeout=120) == 0
+    registry = NeuronRegistry(home, poll_seconds=0.2)
+    try:
+        neuron = registry.get("task")
+        assert neuron.version == "v0001"
+        before = neuron.generate(PROMPT, max_tokens=6)
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "adapters.safetensors").write_bytes(b"\x00" * 64)
+        (bad / "adapter_config.json").write_text("{}")
+        from conch_dna.versions import promote
+
+        promote(home, "task", bad, "a broken candidate")
+        deadline = time.monotonic() + 5
+        while ("task", "v0002") not in registry.refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "cannot read" in registry.refused[("task", "v0002")]
+        assert neuron.version == "v0001" and neuron.generate(PROMPT, max_tokens=6) == before
+        with registry.pinned("task") as pinned:
+            assert pinned.version == "v0001"
+    finally:
+        registry.close()
+
+
+def test_unknown_domain_lists_the_known_ones(tmp_path):
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    with pytest.raises(ValueError, match="known domains: thinking, task"):
+        registry.get("dreaming")
+    assert json.dumps(registry.get("memory").version) == '"base"'
