@@ -166,23 +166,39 @@ class TeacherScorer:
         (`fingerprint`) and covers every answer token; otherwise the teacher scores the chat.
         """
         tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
-        captured = _fit_topk(topk, fingerprint, len(tokens) - offset, self.top_k)
+        captured = _fit_topk(topk, fingerprint, tokens[offset:], self.top_k, self.vocab_limit)
         ids, logprobs = captured if captured else self.targets(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
 
 
-def _fit_topk(topk: dict | None, fingerprint: str | None, n_answer: int, k: int):
+_TEMPLATE_TAIL = 2  # rows a capture may lack: the chat template's own text after the answer's EOS
+
+
+def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int, vocab_limit: int | None = None):
     """Captured top-k as (ids, logprobs) of width k, or None if it does not fit this chat.
 
-    Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher gives no
-    mass, which keeps every example in a batch the same width.
+    A capture fits when it was made with this tokenizer and row i holds answer token i (so a
+    re-tokenised answer that differs from the generated tokens is caught). Rows for the chat
+    template's fixed text after the answer (at most two) are the template's own tokens at
+    log-prob 0. Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher
+    gives no mass, which keeps every example in a batch the same width.
     """
     if not topk or topk.get("tokenizer") != fingerprint:
         return None
     ids = np.asarray(topk["token_ids"], np.int32)
     lps = np.asarray(topk["logprobs"], np.float16)
-    if ids.ndim != 2 or ids.shape[0] != n_answer:
+    answer_tokens = np.asarray(answer_tokens, np.int32)
+    n, rows = len(answer_tokens), ids.shape[0] if ids.ndim == 2 else -1
+    if ids.ndim != 2 or not 0 <= n - rows <= _TEMPLATE_TAIL or (vocab_limit and ids.max() >= vocab_limit):
         return None
+    if not (ids == answer_tokens[:rows, None]).any(axis=1).all():
+        return None
+    if rows < n:
+        tail_ids = np.zeros((n - rows, ids.shape[1]), np.int32)
+        tail_ids[:, 0] = answer_tokens[rows:]
+        tail_lps = np.full((n - rows, ids.shape[1]), -30.0, np.float16)
+        tail_lps[:, 0] = 0.0
+        ids, lps = np.concatenate([ids, tail_ids]), np.concatenate([lps, tail_lps])
     ids, lps = ids[:, :k], lps[:, :k]
     if ids.shape[1] < k:
         pad = k - ids.shape[1]

@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from conch_dna.adapters import adapter_weights, apply_lora
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.home import conch_home
+from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
 from conch_dna.versions import MANIFEST, current_version, domain_dir
 
@@ -63,7 +63,7 @@ class Neuron:
 
     def stream(self, prompt_or_messages, max_tokens: int = 128, **kwargs) -> Iterator[str]:
         chunks: queue.Queue = queue.Queue()
-        self.registry.submit(self.registry._generate, self, prompt_or_messages, max_tokens, kwargs, chunks)
+        self.registry.mlx.submit(self.registry._generate, self, prompt_or_messages, max_tokens, kwargs, chunks)
         while (item := chunks.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
@@ -76,12 +76,10 @@ class NeuronRegistry:
         self.home = Path(home or conch_home())
         self.config = load_config(self.home)
         self.domains = tuple(self.config.domains)
-        self._jobs: queue.Queue = queue.Queue()
-        self._mlx_thread = threading.Thread(target=self._serve_jobs, name="conch-mlx", daemon=True)
-        self._mlx_thread.start()
+        self.mlx = MLXThread("conch-neurons")
         self._staged: dict[str, tuple[str, dict]] = {}  # loaded off the serving path, not yet bound
         self._state_lock = threading.Lock()
-        self.submit(self._load, student or self.config.student).result()
+        self.mlx.call(self._load, student or self.config.student)
         self.swapped_at: dict[tuple[str, str], float] = {}
         self.refused: dict[tuple[str, str], str] = {}
         self.last_served: dict[str, str] = {}
@@ -94,21 +92,6 @@ class NeuronRegistry:
             self._start_watching(poll_seconds)
 
     # -- the MLX thread: everything that touches MLX runs here --------------------------------
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        self._jobs.put((fn, args, future))
-        return future
-
-    def _serve_jobs(self) -> None:
-        while True:
-            fn, args, future = self._jobs.get()
-            if fn is None:
-                return
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                future.set_exception(exc)
 
     def _load(self, student: str) -> None:
         self.model, self.tokenizer = load_model(student)
@@ -198,7 +181,7 @@ class NeuronRegistry:
     def serving(self, domain: str) -> tuple[str, dict]:
         """(version, weights) a call made now runs on, with staged versions applied first."""
         check_domain(domain, self.domains)
-        return self.submit(lambda: (self._apply_staged(), self._serving[domain])[1]).result()
+        return self.mlx.call(lambda: (self._apply_staged(), self._serving[domain])[1])
 
     def bind(self, weights: dict) -> None:
         self.model.load_weights(list(weights.items()), strict=False)
@@ -248,7 +231,7 @@ class NeuronRegistry:
 
     def close(self) -> None:
         self._stop.set()
-        self._jobs.put((None, (), None))
+        self.mlx.close()
         if self._observer:
             self._observer.stop()
             self._observer.join(timeout=5)

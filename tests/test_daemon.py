@@ -167,7 +167,6 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
 
 
 def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
-    import numpy as np
     from mlx_lm import load
 
     from conch_dna.models import tokenizer_fingerprint
@@ -178,18 +177,21 @@ def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
     chat = corpus.dialogues(1, seed=3, domains=["memory"])[0]
     tokens, offset = encode_chat(tokenizer, chat)
     n = len(tokens) - offset
-    topk = {"token_ids": np.tile(np.arange(5), (n, 1)).tolist(), "logprobs": [[-0.5] * 5] * n,
+    assert n > 3
+    answer = tokens[offset:]
+    rows = [[t] + [x for x in range(6) if x != t][:4] for t in answer[:-1]]  # no row for the final "\n"
+    topk = {"token_ids": rows, "logprobs": [[-0.1, -3, -4, -5, -6]] * len(rows),
             "tokenizer": tokenizer_fingerprint(tokenizer)}
-    scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path), top_k=8)
+    scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path), top_k=8, vocab_limit=len(tokenizer))
     ex = scorer.example(chat, tokenizer, topk, tokenizer_fingerprint(tokenizer))
     assert scorer.forward_passes == 0 and not scorer.loaded
-    assert ex.topk_ids.shape == (n, 8) and (ex.topk_ids[:, :5] == np.arange(5)).all()
-    assert (ex.topk_logprobs[:, 5:] == -30).all()  # padded buckets carry no teacher mass
+    assert ex.topk_ids.shape == (n, 8) and (ex.topk_ids[:, 0] == answer).all()
+    assert ex.topk_logprobs[-1, 0] == 0  # the template's own last token: certain
+    assert (ex.topk_logprobs[:-1, 5:] == -30).all()  # padded buckets carry no teacher mass
     # another tokenizer's capture, or one that does not cover the answer, costs a teacher pass
     scorer.example(chat, tokenizer, {**topk, "tokenizer": "other"}, tokenizer_fingerprint(tokenizer))
-    scorer.example(chat, tokenizer, {**topk, "token_ids": topk["token_ids"][:-1],
-                                     "logprobs": topk["logprobs"][:-1]}, tokenizer_fingerprint(tokenizer))
-    assert scorer.forward_passes == 1  # the same chat: the second one was served from the cache
+    scorer.example(chat, tokenizer, {**topk, "token_ids": rows[1:] + rows[:1]}, tokenizer_fingerprint(tokenizer))
+    assert scorer.forward_passes == 1  # the same chat: the misaligned one was served from the cache
 
 
 PROMOTER = """

@@ -1,0 +1,75 @@
+"""The EGO wrapper for agent code: the teacher answers, and every answer becomes a trace that
+carries the teacher's top-k log-probs of each generated token, taken during generation (no
+second pass), so a later retrain needs no teacher forward pass for it.
+
+    from conch_dna.ego import Ego
+    ego = Ego()                                   # the config's teacher, $CONCH_HOME's store
+    answer = ego.generate("task", [{"role": "user", "content": "Plan how to send the email."}])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from conch_dna.config import load_config
+from conch_dna.domains import check_domain
+from conch_dna.home import conch_home
+from conch_dna.mlx_thread import MLXThread
+from conch_dna.models import load_model, tokenizer_fingerprint
+from conch_dna.training.data import prompt_tokens
+
+
+class Ego:
+    def __init__(self, teacher_model_id: str | None = None, top_k: int = 64, home: str | Path | None = None,
+                 max_tokens: int = 256, store=None):
+        self.home = Path(home or conch_home())
+        self.config = load_config(self.home)
+        self.teacher_model_id = teacher_model_id or self.config.teacher
+        self.top_k = top_k
+        self.max_tokens = max_tokens
+        if store is None:
+            from conch_dna.cycle import open_store
+
+            store = open_store(self.home, self.config)
+        self.store = store
+        self.mlx = MLXThread("conch-ego")
+        self.model = self.tokenizer = self.fingerprint = None
+        self.last_trace_id: str | None = None
+
+    def _load(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.teacher_model_id)
+            self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+
+    def _answer(self, messages: list[dict], max_tokens: int):
+        from mlx_lm import stream_generate
+
+        self._load()
+        text, ids, logprobs = [], [], []
+        for response in stream_generate(self.model, self.tokenizer, prompt_tokens(self.tokenizer, messages),
+                                        max_tokens=max_tokens):
+            text.append(response.text)
+            lp = response.logprobs.astype(mx.float32)
+            top = mx.argpartition(-lp, kth=self.top_k - 1)[: self.top_k]
+            top = top[mx.argsort(-lp[top])]
+            ids.append(np.array(top, np.int32))
+            logprobs.append(np.array(lp[top], np.float32))
+        return "".join(text), np.stack(ids), np.stack(logprobs)
+
+    def generate(self, domain: str, messages: list[dict], max_tokens: int | None = None) -> str:
+        """The teacher's answer to the chat; the trace (with top-k) is recorded before it returns."""
+        from conch_dna.traces import record
+
+        check_domain(domain, self.config.domains)
+        answer, ids, logprobs = self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens)
+        topk = {"token_ids": ids.tolist(), "logprobs": np.minimum(logprobs, 0.0).tolist(),
+                "tokenizer": self.fingerprint}
+        self.last_trace_id = record(domain, [*messages, {"role": "assistant", "content": answer}],
+                                    teacher=self.teacher_model_id, topk=topk, store=self.store)
+        return answer
+
+    def close(self) -> None:
+        self.mlx.close()

@@ -1,0 +1,37 @@
+"""One thread that runs every MLX call of a model: MLX is not thread-safe, and its arrays and
+streams belong to the thread that made them. Other threads submit work and wait on a Future."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+
+
+class MLXThread:
+    def __init__(self, name: str = "conch-mlx"):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((fn, args, future))
+        return future
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the MLX thread and return its result (or raise its exception) here."""
+        return self.submit(fn, *args).result()
+
+    def _run(self) -> None:
+        while True:
+            fn, args, future = self._jobs.get()
+            if fn is None:
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        self._jobs.put((None, (), None))

@@ -1,0 +1,42 @@
+"""EGO capture: the teacher's top-k per generated token, recorded with the trace, no second pass."""
+
+import numpy as np
+
+from conch_dna.config import load_config
+from conch_dna.cycle import open_store
+from conch_dna.ego import Ego
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.models import tokenizer_fingerprint
+from conch_dna.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.data import encode_chat
+
+
+def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\nstudent = "{STUDENT_PATH}"\n')
+    ego = Ego(home=home, top_k=16, max_tokens=80)
+    chat = [{"role": "system", "content": "You are the memory neuron. Store and recall facts."},
+            {"role": "user", "content": "Remember that Ada likes chess."}]
+    answer = ego.generate("memory", chat)
+    assert answer.strip() and ego.last_trace_id
+    store = open_store(home, load_config(home))
+    (trace,) = store.traces_of("memory", "train") + store.traces_of("memory", "heldout")
+    assert trace["messages"][-1] == {"role": "assistant", "content": answer}
+    topk = trace["topk"]
+    assert topk["token_ids"].shape[1] == 16 and topk["tokenizer"] == ego.fingerprint
+
+    # the capture equals what one teacher forward pass over the finished chat gives
+    scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache"), top_k=16)
+    tokens, offset = encode_chat(ego.tokenizer, trace["messages"])
+    ids, logprobs = scorer.targets(tokens, offset)
+    rows = len(topk["token_ids"])
+    assert rows == len(tokens) - offset - 1  # every generated token incl. EOS; the template adds "\n"
+    assert (topk["token_ids"][:, 0] == ids[:rows, 0]).all()
+    assert np.allclose(topk["logprobs"][:, :4].astype(np.float32), logprobs[:rows, :4].astype(np.float32), atol=0.05)
+
+    # so a retrain uses the capture and needs no teacher pass for this trace
+    fresh = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache2"), top_k=16, vocab_limit=len(ego.tokenizer))
+    fresh.example(trace["messages"], ego.tokenizer, topk, tokenizer_fingerprint(ego.tokenizer))
+    assert fresh.forward_passes == 0 and not fresh.loaded
+    ego.close()
