@@ -30,6 +30,7 @@ from watchdog.observers import Observer
 from conch_dna.adapters import adapter_weights, apply_lora
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
+from conch_dna.fsutil import private_dir
 from conch_dna.home import conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
@@ -205,8 +206,6 @@ class NeuronRegistry:
     # -- watching ------------------------------------------------------------------------------
 
     def _start_watching(self, poll_seconds: float) -> None:
-        root = self.home / "adapters_kd"
-        root.mkdir(parents=True, exist_ok=True)
         registry = self
 
         class Events(FileSystemEventHandler):
@@ -216,7 +215,8 @@ class NeuronRegistry:
                     registry.refresh(path.parent.name)
 
         self._observer = Observer()
-        self._observer.schedule(Events(), str(root), recursive=True)
+        for d in self.domains:  # only the manifests matter: one non-recursive watch per domain folder
+            self._observer.schedule(Events(), str(private_dir(domain_dir(self.home, d))), recursive=False)
         self._observer.start()
 
         def poll():  # filesystem events can be lost; the manifest is small
