@@ -75,13 +75,24 @@ def test_threads_keep_calling_while_another_process_promotes_20_versions(tmp_pat
         deadline = time.monotonic() + 5
         while registry.get("task").version != "v0020" and time.monotonic() < deadline:
             time.sleep(0.05)
+        # a pinned neuron keeps its version across a swap; a rollback arrives like any version
+        from conch_dna.versions import rollback
+
+        with registry.pinned("task") as pinned:
+            rollback(home, "task", to="v0005")
+            deadline = time.monotonic() + 5
+            while registry.get("task").version != "v0005" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert registry.get("task").version == "v0005"
+            pinned_out = pinned.generate(PROMPT, max_tokens=6)
+            assert pinned.served_version == "v0020"
+            served.append(("v0020", pinned_out))
     finally:
         done.set()
         for t in threads:
             t.join()
         registry.close()
     assert not failures, failures[:3]
-    assert registry.get("task").version == "v0020"
 
     # each swap became visible within 2 s of its manifest change
     history = {h["version"]: h["at"] for h in read_manifest(home, "task")["history"]}
