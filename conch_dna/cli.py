@@ -292,6 +292,15 @@ def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(Fal
     console.print(table)
 
 
+@kd_app.command("report")
+def kd_report(output: Path = typer.Option(None, "--output", "-o", help="folder (default: $CONCH_HOME/report)")) -> None:
+    """Write a self-contained HTML report with loss curves, metrics per version and decisions."""
+    from conch_dna.report import build_report
+
+    home, config = _home_and_config()
+    console.print(f"report: {build_report(home, config, output)}")
+
+
 @kd_app.command("rollback")
 def kd_rollback(domain: str = typer.Option(...), to: str = typer.Option(None, help="version, e.g. v0002")) -> None:
     """Make an earlier version current again (default: the previous one)."""

@@ -1,0 +1,96 @@
+"""`conch kd report`: one self-contained HTML page (plus the PNG plots) for any home.
+
+Per domain: the loss curves of each run; held-out KL / CE / top-1 agreement of the current version
+and of the candidate at every run (a promoted candidate is the next version); and every run's
+decision with its reason. Everything comes from the runs table, so the report
+works on any home the daemon or `conch kd retrain` has written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+
+from conch_dna.config import Config
+from conch_dna.cycle import open_store
+from conch_dna.fsutil import atomic_write, atomic_write_text, private_dir
+from conch_dna.versions import current_version
+
+
+def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    for r in runs:
+        if r["history"]:
+            xs = [h["iteration"] for h in r["history"]]
+            ax.plot(xs, [h["combined"] for h in r["history"]], marker=".",
+                    label=f"run {r['id']} ({r['status']})")
+    ax.set(title=f"{domain}: training loss per run", xlabel="step", ylabel="α·KD·T² + (1-α)·CE")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(out / f"{domain}-loss.png")
+    atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+    measured = [r for r in reversed(runs) if r["candidate_metrics"] and r["current_metrics"]]
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.2), dpi=100)
+    labels = [f"run {r['id']}" + (f"\n{r['version']}" if r["status"] == "promoted" else "") for r in measured]
+    colours = ["#176317" if r["status"] == "promoted" else "#c05800" for r in measured]
+    for ax, key, title in zip(axes, ("kl", "ce", "agreement"), ("held-out KL", "CE on teacher tokens", "top-1")):
+        ax.plot(labels, [r["current_metrics"][key] for r in measured], "s--", color="#888", label="current")
+        ax.scatter(labels, [r["candidate_metrics"][key] for r in measured], c=colours, zorder=3,
+                   label="candidate")
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelsize="small")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{domain}: current vs candidate per run (green: promoted, orange: rejected)")
+    fig.tight_layout()
+    paths.append(out / f"{domain}-versions.png")
+    atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return paths
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def build_report(home: str | Path, config: Config, out: str | Path | None = None) -> Path:
+    """Write <out>/report.html (self-contained) and its PNGs; returns the HTML path."""
+    home = Path(home)
+    out = private_dir(out or home / "report")
+    store = open_store(home, config)
+    sections = []
+    for domain in config.domains:
+        runs = store.runs(domain, limit=200)
+        counts = store.counts(domain)
+        head = (f"<h2>{html.escape(domain)}</h2><p>current version: <b>{current_version(home, domain) or 'base'}"
+                f"</b> · traces: {counts.train} train, {counts.heldout} held-out, {counts.new_train} new</p>")
+        if not runs:
+            sections.append(head + "<p>no training run yet</p>")
+            continue
+        images = "".join(_img(p) for p in _plots(domain, runs, out))
+        rows = "".join(
+            f"<tr><td>{r['id']}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['started_at']))}</td>"
+            f"<td class='{r['status']}'>{r['status']}</td><td>{r['version'] or '-'}</td>"
+            f"<td>{html.escape(r['reason'] or '')}</td></tr>" for r in runs)
+        sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
+                        f"<th>version</th><th>reason</th></tr>{rows}</table>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>
+body {{ font-family: -apple-system, sans-serif; margin: 2em; max-width: 70em; }}
+img {{ max-width: 100%; display: block; margin: 1em 0; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+.promoted {{ color: #176317; }} .rejected {{ color: #a34b00; }} .failed, .interrupted {{ color: #a30000; }}
+</style></head><body><h1>Conch DNA distillation report</h1>
+<p>{html.escape(str(home))} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
+{''.join(sections)}</body></html>"""
+    return atomic_write_text(out / "report.html", page)
