@@ -35,8 +35,13 @@ def open_store(home: str | Path, config: Config) -> TraceStore:
 
 
 def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
-           force: bool) -> tuple[bool, str]:
-    """The promotion gate: (promote?, the reason in words)."""
+           force: bool, established: dict | None = None) -> tuple[bool, str]:
+    """The promotion gate: (promote?, the reason in words).
+
+    `established` = {"before", "after"} metrics on the held-out traces the current version was
+    validated on: a candidate may not get worse there by more than the margin, so a bad batch
+    whose own held-out share the candidate has learned cannot vote itself in.
+    """
     minimum = config.heldout_minimum(domain)
     if n_heldout < minimum:
         if force:
@@ -51,6 +56,11 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
         return False, f"{words}: KL must fall by at least {config.promote_margin:.0%}"
     if candidate["agreement"] < current["agreement"] - config.max_agreement_drop:
         return False, f"{words}: top-1 agreement fell by more than {config.max_agreement_drop:.0%}"
+    if established:
+        old, new = established["before"]["kl"], established["after"]["kl"]
+        if new > old * (1.0 + config.promote_margin):
+            return False, (f"{words}; but on the {established['before']['tokens']} held-out tokens the current "
+                           f"version was validated on, KL rose {old:.4f} -> {new:.4f}")
     return True, words
 
 
@@ -114,11 +124,13 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
 
         distiller = TrueKnowledgeDistiller(config.teacher, config.student, kd, output_dir=home,
                                            cache_dir=home / "teacher_cache", console=console)
+        established = [t for t in held if t["rowid"] <= mark]
+        groups = {"established": established} if established and len(established) < len(held) else None
         try:
             result = distiller.distill_domain(domain, new + replay, held or None,
                                               warm_start=current_adapter_path(home, domain),
                                               on_report=on_report, adapter_dir=candidate_dir,
-                                              should_stop=should_stop, resume=resume)
+                                              should_stop=should_stop, resume=resume, heldout_groups=groups)
         except TrainingInterrupted as stop:
             if stop.checkpoint:
                 _keep_for_resume(home, domain, stop.checkpoint, stop.iteration, upto, kd.num_iters)
@@ -127,7 +139,8 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
                       if stop.checkpoint else "interrupted before training started")
             store.finish_run(run_id, "interrupted", decision="interrupted", reason=reason)
             return CycleResult(run_id, domain, "interrupted", reason)
-        ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force)
+        ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force,
+                            (result.heldout_groups or {}).get("established"))
         version = promote(home, domain, candidate_dir, reason) if ok else None
         if not ok:
             discard(candidate_dir)

@@ -65,3 +65,23 @@ def test_promote_writes_immutable_versions_and_switches_the_manifest(tmp_path):
         rollback(home, "debug")
     manifest = json.loads((home / "adapters_kd" / "task" / "manifest.json").read_text())
     assert manifest["current"] == "v0002" and len(manifest["history"]) == 4
+
+
+def test_gate_rules():
+    from conch_dna.config import Config
+    from conch_dna.cycle import decide
+
+    c = Config(min_heldout=4)
+    cur, better = {"kl": 1.0, "agreement": 0.8}, {"kl": 0.9, "agreement": 0.8}
+    assert decide(cur, better, 10, c, "task", False)[0] is True
+    assert decide(cur, {"kl": 0.99, "agreement": 0.8}, 10, c, "task", False) == (
+        False, "held-out KL 1.0000 -> 0.9900 (-1.0%), top-1 80.0% -> 80.0%: KL must fall by at least 2%")
+    assert "top-1 agreement fell" in decide(cur, {"kl": 0.5, "agreement": 0.7}, 10, c, "task", False)[1]
+    ok, why = decide(cur, better, 3, c, "task", False)
+    assert not ok and "only 3 held-out traces" in why and "--force" in why
+    assert decide(cur, better, 3, c, "task", True)[0] is True
+    established = {"before": {"kl": 0.2, "tokens": 500}, "after": {"kl": 0.3, "tokens": 500}}
+    ok, why = decide(cur, better, 10, c, "task", False, established)
+    assert not ok and "KL rose 0.2000 -> 0.3000" in why
+    established["after"]["kl"] = 0.203  # within the margin
+    assert decide(cur, better, 10, c, "task", False, established)[0] is True

@@ -112,6 +112,7 @@ class DistillResult:
     teacher_forward_passes: int
     heldout_before: dict | None = None
     heldout_after: dict | None = None
+    heldout_groups: dict | None = None  # {name: {"before": metrics, "after": metrics}} for subsets
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -290,7 +291,8 @@ class TrueKnowledgeDistiller:
     def distill_domain(self, domain: str, prompts, heldout=None,
                        warm_start: str | Path | None = None, on_report=None,
                        adapter_dir: str | Path | None = None, should_stop=None,
-                       resume: tuple[str | Path, int] | None = None) -> DistillResult:
+                       resume: tuple[str | Path, int] | None = None,
+                       heldout_groups: dict[str, list] | None = None) -> DistillResult:
         """Train the domain's adapter on `prompts`; evaluate on `heldout` before and after.
 
         Prompts are strings, chat message lists (answered if the last message is not the
@@ -298,6 +300,7 @@ class TrueKnowledgeDistiller:
         get_kd_adapter_path(domain, output_dir) (or adapter_dir), with checkpoints inside it.
         `resume` = (checkpoint dir, its step) continues an interrupted run: "before" metrics are
         still those of warm_start, training goes on from the checkpoint's weights and step.
+        `heldout_groups` are named subsets evaluated before and after as well.
         """
         validate_domain_name(domain)
         if not prompts:
@@ -312,6 +315,9 @@ class TrueKnowledgeDistiller:
         self.scorer.release()  # teacher and student are never resident together while training
 
         before = heldout_metrics(model, held) if held else None
+        groups = {name: self.teacher_examples(domain, items, tokenizer, should_stop)
+                  for name, items in (heldout_groups or {}).items() if items}
+        group_before = {name: heldout_metrics(model, ex) for name, ex in groups.items()}
         start = 0
         if resume and load_adapter_weights(model, resume[0]):
             start = resume[1]
@@ -327,6 +333,8 @@ class TrueKnowledgeDistiller:
                                             should_stop, start)
         elapsed = time.perf_counter() - tic
         after = heldout_metrics(model, held) if held else None
+        group_metrics = {name: {"before": group_before[name].as_dict(), "after": heldout_metrics(model, ex).as_dict()}
+                         for name, ex in groups.items()}
         save_adapter(out, adapter_weights(model), adapter_config)
         last = history[-1]
         result = DistillResult(
@@ -336,6 +344,7 @@ class TrueKnowledgeDistiller:
             teacher_forward_passes=self.scorer.forward_passes - passes_before,
             heldout_before=before.as_dict() if before else None,
             heldout_after=after.as_dict() if after else None,
+            heldout_groups=group_metrics or None,
         )
         atomic_write_json(out / "kd_metrics.json", result.as_dict())
         self._say(f"{domain}: held-out before  {_fmt(before and before.as_dict())}")

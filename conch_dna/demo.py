@@ -1,0 +1,184 @@
+"""`conch demo`: the whole loop, live, on the project's tiny models.
+
+A real daemon process watches a fresh demo home. In this process a simulated agent calls the EGO
+(the kit's teacher, capturing top-k for every trace) for two domains and calls
+`neurons.get(domain)` all the while. The daemon ingests, schedules, retrains, validates and
+promotes; the registry hot-swaps. Then a broken teacher floods one domain with noise answers, and
+the gate rejects that candidate. The live view shows traces against the threshold, the run in
+progress with its loss, decisions, and the version each agent call was served by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from conch_dna.config import load_config
+from conch_dna.cycle import open_store
+from conch_dna.fsutil import atomic_write_text, private_dir
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+
+DOMAINS = ("thinking", "action")
+CONFIG = f"""teacher = "{TEACHER_PATH}"
+student = "{STUDENT_PATH}"
+domains = ["thinking", "action"]
+retrain_threshold = 24
+check_minutes = 0.05
+heldout_fraction = 0.25
+min_heldout = 4
+max_agreement_drop = 0.05
+replay_count = 8
+[kd]
+num_iters = 60
+learning_rate = 1e-3
+lora_rank = 8
+max_answer_tokens = 64
+steps_per_report = 10
+"""
+
+
+class DemoView:
+    def __init__(self, home: Path, registry):
+        self.home, self.registry = home, registry
+        self.calls: list[tuple[str, str, str]] = []  # (domain, version served, answer)
+        self.phase = "starting"
+
+    def render(self):
+        config = load_config(self.home)
+        store = open_store(self.home, config)
+        try:
+            state = json.loads((self.home / "daemon.json").read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        table = Table(title=f"Conch DNA demo: {self.phase}", expand=True)
+        for col in ("domain", "train", "held-out", "new / threshold", "serving", "last decision"):
+            table.add_column(col)
+        for d in DOMAINS:
+            c = store.counts(d)
+            runs = store.runs(d, limit=1)
+            last = f"{runs[0]['status']}: {runs[0]['reason'] or ''}"[:70] if runs else "-"
+            table.add_row(d, str(c.train), str(c.heldout), f"{c.new_train} / {config.threshold(d)}",
+                          self.registry.next_version(d), last)
+        running = state.get("running")
+        progress = running and running.get("progress")
+        training = (f"daemon training [bold]{running['domain']}[/bold]: step {progress['iteration']}, "
+                    f"loss {progress['combined']:.3f} (kd {progress['kd']:.3f}, ce {progress['ce']:.3f})"
+                    if progress else f"daemon training [bold]{running['domain']}[/bold]: teacher targets"
+                    if running else "daemon idle")
+        calls = Table(title="latest agent calls to neurons.get(...)", expand=True)
+        for col in ("domain", "served by", "answer"):
+            calls.add_column(col)
+        for d, v, text in self.calls[-5:]:
+            calls.add_row(d, v, text.replace("\n", " ")[:80])
+        store.close()
+        return Group(table, training, calls)
+
+
+def _noise_lines(domain: str, n: int, seed: int) -> str:
+    r = random.Random(seed)
+    words = [w for d in corpus.dialogues(60, seed=1) for w in d[2]["content"].split()]
+    lines = []
+    for d in corpus.dialogues(n, seed=seed, domains=[domain]):
+        d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
+        lines.append(json.dumps({"domain": domain, "teacher": "a-broken-teacher", "messages": d}))
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int:
+    from conch_dna.ego import Ego
+    from conch_dna.report import build_report
+    from neurons import NeuronRegistry
+
+    tic = time.monotonic()
+    if home.exists():
+        shutil.rmtree(home)
+    private_dir(home)
+    atomic_write_text(home / "config.toml", CONFIG)
+    env = {**os.environ, "CONCH_HOME": str(home.resolve())}
+    log = open(private_dir(home / "logs") / "daemon.log", "w")  # noqa: SIM115 - the daemon's whole life
+    daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    ego = Ego(home=home, top_k=32, max_tokens=64)
+    registry = NeuronRegistry(home, poll_seconds=0.5)
+    view = DemoView(home, registry)
+    prompts = {d: corpus.prompts(d, 80, seed=500 + i) for i, d in enumerate(DOMAINS)}
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4) as live:
+            def agent_round(i: int) -> None:
+                for d in DOMAINS:
+                    system = corpus.SYSTEM_PROMPTS[d]
+                    chat = [{"role": "system", "content": system}, {"role": "user", "content": prompts[d][i]}]
+                    ego.generate(d, chat)
+                    neuron = registry.get(d)
+                    answer = neuron.generate(chat, max_tokens=24)
+                    view.calls.append((d, neuron.served_version, answer))
+                live.update(view.render())
+
+            view.phase = "the agent calls the EGO and the neurons; the daemon retrains when enough is new"
+            i = 0
+            while not all(registry.next_version(d) != "base" for d in DOMAINS):
+                if time.monotonic() - tic > budget_seconds * 0.7:
+                    break
+                if i < len(prompts[DOMAINS[0]]):
+                    agent_round(i)
+                    i += 1
+                else:
+                    time.sleep(0.25)
+                    live.update(view.render())
+            view.phase = "a broken teacher floods 'action' with noise answers"
+            runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
+            inbox = private_dir(home / "inbox")
+            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", 40, seed=9))
+            while time.monotonic() - tic < budget_seconds:
+                runs = open_store(home, load_config(home)).runs("action", limit=100)
+                if len(runs) > runs_before and runs[0]["status"] != "running":
+                    break
+                j = i % len(prompts["thinking"])
+                neuron = registry.get("thinking")
+                answer = neuron.generate(prompts["thinking"][j], max_tokens=16)
+                view.calls.append(("thinking", neuron.served_version, answer))
+                i += 1
+                live.update(view.render())
+                time.sleep(0.2)
+            view.phase = "done"
+            live.update(view.render())
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        registry.close()
+        ego.close()
+
+    from conch_dna.cli import kd_status_data
+
+    data = kd_status_data(home, load_config(home))
+    table = Table(title="conch kd status")
+    for col in ("domain", "version", "held-out KL", "top-1", "runs, oldest first"):
+        table.add_column(col)
+    store = open_store(home, load_config(home))
+    promoted = rejected = 0
+    for d in data["domains"]:
+        runs = store.runs(d["domain"], limit=100)
+        promoted += d["version"] != "base"
+        rejected += sum(r["status"] == "rejected" for r in runs)
+        m = d["metrics"]
+        table.add_row(d["domain"], d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
+                      "\n".join(f"{r['status']}: {r['reason']}" for r in reversed(runs)))
+    console.print(table)
+    report = build_report(home, load_config(home), home / "report")
+    console.print(f"report: {report}")
+    elapsed = time.monotonic() - tic
+    ok = promoted == len(DOMAINS) and rejected >= 1
+    console.print(f"{'OK' if ok else 'INCOMPLETE'}: {promoted} of {len(DOMAINS)} domains promoted, "
+                  f"{rejected} candidate(s) rejected, in {elapsed:.0f}s")
+    return 0 if ok else 1
