@@ -40,7 +40,7 @@ min_heldout = 4
 max_agreement_drop = 0.05
 replay_count = 8
 [kd]
-num_iters = 60
+num_iters = 80
 learning_rate = 1e-3
 lora_rank = 8
 max_answer_tokens = 64
@@ -109,7 +109,7 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
     log = open(private_dir(home / "logs") / "daemon.log", "w")  # noqa: SIM115 - the daemon's whole life
     daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
-    ego = Ego(home=home, top_k=32, max_tokens=64)
+    ego = Ego(home=home, top_k=32, max_tokens=128)
     registry = NeuronRegistry(home, poll_seconds=0.5)
     view = DemoView(home, registry)
     prompts = {d: corpus.prompts(d, 80, seed=500 + i) for i, d in enumerate(DOMAINS)}

@@ -171,16 +171,18 @@ class TeacherScorer:
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
 
 
-_TEMPLATE_TAIL = 2  # rows a capture may lack: the chat template's own text after the answer's EOS
+# Rows a capture may lack: the chat template's own text after the answer's EOS (ChatML's "\n").
+# A capture cut short by max_tokens lacks the EOS row too, and must not be told "EOS, certain" there.
+_TEMPLATE_TAIL = 1
 
 
 def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int, vocab_limit: int | None = None):
     """Captured top-k as (ids, logprobs) of width k, or None if it does not fit this chat.
 
     A capture fits when it was made with this tokenizer and row i holds answer token i (so a
-    re-tokenised answer that differs from the generated tokens is caught). Rows for the chat
-    template's fixed text after the answer (at most two) are the template's own tokens at
-    log-prob 0. Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher
+    re-tokenised answer that differs from the generated tokens is caught). The row for the chat
+    template's fixed text after the answer's EOS (at most one) is that token at log-prob 0.
+    Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher
     gives no mass, which keeps every example in a batch the same width.
     """
     if not topk or topk.get("tokenizer") != fingerprint:
