@@ -30,6 +30,7 @@ from conch_dna.training.true_kd import (
     TrueKnowledgeDistiller,
     learning_rate_schedule,
     split_prompts,
+    to_messages,
     train_kd,
 )
 
@@ -61,7 +62,7 @@ def main() -> None:
             train_examples += ex
             held_examples += distiller.teacher_examples(domain, held_p, tokenizer)
             # the SFT side sees exactly the same token sequences as text the teacher wrote
-            train_chats += [{"messages": [*_prompt(domain, p), {"role": "assistant", "content":
+            train_chats += [{"messages": [*to_messages(domain, p), {"role": "assistant", "content":
                              tokenizer.decode(e.tokens[e.offset:]).replace("<|im_end|>", "").rstrip("\n")}]}
                             for p, e in zip(train_p, ex)]
         distiller.scorer.release()
@@ -97,12 +98,6 @@ def main() -> None:
     print(f"KD held-out KL is {100 * (1 - kd_kl / sft_kl):.1f}% below SFT's (goal: >= 20%)")
     print(f"training time: sft {sft_seconds:.1f}s, kd {kd_seconds:.1f}s")
     mx.clear_cache()
-
-
-def _prompt(domain: str, prompt: str) -> list[dict]:
-    from conch_dna.training.true_kd import to_messages
-
-    return to_messages(domain, prompt)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
     resume_state = _resume_state(home, domain)
     upto = resume_state["upto_rowid"] if resume_state else store.max_rowid(domain)
     new = store.traces_of(domain, "train", since_rowid=mark, upto_rowid=upto)
-    replay = store.traces_of(domain, "train", before_rowid=mark, sample=config.replay_count) if mark else []
+    replay = store.traces_of(domain, "train", upto_rowid=mark, sample=config.replay_count) if mark else []
     held = store.traces_of(domain, "heldout", upto_rowid=upto)
     if not new and not force:
         return CycleResult(None, domain, "skipped", "no new train traces since the last run")

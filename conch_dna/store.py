@@ -120,6 +120,10 @@ class TraceStore:
             raise
 
     def _migrate(self) -> None:
+        # Opening is frequent (status, the demo view, the daemon): take the write lock only when a
+        # migration is due, and check the version again under it.
+        if self.schema_version() == SCHEMA_VERSION:
+            return
         with self.write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -252,7 +256,7 @@ class TraceStore:
         return rows
 
     def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
-                  before_rowid: int | None = None, sample: int | None = None) -> list[dict]:
+                  sample: int | None = None) -> list[dict]:
         """Trace rows (chat + top-k) of a domain's split; `sample` draws that many at random."""
         sql = "SELECT rowid, messages, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
               "WHERE domain = ? AND split = ? AND rowid > ?"
@@ -260,9 +264,6 @@ class TraceStore:
         if upto_rowid is not None:
             sql += " AND rowid <= ?"
             args.append(upto_rowid)
-        if before_rowid is not None:
-            sql += " AND rowid <= ?"
-            args.append(before_rowid)
         sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid"
         if sample is not None:
             args.append(sample)

@@ -27,8 +27,6 @@ class TeacherCache:
 
     def __init__(self, root: str | Path):
         self.root = private_dir(root)
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def key(teacher_id: str, tokens, offset: int, k: int) -> str:
@@ -43,17 +41,12 @@ class TeacherCache:
         path = self.path(key)
         try:
             data = load_file(str(path))
-            found = data["ids"], data["logprobs"]
         except FileNotFoundError:
-            found = None
+            return None
         except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, not a crash
             path.unlink(missing_ok=True)
-            found = None
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+            return None
+        return data["ids"], data["logprobs"]
 
     def put(self, key: str, ids: np.ndarray, logprobs: np.ndarray, meta: dict[str, str]) -> None:
         path = self.path(key)

@@ -83,7 +83,6 @@ class NeuronRegistry:
         self.mlx.call(self._load, student or self.config.student)
         self.swapped_at: dict[tuple[str, str], float] = {}
         self.refused: dict[tuple[str, str], str] = {}
-        self.last_served: dict[str, str] = {}
         self._stop = threading.Event()
         self._observer = None
         self._poller = None
@@ -112,7 +111,7 @@ class NeuronRegistry:
             self._apply_staged()
             version, weights = neuron._pin or self._serving[neuron.domain]
             self.bind(weights)
-            self.last_served[neuron.domain] = neuron.served_version = version
+            neuron.served_version = version
             prompt = self.prompt_tokens(prompt_or_messages)
             for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, **kwargs):
                 chunks.put(response.text)
