@@ -34,6 +34,13 @@ class TeacherCache:
         h.update(np.asarray(tokens, np.int32).tobytes())
         return h.hexdigest()
 
+    @staticmethod
+    def answer_key(teacher_id: str, prompt_tokens, max_tokens: int) -> str:
+        """Key of the teacher's greedy answer to a prompt (answers depend on the token budget)."""
+        h = hashlib.sha256(f"answer\0{teacher_id}\0{max_tokens}\0".encode())
+        h.update(np.asarray(prompt_tokens, np.int32).tobytes())
+        return h.hexdigest()
+
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
@@ -127,7 +134,7 @@ class TeacherScorer:
         from mlx_lm import generate
 
         prompt = prompt_tokens(tokenizer, messages)
-        key = self.cache.key(f"{self.teacher_model_id}\0answer", prompt, self.max_answer_tokens, 0)
+        key = self.cache.answer_key(self.teacher_model_id, prompt, self.max_answer_tokens)
         answer = self.cache.get_answer(key)
         if answer is None:
             model, teacher_tokenizer = self._load()
