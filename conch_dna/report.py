@@ -18,6 +18,8 @@ from conch_dna.cycle import open_store
 from conch_dna.fsutil import atomic_write, atomic_write_text, private_dir
 from conch_dna.versions import current_version
 
+RECENT_RUNS = 8  # more runs on one axis are unreadable; the table below the plots lists every run
+
 
 def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
     import matplotlib
@@ -27,12 +29,12 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
-    for r in runs:
-        if r["history"]:
-            xs = [h["iteration"] for h in r["history"]]
-            ax.plot(xs, [h["combined"] for h in r["history"]], marker=".",
-                    label=f"run {r['id']} ({r['status']})")
-    ax.set(title=f"{domain}: training loss per run", xlabel="step", ylabel="α·KD·T² + (1-α)·CE")
+    recent = [r for r in runs if r["history"]][:RECENT_RUNS]
+    for r in reversed(recent):
+        xs = [h["iteration"] for h in r["history"]]
+        ax.plot(xs, [h["combined"] for h in r["history"]], marker=".", label=f"run {r['id']} ({r['status']})")
+    shown = f"last {len(recent)} runs" if len(recent) < sum(bool(r["history"]) for r in runs) else "per run"
+    ax.set(title=f"{domain}: training loss, {shown}", xlabel="step", ylabel="α·KD·T² + (1-α)·CE")
     if ax.lines:
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -40,19 +42,29 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
-    measured = [r for r in reversed(runs) if r["candidate_metrics"] and r["current_metrics"]]
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.2), dpi=100)
-    labels = [f"run {r['id']}" + (f"\n{r['version']}" if r["status"] == "promoted" else "") for r in measured]
+    measured = [r for r in runs if r["candidate_metrics"] and r["current_metrics"]][:RECENT_RUNS][::-1]
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.8), dpi=100)
+    labels = [f"{r['id']}" + (f"\n{r['version']}" if r["status"] == "promoted" else "") for r in measured]
     colours = ["#176317" if r["status"] == "promoted" else "#c05800" for r in measured]
     for ax, key, title in zip(axes, ("kl", "ce", "agreement"), ("held-out KL", "CE on teacher tokens", "top-1")):
         ax.plot(labels, [r["current_metrics"][key] for r in measured], "s--", color="#888", label="current")
         ax.scatter(labels, [r["candidate_metrics"][key] for r in measured], c=colours, zorder=3,
                    label="candidate")
-        ax.set_title(title)
+        ax.set(title=title, xlabel="run")
         ax.tick_params(axis="x", labelsize="small")
-    axes[0].legend(fontsize="small")
+    # The gate's last rule: KL on the held-out traces the current version was validated on.
+    est = [(label, r) for label, r in zip(labels, measured) if "established" in r["current_metrics"]]
+    if est:
+        xs = [label for label, _ in est]
+        axes[0].scatter(xs, [r["current_metrics"]["established"]["kl"] for _, r in est], marker="s",
+                        facecolors="none", edgecolors="#888", zorder=3,
+                        label="current, on the held-out it was validated on")
+        axes[0].scatter(xs, [r["candidate_metrics"]["established"]["kl"] for _, r in est], marker="x",
+                        c=[colours[measured.index(r)] for _, r in est], zorder=3,
+                        label="candidate, on that held-out")
     fig.suptitle(f"{domain}: current vs candidate per run (green: promoted, orange: rejected)")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     paths.append(out / f"{domain}-versions.png")
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -78,7 +90,10 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
         if not runs:
             sections.append(head + "<p>no training run yet</p>")
             continue
-        images = "".join(_img(p) for p in _plots(domain, runs, out))
+        images = "".join(_img(p) for p in _plots(domain, runs, out)) + (
+            "<p class='note'>Each run measures the current version and its candidate on the held-out traces of "
+            "that moment; the held-out set grows, so compare a candidate with the current version of its own "
+            "run, not across runs.</p>")
         rows = "".join(
             f"<tr><td>{r['id']}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['started_at']))}</td>"
             f"<td class='{r['status']}'>{r['status']}</td><td>{r['version'] or '-'}</td>"
@@ -89,6 +104,7 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
 body {{ font-family: -apple-system, sans-serif; margin: 2em; max-width: 70em; }}
 img {{ max-width: 100%; display: block; margin: 1em 0; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+.note {{ color: #555; font-size: 90%; }}
 .promoted {{ color: #176317; }} .rejected {{ color: #a34b00; }} .failed, .interrupted {{ color: #a30000; }}
 </style></head><body><h1>Conch DNA distillation report</h1>
 <p>{html.escape(str(home))} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>

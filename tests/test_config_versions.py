@@ -76,7 +76,16 @@ def test_gate_rules():
     assert decide(cur, better, 10, c, "task", False)[0] is True
     assert decide(cur, {"kl": 0.99, "agreement": 0.8}, 10, c, "task", False) == (
         False, "held-out KL 1.0000 -> 0.9900 (-1.0%), top-1 80.0% -> 80.0%: KL must fall by at least 2%")
-    assert "top-1 agreement fell" in decide(cur, {"kl": 0.5, "agreement": 0.7}, 10, c, "task", False)[1]
+    assert "top-1 agreement fell by more than 1.0%" in decide(cur, {"kl": 0.5, "agreement": 0.7}, 10, c, "task",
+                                                                 False)[1]
+    # A 3-point top-1 drop with KL down 12%: noise on 300 held-out tokens (tolerance 4.6 points),
+    # a real loss on 20,000 (tolerance 1 point, the configured floor).
+    small, large = {**cur, "tokens": 300}, {**cur, "tokens": 20_000}
+    dropped = {"kl": 0.88, "agreement": 0.77}
+    assert decide(small, dropped, 10, c, "task", False)[0] is True
+    assert decide(large, dropped, 10, c, "task", False) == (
+        False, "held-out KL 1.0000 -> 0.8800 (-12.0%), top-1 80.0% -> 77.0%: top-1 agreement fell by more than 1.0%")
+    assert "fell by more than 4.6%" in decide(small, {"kl": 0.5, "agreement": 0.7}, 10, c, "task", False)[1]
     ok, why = decide(cur, better, 3, c, "task", False)
     assert not ok and "only 3 held-out traces" in why and "--force" in why
     assert decide(cur, better, 3, c, "task", True)[0] is True

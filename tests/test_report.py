@@ -1,33 +1,125 @@
-"""`conch kd report` on a home with real runs: a self-contained page with real PNG plots."""
+"""`conch kd report` on a home with real runs: a self-contained page with real PNG plots that a browser draws."""
 
 import base64
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
 from typer.testing import CliRunner
 
 from conch_dna.cli import app
 from conch_dna.config import load_config
 from conch_dna.cycle import open_store, retrain_domain
 from conch_dna.ingest import ingest_bytes
+from conch_dna.report import build_report
 from tests.test_daemon import teacher_traces, write_config
 
 
-def test_report_has_plots_and_every_decision(tmp_path, monkeypatch):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    """A home with one promoted and one rejected run on `memory`, none on `debug`, and its report."""
+    tmp = tmp_path_factory.mktemp("report")
+    home = tmp / "home"
     write_config(home, min_heldout=1000)
+    with (home / "config.toml").open("a") as f:
+        f.write("steps_per_report = 2\n")  # into [kd]: five points per loss curve
     ingest_bytes(open_store(home, load_config(home)), "\n".join(teacher_traces("memory", 24, seed=2)).encode(), "a")
     assert retrain_domain(home, "memory", iters=10, force=True).status == "promoted"
     assert retrain_domain(home, "memory", iters=10).status == "skipped"  # nothing new: no run
     ingest_bytes(open_store(home, load_config(home)), "\n".join(teacher_traces("memory", 24, seed=3)).encode(), "b")
     assert retrain_domain(home, "memory", iters=10).status == "rejected"  # too few held-out, no --force
 
-    monkeypatch.setenv("CONCH_HOME", str(home))
-    result = CliRunner().invoke(app, ["kd", "report", "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["kd", "report", "-o", str(tmp / "out")], env={"CONCH_HOME": str(home)})
     assert result.exit_code == 0, result.output
-    page = (tmp_path / "out" / "report.html").read_text()
+    return tmp / "out"
+
+
+def test_report_has_plots_and_every_decision(report_dir):
+    page = (report_dir / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 2  # memory: loss curves + metrics per version; debug has no run
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
-    assert (tmp_path / "out" / "memory-loss.png").read_bytes().startswith(b"\x89PNG")
+    assert (report_dir / "memory-loss.png").read_bytes().startswith(b"\x89PNG")
     assert "promoted" in page and "rejected" in page and "the gate needs 1000" in page
     assert "no training run yet" in page  # debug
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium (`make test` installs it where it can), or a browser named by CONCH_CHROMIUM."""
+    for name in (os.environ.get("CONCH_CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
+                 "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"):
+        if name and (shutil.which(name) or Path(name).is_file()):
+            return shutil.which(name) or name
+    return None
+
+
+def run_chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    # The background-networking flags keep Chromium from reaching out at all: the report is private data.
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-extensions", f"--user-data-dir={profile}", "--hide-scrollbars"]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium: `make test` installs Debian's chromium; CI must have it")
+        pytest.skip("no chromium on this machine (set CONCH_CHROMIUM to a Chrome/Chromium binary)")
+
+    # The browser itself reports how many plots it decoded: a probe script appended to a copy of the page.
+    probe = tmp_path / "probe.html"
+    probe.write_text((report_dir / "report.html").read_text().replace("</body>", """<script>
+window.addEventListener('load', () => {
+  const drawn = [...document.images].filter(i => i.complete && i.naturalWidth > 300);
+  document.body.setAttribute('data-plots', drawn.length + ':' + drawn.map(i => i.alt).join(','));
+});</script></body>"""))
+    dom = run_chromium(browser, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom",
+                       probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-plots="2:memory-loss,memory-versions"' in dom.stdout
+
+    shot = tmp_path / "report.png"
+    result = run_chromium(browser, tmp_path / "profile-shot", "--window-size=1200,1400", f"--screenshot={shot}",
+                          (report_dir / "report.html").as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1400, 1200)
+
+    def share(rgb_hex: str) -> float:
+        """Fraction of the screenshot within a small distance of one colour."""
+        rgb = np.array([int(rgb_hex[i:i + 2], 16) for i in (0, 2, 4)]) / 255
+        return float((np.abs(pixels - rgb).max(axis=-1) < 0.08).mean())
+
+    # Only the plots draw these: matplotlib's first line colour (loss curves), and the gate's green
+    # (promoted candidate) and orange (rejected candidate) markers.
+    assert share("1f77b4") > 1e-4, "no loss curve on screen"
+    assert share("176317") > 1e-5, "no promoted marker on screen"
+    assert share("c05800") > 1e-5, "no rejected marker on screen"
+    assert share("ffffff") > 0.5  # a page, not an error screen
+
+
+def test_report_on_many_runs_lists_every_run_and_plots_the_recent(tmp_path):
+    home = tmp_path / "home"
+    write_config(home)
+    store = open_store(home, load_config(home))
+    metrics = {"kl": 0.5, "ce": 0.7, "agreement": 0.8}
+    for i in range(11):
+        run = store.start_run("debug", iters=4)
+        if i == 5:  # a crashed run: no history, no metrics
+            store.finish_run(run, "failed", reason="worker killed by SIGKILL")
+            continue
+        store.finish_run(run, "promoted" if i % 2 else "rejected", reason=f"reason {i}", version=f"v{i:04d}",
+                         history=[{"iteration": s, "combined": 2.0 - s / 10 - i / 100} for s in (1, 2, 3, 4)],
+                         current_metrics={**metrics, "established": metrics},
+                         candidate_metrics={**metrics, "kl": 0.5 - i / 100, "established": {**metrics, "kl": 0.6}})
+    page = build_report(home, load_config(home), tmp_path / "out").read_text()
+    assert len(re.findall(r"<tr><td>\d+</td>", page)) == 11
+    assert "worker killed by SIGKILL" in page and "reason 10" in page
+    assert (tmp_path / "out" / "debug-loss.png").stat().st_size > 1000
