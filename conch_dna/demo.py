@@ -26,17 +26,19 @@ from rich.table import Table
 
 from conch_dna.config import load_config
 from conch_dna.cycle import open_store
-from conch_dna.fsutil import atomic_write_text, private_dir
+from conch_dna.fsutil import atomic_write_text, open_private, private_dir
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 
 DOMAINS = ("thinking", "action")
-# The agent's tasks that need the EGO, per domain: enough for one retrain of each at threshold 24
-# (their train split holds 34 and 32 of them), so the demo shows one promotion per domain, not a queue.
-EGO_CALLS = 44
+# The agent's tasks that need the EGO, per domain (the kit makes 72 distinct `thinking` prompts and 80
+# `action` ones; 54 and 60 land in the train split): enough for one retrain of each at threshold 40,
+# not two. Measured on `thinking` (held-out KL of one 80-step retrain from the base, 18 held-out
+# traces, base 0.746): 26 traces 0.854 (worse), 34 0.651, 40 0.615, 54 0.582.
+EGO_CALLS = 80
 CONFIG = f"""teacher = "{TEACHER_PATH}"
 student = "{STUDENT_PATH}"
 domains = ["thinking", "action"]
-retrain_threshold = 24
+retrain_threshold = 40
 check_minutes = 0.05
 heldout_fraction = 0.25
 min_heldout = 4
@@ -108,21 +110,22 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
     private_dir(home)
     atomic_write_text(home / "config.toml", CONFIG)
     env = {**os.environ, "CONCH_HOME": str(home.resolve())}
-    log = open(private_dir(home / "logs") / "daemon.log", "w")  # noqa: SIM115 - the daemon's whole life
+    log = open_private(private_dir(home / "logs") / "daemon.log", "w")  # open for the daemon's whole life
     daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     ego = Ego(home=home, top_k=32, max_tokens=128)
     registry = NeuronRegistry(home, poll_seconds=0.5)
     view = DemoView(home, registry)
     prompts = {d: corpus.prompts(d, EGO_CALLS, seed=500 + i) for i, d in enumerate(DOMAINS)}
+    ego_calls = max(len(p) for p in prompts.values())
     try:
         with Live(view.render(), console=console, refresh_per_second=4) as live:
             def agent_round(i: int) -> None:
                 for d in DOMAINS:
                     system = corpus.SYSTEM_PROMPTS[d]
                     chat = [{"role": "system", "content": system},
-                            {"role": "user", "content": prompts[d][i % EGO_CALLS]}]
-                    if i < EGO_CALLS:
+                            {"role": "user", "content": prompts[d][i % len(prompts[d])]}]
+                    if i < len(prompts[d]):
                         ego.generate(d, chat)
                     neuron = registry.get(d)
                     answer = neuron.generate(chat, max_tokens=24)
@@ -135,13 +138,13 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
                 if time.monotonic() - tic > budget_seconds * 0.7:
                     break
                 agent_round(i)
-                if i >= EGO_CALLS:
-                    time.sleep(0.3)  # leave the cores to the daemon's training
+                if i >= ego_calls:
+                    time.sleep(1.0)  # leave the cores to the daemon's training
                 i += 1
             view.phase = "a broken teacher floods 'action' with noise answers"
             runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
             inbox = private_dir(home / "inbox")
-            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", 40, seed=9))
+            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", 60, seed=9))
             while time.monotonic() - tic < budget_seconds:
                 runs = open_store(home, load_config(home)).runs("action", limit=100)
                 if len(runs) > runs_before and runs[0]["status"] != "running":
@@ -152,7 +155,7 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
                 view.calls.append(("thinking", neuron.served_version, answer))
                 i += 1
                 live.update(view.render())
-                time.sleep(0.2)
+                time.sleep(0.6)  # an agent call now and then, not a load on the training
             view.phase = "done"
             live.update(view.render())
         console.print()

@@ -21,6 +21,14 @@ def private_dir(path: str | Path) -> Path:
     return missing[0] if missing else path
 
 
+def open_private(path: str | Path, mode: str = "a"):
+    """Open a file for writing (a log, say) as its owner's alone, whatever the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # a file made earlier with a looser mode
+    return os.fdopen(fd, mode)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
 

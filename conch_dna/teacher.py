@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import load_model
 from conch_dna.training.data import KDExample, encode_chat, prompt_tokens
+from conch_dna.training.losses import PAD_LOGPROB
 
 
 class TeacherCache:
@@ -182,7 +183,7 @@ def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int,
     A capture fits when it was made with this tokenizer and row i holds answer token i (so a
     re-tokenised answer that differs from the generated tokens is caught). The row for the chat
     template's fixed text after the answer's EOS (at most one) is that token at log-prob 0.
-    Narrower captures are padded with id 0 at a log-prob of -30: a bucket the teacher
+    Narrower captures are padded with id 0 at PAD_LOGPROB: a bucket the teacher
     gives no mass, which keeps every example in a batch the same width.
     """
     if not topk or topk.get("tokenizer") != fingerprint:
@@ -191,19 +192,22 @@ def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int,
     lps = np.asarray(topk["logprobs"], np.float16)
     answer_tokens = np.asarray(answer_tokens, np.int32)
     n, rows = len(answer_tokens), ids.shape[0] if ids.ndim == 2 else -1
-    if ids.ndim != 2 or not 0 <= n - rows <= _TEMPLATE_TAIL or (vocab_limit and ids.max() >= vocab_limit):
+    if ids.ndim != 2 or not 0 <= n - rows <= _TEMPLATE_TAIL:
         return None
+    if vocab_limit is not None:  # the teacher's padded rows (7B's 152064 vs 151936): mass to the tail
+        outside = ids >= vocab_limit
+        ids, lps = np.where(outside, 0, ids), np.where(outside, PAD_LOGPROB, lps).astype(np.float16)
     if not (ids == answer_tokens[:rows, None]).any(axis=1).all():
         return None
     if rows < n:
         tail_ids = np.zeros((n - rows, ids.shape[1]), np.int32)
         tail_ids[:, 0] = answer_tokens[rows:]
-        tail_lps = np.full((n - rows, ids.shape[1]), -30.0, np.float16)
+        tail_lps = np.full((n - rows, ids.shape[1]), PAD_LOGPROB, np.float16)
         tail_lps[:, 0] = 0.0
         ids, lps = np.concatenate([ids, tail_ids]), np.concatenate([lps, tail_lps])
     ids, lps = ids[:, :k], lps[:, :k]
     if ids.shape[1] < k:
         pad = k - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad)))
-        lps = np.pad(lps, ((0, 0), (0, pad)), constant_values=-30.0)
+        lps = np.pad(lps, ((0, 0), (0, pad)), constant_values=PAD_LOGPROB)
     return ids, lps

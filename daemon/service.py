@@ -32,7 +32,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from conch_dna.config import Config, load_config
 from conch_dna.cycle import open_store, pending
-from conch_dna.fsutil import atomic_write_json, private_dir
+from conch_dna.fsutil import atomic_write_json, open_private, private_dir
 from conch_dna.power import on_battery
 from conch_dna.versions import discard, domain_dir
 from daemon.inbox import Inbox
@@ -187,7 +187,7 @@ class Daemon:
         self._running = {"domain": domain, "started_at": time.time(), "progress": None}
         self._write_state()
         result: dict = {"status": "failed", "reason": "the worker exited without a result", "domain": domain}
-        with open(private_dir(self.home / "logs") / "worker.log", "a") as worker_log:
+        with open_private(private_dir(self.home / "logs") / "worker.log") as worker_log:
             self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True)
         for line in self._worker.stdout:
             try:
@@ -201,7 +201,9 @@ class Daemon:
                 result = event
         code = self._worker.wait()
         self._worker, self._running = None, None
-        if code < 0:  # killed: its run is still 'running' in the store
+        # Killed before it reported: its run is still 'running' in the store. Killed after (a stop
+        # signal while it was exiting), its result and recorded run stand.
+        if code < 0 and "event" not in result:
             self.store.fail_stale_runs(f"the worker was killed by signal {-code}", pid_alive)
             self._clean_candidates()
             result = {"status": "failed", "reason": f"worker killed by signal {-code}", "domain": domain}
@@ -212,6 +214,7 @@ class Daemon:
 
 def run_forever(home: str | Path) -> int:
     """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
+    os.umask(0o077)  # whatever the daemon or its workers write (logs included) is the user's alone
     private_dir(Path(home) / "logs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # a check skipped while a training runs is the design (one training at a time), not news

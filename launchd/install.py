@@ -34,7 +34,8 @@ def render_systemd_unit(home: str | Path, python: str = sys.executable) -> str:
         "[Unit]", "Description=Conch DNA continuous distillation daemon", "",
         "[Service]", f"ExecStart={Path(python).absolute()} -m conch_dna.cli daemon run",
         f'Environment="CONCH_HOME={home}" "PYTHONUNBUFFERED=1"', f"WorkingDirectory={home}",
-        "Restart=on-failure", "RestartSec=30", "TimeoutStopSec=30", "Nice=10", "IOSchedulingClass=idle", "",
+        "Restart=on-failure", "RestartSec=30", "TimeoutStopSec=30", "UMask=0077", "Nice=10",
+        "IOSchedulingClass=idle", "",
         "[Install]", "WantedBy=default.target", ""])
 
 

@@ -9,6 +9,7 @@ from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.models import tokenizer_fingerprint
 from conch_dna.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.data import encode_chat
+from conch_dna.training.losses import PAD_LOGPROB
 
 
 def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_path):
@@ -39,4 +40,13 @@ def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_
     fresh = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache2"), top_k=16, vocab_limit=len(ego.tokenizer))
     fresh.example(trace["messages"], ego.tokenizer, topk, tokenizer_fingerprint(ego.tokenizer))
     assert fresh.forward_passes == 0 and not fresh.loaded
+
+    # a capture holding ids of the teacher's padded rows (576 vs the student's 512) is still used:
+    # those entries become padding, their mass goes to the tail bucket
+    padded = {**topk, "token_ids": topk["token_ids"].copy()}
+    padded["token_ids"][:, -1] = 570
+    example = fresh.example(trace["messages"], ego.tokenizer, padded, tokenizer_fingerprint(ego.tokenizer))
+    assert fresh.forward_passes == 0 and not fresh.loaded
+    assert example.topk_ids.max() < len(ego.tokenizer)
+    assert (example.topk_logprobs[:rows, -1] == PAD_LOGPROB).all()
     ego.close()

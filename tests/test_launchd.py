@@ -16,6 +16,7 @@ def test_plist_has_what_launchd_needs(tmp_path):
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
     assert plist["ThrottleInterval"] == 30 and plist["ExitTimeOut"] == 30 and plist["Nice"] == 10
     assert plist["ProcessType"] == "Background" and plist["LowPriorityIO"] is True
+    assert plist["Umask"] == 0o077  # its logs and everything it writes: the user's alone
     assert plist["EnvironmentVariables"]["CONCH_HOME"] == str(home.resolve())
     for key in ("StandardOutPath", "StandardErrorPath"):
         assert plist[key].startswith(str(home.resolve()) + "/logs/")
@@ -29,4 +30,4 @@ def test_default_python_is_absolute_and_systemd_unit_parses(tmp_path):
     unit.read_string(render_systemd_unit(tmp_path, python="/usr/bin/python3"))
     assert unit["Service"]["ExecStart"] == "/usr/bin/python3 -m conch_dna.cli daemon run"
     assert unit["Service"]["Environment"] == f'"CONCH_HOME={tmp_path.resolve()}" "PYTHONUNBUFFERED=1"'
-    assert unit["Service"]["Restart"] == "on-failure"
+    assert unit["Service"]["Restart"] == "on-failure" and unit["Service"]["UMask"] == "0077"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conch_dna.training.losses import (
+    PAD_LOGPROB,
     VocabMismatchError,
     align_vocab_sizes,
     check_shared_vocab,
@@ -94,6 +95,19 @@ def test_sparse_kd_differs_from_renormalised_top_k():
     got = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 1.0).item()
     assert got == pytest.approx(expected, rel=1e-3)
     assert abs(got - renormalised) > 0.05
+
+
+def test_padded_top_k_entries_change_nothing():
+    # A capture of width 4 padded to 8 with (id 0, PAD_LOGPROB), as a narrow capture or a masked
+    # out-of-vocabulary id is: the student's mass on id 0 must not be counted four more times.
+    t, s = logits(2, 5, 16), logits(2, 5, 16)
+    s[..., 0] += 3.0  # the student likes id 0, so counting it would show
+    ids, lp, expected = np_sparse_reference(t, s, 4, 2.0)
+    ids, lp = ids[..., ::-1].copy(), lp[..., ::-1].copy()  # id 0 may be among the real four as well
+    padded_ids = np.concatenate([ids, np.zeros_like(ids)], -1)
+    padded_lp = np.concatenate([lp, np.full_like(lp, PAD_LOGPROB)], -1)
+    got = sparse_kd_loss(mx.array(s), mx.array(padded_ids), mx.array(padded_lp), 2.0).item()
+    assert got == pytest.approx(expected, rel=1e-3)
 
 
 def test_sparse_kd_with_full_k_equals_dense():

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-# Teacher log-prob written into padding rows: far below any real one, so the padded rows' "tail"
-# bucket holds all the mass and nothing is NaN; the mask drops these rows anyway.
-_PAD_LOGPROB = -30.0
+from conch_dna.training.losses import PAD_LOGPROB
 
 
 @dataclass
@@ -68,7 +66,7 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
     targets = np.zeros((b, width), np.int32)
     mask = np.zeros((b, width), np.float32)
     ids = np.zeros((b, width, k), np.int32)
-    logprobs = np.full((b, width, k), _PAD_LOGPROB, np.float32)
+    logprobs = np.full((b, width, k), PAD_LOGPROB, np.float32)
     for row, e in enumerate(examples):
         n = min(len(e.tokens) - 1, width)
         inputs[row, :n] = e.tokens[:n]

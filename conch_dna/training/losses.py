@@ -18,6 +18,10 @@ ALIGN_STRATEGIES = ("truncate", "token_map")
 # A bucket's log-mass never goes below this: keeps 0·log(0) terms finite when the top-k ids hold
 # (nearly) all of a distribution's mass.
 _LOG_FLOOR = -13.8  # log(1e-6)
+# A top-k entry the teacher gives no mass: padding of a capture narrower than k, or an id the
+# student cannot emit. Such entries are left out of the student's buckets too (see
+# student_bucket_logprobs), so padding changes nothing.
+PAD_LOGPROB = -30.0
 
 
 class VocabMismatchError(ValueError):
@@ -114,9 +118,17 @@ def teacher_bucket_logprobs(topk_logprobs: mx.array) -> mx.array:
     return with_tail_bucket(topk_logprobs)
 
 
-def student_bucket_logprobs(student_logp: mx.array, topk_ids: mx.array) -> mx.array:
-    """The student's log-probs (log_softmax output) at the teacher's top-k ids, as k + 1 buckets."""
-    return with_tail_bucket(mx.take_along_axis(student_logp, topk_ids, axis=-1))
+def student_bucket_logprobs(student_logp: mx.array, topk_ids: mx.array,
+                            topk_logprobs: mx.array | None = None) -> mx.array:
+    """The student's log-probs (log_softmax output) at the teacher's top-k ids, as k + 1 buckets.
+
+    Entries the teacher marks as padding (PAD_LOGPROB) get no student mass either, so a padded
+    id (0, repeated) is not counted into the student's top-k, which would shrink its tail.
+    """
+    gathered = mx.take_along_axis(student_logp, topk_ids, axis=-1)
+    if topk_logprobs is not None:
+        gathered = mx.where(topk_logprobs <= PAD_LOGPROB, PAD_LOGPROB, gathered)
+    return with_tail_bucket(gathered)
 
 
 def sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature=2.0, mask=None,
@@ -124,7 +136,7 @@ def sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature=2
     """sparse_kd_loss for a caller that already has the student's log_softmax (the training step
     shares it with the CE term, so the vocabulary is normalised once)."""
     t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
-    s = log_softmax(student_bucket_logprobs(student_logp, topk_ids) / temperature)
+    s = log_softmax(student_bucket_logprobs(student_logp, topk_ids, topk_logprobs) / temperature)
     return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
 
 
