@@ -1,4 +1,5 @@
-"""LoRA adapters in mlx-lm's format: applying them to a student, and writing them to disk safely."""
+"""LoRA adapters in mlx-lm's format: applying them to a student, writing them (and training
+checkpoints) to disk safely, and loading them back."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
+# A checkpoint's optimizer state (Adam's moments, its step): what a resumed run needs, beside the
+# weights, to go on as if it had never stopped. Not part of an adapter. (MLX's random key cannot be
+# set, only seeded, so with LoRA dropout a resumed run draws other, equally random, masks.)
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def apply_lora(model, num_layers: int, rank: int, scale: float, dropout: float) -> dict:
@@ -53,4 +58,32 @@ def load_adapter_weights(model, directory: str | Path) -> bool:
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
         return False
     model.load_weights(list(weights.items()), strict=False)
+    return True
+
+
+def save_checkpoint(directory: str | Path, model, optimizer, config: dict) -> Path:
+    """An adapter plus the optimizer state, so training can resume where it was."""
+    directory = save_adapter(directory, adapter_weights(model), config)
+    state = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+    atomic_write(directory / OPTIMIZER_FILE, lambda p: mx.save_safetensors(p, state))
+    return directory
+
+
+def load_optimizer_state(optimizer, model, directory: str | Path) -> bool:
+    """Restore a checkpoint's optimizer state into a fresh optimizer for `model`'s adapter.
+
+    Returns False (and restores nothing) when the checkpoint has none or it does not fit, e.g. a
+    checkpoint written before optimizer state was kept, or a different LoRA rank. Call it before
+    compiling the step: the compiled step holds the optimizer's state dict.
+    """
+    path = Path(directory) / OPTIMIZER_FILE
+    if not path.exists():
+        return False
+    state = {k.removeprefix("optimizer."): v for k, v in mx.load(str(path)).items()}
+    own = adapter_weights(model)
+    slots = {k: v for k, v in state.items() if k not in ("step", "learning_rate")}  # Adam: <param>.m / .v
+    if "step" not in state or {k.rpartition(".")[0] for k in slots} != set(own) or \
+            any(v.shape != own[k.rpartition(".")[0]].shape for k, v in slots.items()):
+        return False
+    optimizer.state = tree_unflatten(list(state.items()))
     return True

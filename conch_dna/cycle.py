@@ -163,6 +163,9 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
         established = (result.heldout_groups or {}).get("established")
         ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force,
                             established)
+        if ok:  # a version is an adapter, not a training run: its checkpoints (and Adam state) stay out
+            for checkpoint in candidate_dir.glob("checkpoint_*"):
+                discard(checkpoint)
         version = promote(home, domain, candidate_dir, reason) if ok else None
         if not ok:
             discard(candidate_dir)

@@ -157,12 +157,15 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
     resume = json.loads((home / "adapters_kd" / "memory" / ".resume.json").read_text())
     assert resume["iteration"] == 10
     assert (home / "adapters_kd" / "memory" / ".resume" / "adapters.safetensors").is_file()
+    assert (home / "adapters_kd" / "memory" / ".resume" / "optimizer.safetensors").is_file()  # Adam's moments
     assert current_version(home, "memory") is None
 
     second = retrain_domain(home, "memory", iters=30, force=True)
     assert second.status == "promoted"
     history = open_store(home, load_config(home)).runs("memory")[0]["history"]
     assert [h["iteration"] for h in history] == [20, 30]  # steps 1-10 were not done again
+    version = home / "adapters_kd" / "memory" / current_version(home, "memory")
+    assert (version / "adapters.safetensors").is_file() and not list(version.glob("checkpoint_*"))
     assert not (home / "adapters_kd" / "memory" / ".resume.json").exists()
 
 

@@ -222,3 +222,48 @@ def test_distill_all_writes_one_adapter_per_domain_and_a_summary(kit, tmp_path):
     assert [r["domain"] for r in summary] == ["memory"] == [r.domain for r in results]
     assert summary[0]["heldout_before"]["tokens"] > 0
     assert (tmp_path / "adapters_kd" / "memory" / "adapters.safetensors").is_file()
+
+
+def test_interrupted_and_resumed_training_ends_where_an_uninterrupted_one_does(distilled, tmp_path):
+    """Weights, Adam's moments, the LR schedule and the batch order all resume."""
+    from mlx_lm import load as load_student
+
+    from conch_dna.adapters import OPTIMIZER_FILE, adapter_weights, apply_lora, load_adapter_weights
+    from conch_dna.training.true_kd import TrainingInterrupted, train_kd
+
+    distiller, _, _, held = distilled
+    examples = distiller.teacher_examples("action", held, load_student(distiller.student_model_id)[1])
+    config = KDConfig(num_iters=12, learning_rate=2e-3, lora_rank=4, batch_size=2,
+                      steps_per_save=100, steps_per_report=4)
+
+    def fresh_model():
+        model, _ = load_student(distiller.student_model_id)
+        mx.random.seed(0)  # the same initial lora_a
+        return model, apply_lora(model, config.lora_layers, config.lora_rank, config.lora_scale,
+                                 config.lora_dropout)
+
+    model, adapter_config = fresh_model()
+    train_kd(model, examples, config, adapter_config)
+    straight = adapter_weights(model)
+
+    model, adapter_config = fresh_model()
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_kd(model, examples, config, adapter_config, tmp_path, should_stop=lambda: True)
+    assert stop.value.iteration == 1 and (stop.value.checkpoint / OPTIMIZER_FILE).is_file()
+    first = stop.value
+    steps = iter(range(100))
+    model, adapter_config = fresh_model()
+    load_adapter_weights(model, first.checkpoint)
+    with pytest.raises(TrainingInterrupted) as stop:  # resumed once, stopped again at step 5
+        train_kd(model, examples, config, adapter_config, tmp_path, should_stop=lambda: next(steps) == 3,
+                 resume=(first.checkpoint, first.iteration))
+    assert stop.value.iteration == 5
+    model, adapter_config = fresh_model()
+    load_adapter_weights(model, stop.value.checkpoint)
+    history = train_kd(model, examples, config, adapter_config, tmp_path,
+                       resume=(stop.value.checkpoint, stop.value.iteration))
+    assert [h["iteration"] for h in history] == [8, 12]
+    resumed = adapter_weights(model)
+    assert set(resumed) == set(straight)
+    for name in straight:
+        np.testing.assert_allclose(np.array(resumed[name]), np.array(straight[name]), rtol=1e-4, atol=1e-6)

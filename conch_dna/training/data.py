@@ -82,10 +82,11 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
 
 
 def iterate_kd_batches(examples: list[KDExample], batch_size: int, max_seq_length: int,
-                       seed: int = 0):
-    """Endless shuffled, padded KD batches."""
+                       seed: int = 0, skip: int = 0):
+    """Endless shuffled, padded KD batches; `skip` passes over the first ones (a resumed run)."""
     if not examples:
         raise ValueError("no training examples")
     rng = np.random.default_rng(seed)
-    for idx in _batch_order(len(examples), batch_size, rng):
-        yield collate([examples[i] for i in idx], max_seq_length)
+    for n, idx in enumerate(_batch_order(len(examples), batch_size, rng)):
+        if n >= skip:
+            yield collate([examples[i] for i in idx], max_seq_length)

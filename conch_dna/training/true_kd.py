@@ -21,7 +21,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from conch_dna.adapters import adapter_weights, apply_lora, load_adapter_weights, save_adapter
+from conch_dna.adapters import (
+    adapter_weights,
+    apply_lora,
+    load_adapter_weights,
+    load_optimizer_state,
+    save_adapter,
+    save_checkpoint,
+)
 from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
 from conch_dna.evaluation import heldout_metrics
 from conch_dna.fsutil import atomic_write_json
@@ -174,25 +181,28 @@ class TrainingInterrupted(Exception):
 
 def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
              checkpoint_dir: Path | None = None, on_report=None, should_stop=None,
-             start_iteration: int = 0) -> list[dict]:
+             resume: tuple[str | Path, int] | None = None) -> list[dict]:
     """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
 
     Every steps_per_report a report dict (iteration, kd, ce, combined, tokens/s) goes to the
-    history and to on_report; every steps_per_save the adapter is saved to checkpoint_<N>/.
-    When should_stop() turns true, the adapter is saved to checkpoint_<N>/ and
-    TrainingInterrupted is raised; start_iteration resumes the schedule from such a checkpoint.
+    history and to on_report; every steps_per_save a checkpoint goes to checkpoint_<N>/.
+    When should_stop() turns true, a checkpoint is saved and TrainingInterrupted is raised.
+    `resume` = (checkpoint dir, its step), with the checkpoint's weights already in `model`: the
+    optimizer state, learning-rate schedule and batch order go on from there, so a resumed run
+    ends where an uninterrupted one would (without LoRA dropout, whose masks differ).
     """
     mx.random.seed(config.seed)
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
+    start = resume[1] if resume else 0
+    if resume and not load_optimizer_state(optimizer, model, resume[0]):
+        optimizer.state["step"] = mx.array(start, dtype=mx.uint64)  # at least the schedule goes on
     step, state = make_kd_step(model, optimizer, config)
-    batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed)
+    batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed, skip=start)
 
     model.train()
     history: list[dict] = []
     sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
-    # the learning-rate schedule goes on where the checkpoint left it
-    optimizer.state["step"] = mx.array(start_iteration, dtype=mx.uint64)
-    for it in range(start_iteration + 1, config.num_iters + 1):
+    for it in range(start + 1, config.num_iters + 1):
         batch = next(batches)
         combined, kd, ce = step(*batch)
         mx.eval(state, combined, kd, ce)
@@ -207,12 +217,11 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
                 on_report(report)
             sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
         if checkpoint_dir and it % config.steps_per_save == 0 and it != config.num_iters:
-            save_adapter(checkpoint_dir / f"checkpoint_{it}", adapter_weights(model),
-                         adapter_config)
+            save_checkpoint(checkpoint_dir / f"checkpoint_{it}", model, optimizer, adapter_config)
         if should_stop and should_stop() and it != config.num_iters:
             path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir else None
             if path:
-                save_adapter(path, adapter_weights(model), adapter_config)
+                save_checkpoint(path, model, optimizer, adapter_config)
             model.eval()
             raise TrainingInterrupted(it, path)
     model.eval()
@@ -318,10 +327,10 @@ class TrueKnowledgeDistiller:
         groups = {name: self.teacher_examples(domain, items, tokenizer, should_stop)
                   for name, items in (heldout_groups or {}).items() if items}
         group_before = {name: heldout_metrics(model, ex) for name, ex in groups.items()}
-        start = 0
         if resume and load_adapter_weights(model, resume[0]):
-            start = resume[1]
-            self._say(f"{domain}: resuming from {resume[0]} at step {start}")
+            self._say(f"{domain}: resuming from {resume[0]} at step {resume[1]}")
+        else:
+            resume = None
         out = Path(adapter_dir or self.output_dir / "adapters_kd" / domain)
         adapter_config = {
             "model": self.student_model_id,
@@ -330,7 +339,7 @@ class TrueKnowledgeDistiller:
         }
         tic = time.perf_counter()
         history = self._train_with_progress(model, train, adapter_config, out, domain, on_report,
-                                            should_stop, start)
+                                            should_stop, resume)
         elapsed = time.perf_counter() - tic
         after = heldout_metrics(model, held) if held else None
         group_metrics = {name: {"before": group_before[name].as_dict(), "after": heldout_metrics(model, ex).as_dict()}
@@ -354,10 +363,10 @@ class TrueKnowledgeDistiller:
         return result
 
     def _train_with_progress(self, model, examples, adapter_config, out, domain, on_report,
-                             should_stop=None, start=0):
+                             should_stop=None, resume=None):
         if self.console is None:
             return train_kd(model, examples, self.config, adapter_config, out, on_report, should_stop,
-                            start)
+                            resume)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -372,7 +381,7 @@ class TrueKnowledgeDistiller:
                     on_report(r)
 
             return train_kd(model, examples, self.config, adapter_config, out, report, should_stop,
-                            start)
+                            resume)
 
     def distill_all(self, domains=None, heldout_fraction: float = 0.1) -> list[DistillResult]:
         """Distil every domain from DOMAIN_PROMPTS; writes <output-dir>/adapters_kd/kd_summary.json."""
