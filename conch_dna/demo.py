@@ -11,6 +11,7 @@ progress with its loss, decisions, and the version each agent call was served by
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -111,6 +112,10 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
     atomic_write_text(home / "config.toml", CONFIG)
     env = {**os.environ, "CONCH_HOME": str(home.resolve())}
     log = open_private(private_dir(home / "logs") / "daemon.log", "w")  # open for the daemon's whole life
+    # The agent side's log (swaps, refused versions, library noise at shutdown) goes to a file, not
+    # across the live view.
+    logging.basicConfig(stream=open_private(home / "logs" / "agent.log", "w"), level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     ego = Ego(home=home, top_k=32, max_tokens=128)

@@ -46,22 +46,20 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.8), dpi=100)
     labels = [f"{r['id']}" + (f"\n{r['version']}" if r["status"] == "promoted" else "") for r in measured]
     colours = ["#176317" if r["status"] == "promoted" else "#c05800" for r in measured]
+    xs = list(range(len(measured)))  # positions, labelled below: run ids as labels would read as numbers
     for ax, key, title in zip(axes, ("kl", "ce", "agreement"), ("held-out KL", "CE on teacher tokens", "top-1")):
-        ax.plot(labels, [r["current_metrics"][key] for r in measured], "s--", color="#888", label="current")
-        ax.scatter(labels, [r["candidate_metrics"][key] for r in measured], c=colours, zorder=3,
-                   label="candidate")
-        ax.set(title=title, xlabel="run")
-        ax.tick_params(axis="x", labelsize="small")
+        ax.plot(xs, [r["current_metrics"][key] for r in measured], "s--", color="#888", label="current")
+        ax.scatter(xs, [r["candidate_metrics"][key] for r in measured], c=colours, zorder=3, label="candidate")
+        ax.set(title=title, xlabel="run", xlim=(-0.5, len(xs) - 0.5))
+        ax.set_xticks(xs, labels, fontsize="small")
     # The gate's last rule: KL on the held-out traces the current version was validated on.
-    est = [(label, r) for label, r in zip(labels, measured) if "established" in r["current_metrics"]]
+    est = [(x, r) for x, r in zip(xs, measured) if "established" in r["current_metrics"]]
     if est:
-        xs = [label for label, _ in est]
-        axes[0].scatter(xs, [r["current_metrics"]["established"]["kl"] for _, r in est], marker="s",
-                        facecolors="none", edgecolors="#888", zorder=3,
+        axes[0].scatter([x for x, _ in est], [r["current_metrics"]["established"]["kl"] for _, r in est],
+                        marker="s", facecolors="none", edgecolors="#888", zorder=3,
                         label="current, on the held-out it was validated on")
-        axes[0].scatter(xs, [r["candidate_metrics"]["established"]["kl"] for _, r in est], marker="x",
-                        c=[colours[measured.index(r)] for _, r in est], zorder=3,
-                        label="candidate, on that held-out")
+        axes[0].scatter([x for x, _ in est], [r["candidate_metrics"]["established"]["kl"] for _, r in est],
+                        marker="x", c=[colours[x] for x, _ in est], zorder=3, label="candidate, on that held-out")
     fig.suptitle(f"{domain}: current vs candidate per run (green: promoted, orange: rejected)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
