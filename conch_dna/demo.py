@@ -35,7 +35,7 @@ DOMAINS = ("thinking", "action")
 # `action` ones; 54 and 60 land in the train split): enough for one retrain of each at threshold 40,
 # not two. Measured on `thinking` (held-out KL of one 80-step retrain from the base, 18 held-out
 # traces, base 0.746): 26 traces 0.854 (worse), 34 0.651, 40 0.615, 54 0.582.
-EGO_CALLS = 80
+EGO_PROMPTS = 80
 CONFIG = f"""teacher = "{TEACHER_PATH}"
 student = "{STUDENT_PATH}"
 domains = ["thinking", "action"]
@@ -121,8 +121,8 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
     ego = Ego(home=home, top_k=32, max_tokens=128)
     registry = NeuronRegistry(home, poll_seconds=0.5)
     view = DemoView(home, registry)
-    prompts = {d: corpus.prompts(d, EGO_CALLS, seed=500 + i) for i, d in enumerate(DOMAINS)}
-    ego_calls = max(len(p) for p in prompts.values())
+    prompts = {d: corpus.prompts(d, EGO_PROMPTS, seed=500 + i) for i, d in enumerate(DOMAINS)}
+    ego_rounds = max(len(p) for p in prompts.values())  # then the agent only calls the neurons
     try:
         with Live(view.render(), console=console, refresh_per_second=4) as live:
             def agent_round(i: int) -> None:
@@ -143,7 +143,7 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
                 if time.monotonic() - tic > budget_seconds * 0.7:
                     break
                 agent_round(i)
-                if i >= ego_calls:
+                if i >= ego_rounds:
                     time.sleep(1.0)  # leave the cores to the daemon's training
                 i += 1
             view.phase = "a broken teacher floods 'action' with noise answers"

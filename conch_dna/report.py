@@ -29,11 +29,12 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
-    recent = [r for r in runs if r["history"]][:RECENT_RUNS]
+    trained = [r for r in runs if r["history"]]
+    recent = trained[:RECENT_RUNS]
     for r in reversed(recent):
         xs = [h["iteration"] for h in r["history"]]
         ax.plot(xs, [h["combined"] for h in r["history"]], marker=".", label=f"run {r['id']} ({r['status']})")
-    shown = f"last {len(recent)} runs" if len(recent) < sum(bool(r["history"]) for r in runs) else "per run"
+    shown = f"last {len(recent)} runs" if len(recent) < len(trained) else "per run"
     ax.set(title=f"{domain}: training loss, {shown}", xlabel="step", ylabel="α·KD·T² + (1-α)·CE")
     if ax.lines:
         ax.legend(fontsize="small")
