@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean system-packages
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,16 +11,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
+# As root on Debian (as in CI) the system packages are installed here: OpenBLAS, which conch puts in
+# front of MLX's slow reference BLAS on Linux, and Chromium, in which the report's test draws the page.
+# Elsewhere conch runs without them (slower, and the browser test is skipped unless CI is set).
+system-packages:
+	@missing=""; \
+	  [ "$$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas && missing="libopenblas0-pthread"; \
+	  [ "$(WITH_CHROMIUM)" = 1 ] && ! command -v chromium >/dev/null 2>&1 && missing="$$missing chromium"; \
+	  [ -z "$$missing" ] && exit 0; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; } || \
+	    echo "make: could not install$$missing"; \
+	  else echo "make: not installed:$$missing (install them for a fast MLX on Linux and the browser test)"; fi
+
+demo: $(VENV)/.installed system-packages
 	$(VENV)/bin/conch demo
 
-# The report test draws the page in headless Chromium. As root on Debian (as in CI) it is installed here;
-# elsewhere without one that test is skipped, unless CI is set, where it fails.
 test: $(VENV)/.installed
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
-	  echo "make: no chromium here; the report's browser test will be skipped"
+	@$(MAKE) --no-print-directory system-packages WITH_CHROMIUM=1
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed

@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import sqlite_utils
-
 from conch_dna.ingest import ingest_file
 from conch_dna.kit import corpus
 from conch_dna.store import TraceStore
 from conch_dna.traces import record
+
+import sqlite_utils
 
 DOMAINS = list(corpus.GENERATORS)
 

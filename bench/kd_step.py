@@ -17,12 +17,6 @@ import statistics
 import tempfile
 import time
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx_lm.tuner.trainer import default_loss
-
 from conch_dna.adapters import apply_lora
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.models import load_model, output_vocab_size
@@ -30,6 +24,12 @@ from conch_dna.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.data import KDExample, collate, encode_chat
 from conch_dna.training.losses import compute_kd_loss, masked_mean
 from conch_dna.training.true_kd import KDConfig, make_kd_step
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm.tuner.trainer import default_loss
 
 
 def median_step_seconds(step, state, batch, warmup: int, repeats: int) -> float:

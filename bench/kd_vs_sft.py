@@ -17,11 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.optimizers as optim
-from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
-from mlx_lm.tuner.trainer import TrainingArgs, train
-
 from conch_dna.evaluation import heldout_metrics
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.training.distillation import DOMAIN_PROMPTS
@@ -33,6 +28,11 @@ from conch_dna.training.true_kd import (
     to_messages,
     train_kd,
 )
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+from mlx_lm.tuner.trainer import TrainingArgs, train
 
 
 def main() -> None:

@@ -19,13 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from conch_dna.kit import STUDENT_PATH
+from conch_dna.versions import promote
+
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm import generate, load
 from safetensors.numpy import save_file
 
-from conch_dna.kit import STUDENT_PATH
-from conch_dna.versions import promote
 from neurons import NeuronRegistry
 
 PROMPT = "Plan how to send the email."

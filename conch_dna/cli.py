@@ -18,6 +18,9 @@ kd_app = typer.Typer(help="Distillation: status, retrain, history, rollback.", n
 app.add_typer(kd_app, name="kd")
 daemon_app = typer.Typer(help="The background service.", no_args_is_help=True)
 app.add_typer(daemon_app, name="daemon")
+models_app = typer.Typer(help="Models: import a GGUF file, build the real teacher-student pair.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 def _fail(message: str) -> None:
@@ -60,9 +63,9 @@ def _print_json(data) -> None:
 @traces_app.command("import")
 def traces_import(files: list[Path] = typer.Argument(..., help="JSONL trace files")) -> None:
     """Ingest JSONL files into the trace store (the files are left in place)."""
-    from rich.progress import Progress
-
     from conch_dna.ingest import ingest_file
+
+    from rich.progress import Progress
 
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -156,6 +159,7 @@ def kd_status_data(home, config) -> dict:
 
     from conch_dna.cycle import open_store
     from conch_dna.versions import current_adapter_path, current_version
+
     from daemon.service import read_state
 
     store = open_store(home, config)
@@ -213,6 +217,7 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
                force: bool = typer.Option(False, help="promote even with too few held-out traces")) -> None:
     """Retrain a domain now: through the daemon when it runs, else here with a progress bar."""
     from conch_dna.cycle import retrain_domain
+
     from daemon.service import read_state, request_retrain
 
     home, config = _home_and_config()
@@ -325,6 +330,43 @@ def daemon_uninstall() -> None:
     from launchd.install import uninstall
 
     console.print(uninstall())
+
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Check this machine: MLX backend, BLAS speed, memory, models, disk, daemon; hints for problems."""
+    from conch_dna.doctor import run_checks
+
+    from daemon.service import read_state
+
+    home, config = _home_and_config()
+    checks = run_checks(home, config, read_state(home))
+    if as_json:
+        _print_json({"home": str(home), "ok": all(c.ok for c in checks),
+                     "checks": {c.name: c.as_dict() for c in checks}})
+        return
+    table = Table(title=f"conch doctor ({home})")
+    for col in ("check", "", "value", "hint"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/green]" if c.ok else "[yellow]![/yellow]", c.value, c.hint or "")
+    console.print(table)
+
+
+@models_app.command("import")
+def models_import(gguf: Path = typer.Argument(..., help="a .gguf file (llama or qwen2)"),
+                  output: Path = typer.Option(..., "--output", "-o", help="the model directory to write"),
+                  dtype: str = typer.Option("float32", help="float32, float16, or keep (stay quantized)")) -> None:
+    """Turn a GGUF file into an mlx-lm model directory that `mlx_lm.load` and config.toml accept."""
+    from conch_dna.gguf_import import GGUFImportError, import_gguf
+
+    try:
+        with console.status(f"importing {gguf.name}"):
+            out = import_gguf(gguf, output, dtype)
+    except (GGUFImportError, FileNotFoundError, FileExistsError) as exc:
+        _fail(str(exc))
+    console.print(f"{out}: load it with mlx_lm.load({str(out)!r}) or name it in config.toml")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from conch_dna.domains import DOMAINS, validate_domain_name
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -21,14 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-
 from conch_dna.config import load_config
 from conch_dna.cycle import open_store
 from conch_dna.fsutil import atomic_write_text, open_private, private_dir
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
 
 DOMAINS = ("thinking", "action")
 # The agent's tasks that need the EGO, per domain (the kit makes 72 distinct `thinking` prompts and 80
@@ -103,6 +103,7 @@ def _noise_lines(domain: str, n: int, seed: int) -> str:
 def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int:
     from conch_dna.ego import Ego
     from conch_dna.report import build_report
+
     from neurons import NeuronRegistry
 
     tic = time.monotonic()

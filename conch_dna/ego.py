@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.home import conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model, tokenizer_fingerprint
 from conch_dna.training.data import prompt_tokens
+
+import mlx.core as mx
+import numpy as np
 
 
 class Ego:

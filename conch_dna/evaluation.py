@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import mlx.core as mx
-
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import (
     forward_kl,
@@ -13,6 +11,8 @@ from conch_dna.training.losses import (
     student_bucket_logprobs,
     teacher_bucket_logprobs,
 )
+
+import mlx.core as mx
 
 
 @dataclass

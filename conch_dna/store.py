@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import sqlite_utils
-
 from conch_dna.domains import DOMAINS
 from conch_dna.fsutil import private_dir
 from conch_dna.traces import Trace
+
+import numpy as np
+import sqlite_utils
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000

@@ -13,14 +13,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import load_model
 from conch_dna.training.data import KDExample, encode_chat, prompt_tokens
 from conch_dna.training.losses import PAD_LOGPROB
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 
 class TeacherCache:

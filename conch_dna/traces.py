@@ -9,10 +9,10 @@ from datetime import datetime
 from functools import cached_property
 from typing import Literal
 
+from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import NotRequired, TypedDict
-
-from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
 
 MAX_LINE_BYTES = 1 << 20  # a trace line over 1 MiB is quarantined, not parsed
 

@@ -15,12 +15,12 @@ import threading
 import time
 from pathlib import Path
 
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
-
 from conch_dna.fsutil import private_dir
 from conch_dna.ingest import IngestReport, ingest_file
 from conch_dna.store import TraceStore
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"

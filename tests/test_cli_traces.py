@@ -2,9 +2,9 @@
 
 import json
 
-from typer.testing import CliRunner
-
 from conch_dna.cli import app
+
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

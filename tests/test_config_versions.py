@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from conch_dna.config import ConfigError, load_config, parse_config
 from conch_dna.versions import (
     current_adapter_path,
@@ -13,6 +11,8 @@ from conch_dna.versions import (
     read_manifest,
     rollback,
 )
+
+import pytest
 
 
 def test_defaults_and_overrides(tmp_path):

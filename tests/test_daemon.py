@@ -13,6 +13,7 @@ from conch_dna.config import load_config
 from conch_dna.cycle import open_store, retrain_domain
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.versions import current_version, list_versions, read_manifest
+
 from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,11 +171,11 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
 
 
 def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
-    from mlx_lm import load
-
     from conch_dna.models import tokenizer_fingerprint
     from conch_dna.teacher import TeacherCache, TeacherScorer
     from conch_dna.training.data import encode_chat
+
+    from mlx_lm import load
 
     _, tokenizer = load(STUDENT_PATH)
     chat = corpus.dialogues(1, seed=3, domains=["memory"])[0]

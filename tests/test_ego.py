@@ -1,7 +1,5 @@
 """EGO capture: the teacher's top-k per generated token, recorded with the trace, no second pass."""
 
-import numpy as np
-
 from conch_dna.config import load_config
 from conch_dna.cycle import open_store
 from conch_dna.ego import Ego
@@ -10,6 +8,8 @@ from conch_dna.models import tokenizer_fingerprint
 from conch_dna.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.data import encode_chat
 from conch_dna.training.losses import PAD_LOGPROB
+
+import numpy as np
 
 
 def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_path):

@@ -1,9 +1,9 @@
 import stat
 
-import pytest
-
 from conch_dna.domains import UnknownDomainError, check_domain, is_heldout, validate_domain_name
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
+
+import pytest
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conch_dna.store import TraceStore
 from conch_dna.traces import record
+
 from daemon.inbox import Inbox
 
 

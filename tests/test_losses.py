@@ -1,9 +1,5 @@
 """Each loss against an independent numpy reference written from its textbook definition."""
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from conch_dna.training.losses import (
     PAD_LOGPROB,
     VocabMismatchError,
@@ -15,6 +11,10 @@ from conch_dna.training.losses import (
     sparse_kd_loss,
     token_string_map,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 rng = np.random.default_rng(0)
 

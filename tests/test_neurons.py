@@ -8,11 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+from conch_dna.kit import STUDENT_PATH
+from conch_dna.versions import read_manifest
+
 import pytest
 from mlx_lm import generate, load
 
-from conch_dna.kit import STUDENT_PATH
-from conch_dna.versions import read_manifest
 from neurons import NeuronRegistry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,16 +7,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pytest
-from matplotlib import image as mpimg
-from typer.testing import CliRunner
-
 from conch_dna.cli import app
 from conch_dna.config import load_config
 from conch_dna.cycle import open_store, retrain_domain
 from conch_dna.ingest import ingest_bytes
 from conch_dna.report import build_report
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from typer.testing import CliRunner
+
 from tests.test_daemon import teacher_traces, write_config
 
 

@@ -5,13 +5,13 @@ import stat
 import tempfile
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from conch_dna.ingest import ingest_bytes
 from conch_dna.store import SCHEMA_VERSION, TraceStore
 from conch_dna.traces import TraceError, parse_trace_line, record
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def trace(domain="thinking", prompt="Why does ice float?", answer="Because it is less dense.", **extra):
@@ -137,9 +137,9 @@ def test_every_line_is_stored_duplicate_or_quarantined(lines, data):
 
 
 def test_a_version_1_database_is_migrated_on_open(tmp_path):
-    import sqlite_utils
-
     from conch_dna.store import _create_v1
+
+    import sqlite_utils
 
     path = tmp_path / "conch.db"
     db = sqlite_utils.Database(path)

@@ -3,11 +3,6 @@
 import json
 import stat
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx_lm import generate, load
-
 from conch_dna.evaluation import heldout_metrics
 from conch_dna.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.data import collate, encode_chat
@@ -18,6 +13,12 @@ from conch_dna.training.true_kd import (
     get_kd_adapter_path,
     split_prompts,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate, load
+
 from tests.conftest import run_module
 
 CHAT = [
@@ -226,10 +227,10 @@ def test_distill_all_writes_one_adapter_per_domain_and_a_summary(kit, tmp_path):
 
 def test_interrupted_and_resumed_training_ends_where_an_uninterrupted_one_does(distilled, tmp_path):
     """Weights, Adam's moments, the LR schedule and the batch order all resume."""
-    from mlx_lm import load as load_student
-
     from conch_dna.adapters import OPTIMIZER_FILE, adapter_weights, apply_lora, load_adapter_weights
     from conch_dna.training.true_kd import TrainingInterrupted, train_kd
+
+    from mlx_lm import load as load_student
 
     distiller, _, _, held = distilled
     examples = distiller.teacher_examples("action", held, load_student(distiller.student_model_id)[1])

@@ -18,6 +18,8 @@ import math
 import time
 from pathlib import Path
 
+from conch_dna.kit import corpus
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -25,8 +27,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.utils import save_config
-
-from conch_dna.kit import corpus
 
 KIT_DIR = Path(__file__).parent / "models"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conch_dna.training.losses import PAD_LOGPROB
+
 import mlx.core as mx
 import numpy as np
-
-from conch_dna.training.losses import PAD_LOGPROB
 
 
 @dataclass

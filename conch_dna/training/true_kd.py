@@ -17,10 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-
 from conch_dna.adapters import (
     adapter_weights,
     apply_lora,
@@ -54,6 +50,10 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     sparse_kd_from_logprobs,
     sparse_kd_loss,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 
 DEFAULT_TEACHER = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 DEFAULT_STUDENT = "mlx-community/Qwen2.5-3B-Instruct-4bit"
@@ -435,10 +435,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
     from conch_dna.domains import UnknownDomainError, check_domain
     from conch_dna.training.distillation import DOMAIN_PROMPTS
+
+    from rich.console import Console
 
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
