@@ -4,6 +4,8 @@ All steps run in one process on the same student, LoRA shape, batch and length:
   - KD with cached top-k targets: conch_dna's compiled training step (make_kd_step);
   - SFT: mlx-lm's default_loss (its trainer's loss) under the same compile pattern its trainer uses;
   - KD with an online teacher: a teacher forward pass inside every step, dense KL over the vocabulary.
+Then the peak memory (mx.get_peak_memory) of one KD step against one SFT step on a student with a
+Qwen2.5-sized vocabulary (--memory-vocab rows, random weights), where the loss dominates memory.
 
     python bench/kd_step.py                       # the tiny kit
     python bench/kd_step.py --teacher mlx-community/Qwen2.5-7B-Instruct-4bit \\
@@ -29,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import default_loss
 
 
@@ -64,6 +67,50 @@ def compiled(model, loss_fn):
     return mx.compile(step, inputs=state, outputs=state), state
 
 
+def random_student(vocab: int):
+    """A small llama body under a `vocab`-row embedding and output layer, LoRA on both blocks."""
+    mx.random.seed(0)
+    args = llama.ModelArgs.from_dict(dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=192, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab, tie_word_embeddings=True))
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    apply_lora(model, 2, 8, 20.0, 0.0)
+    model.train()
+    return model
+
+
+def step_peak_mb(step, state, batch) -> float:
+    """Peak MLX memory of one step beyond what was resident before it, in MB (after one warm-up)."""
+    mx.eval(state, step(*batch))
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    resident = mx.get_active_memory()
+    mx.eval(state, step(*batch))
+    mx.synchronize()
+    return (mx.get_peak_memory() - resident) / 2**20
+
+
+def peak_memory(vocab: int, batch_size: int, length: int, k: int) -> tuple[float, float]:
+    """(KD step peak, SFT step peak) in MB at a `vocab`-row vocabulary, batch_size x length tokens."""
+    inputs = mx.random.randint(0, vocab, (batch_size, length))
+    targets = mx.random.randint(0, vocab, (batch_size, length))
+    ids = mx.random.randint(0, vocab, (batch_size, length, k)).astype(mx.int32)
+    logprobs = mx.log(mx.softmax(mx.random.normal((batch_size, length, k)), axis=-1)) - 0.5
+    mask = mx.ones((batch_size, length))
+    full = mx.concatenate([inputs, targets[:, -1:]], axis=1)
+    lengths = mx.array([[1, length]] * batch_size)
+    config = KDConfig(top_k=k, lora_layers=2, lora_rank=8)
+    model = random_student(vocab)
+    kd = step_peak_mb(*make_kd_step(model, optim.Adam(learning_rate=1e-5), config),
+                      (inputs, targets, mask, ids, logprobs))
+    del model
+    sft_model = random_student(vocab)
+    sft = step_peak_mb(*compiled(sft_model, default_loss), (full, lengths))
+    return kd, sft
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=TEACHER_PATH)
@@ -72,6 +119,9 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128, help="tokens per sequence")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--memory-vocab", type=int, default=151936,
+                   help="vocabulary rows of the peak-memory comparison (Qwen2.5-3B: 151936; 0 skips it)")
+    p.add_argument("--memory-length", type=int, default=256, help="tokens per sequence there")
     args = p.parse_args()
     config = KDConfig(top_k=args.top_k, batch_size=args.batch_size)
 
@@ -129,6 +179,12 @@ def main() -> None:
     print(f"kd online / sft ratio: {runs['kd, online teacher'] / sft:.3f}")
     print(f"teacher cache: {cache_bytes} bytes for {answer_tokens} answer tokens = "
           f"{cache_bytes / answer_tokens:.1f} bytes/token at k={args.top_k} (target <= 400)")
+    if args.memory_vocab:
+        kd_mb, sft_mb = peak_memory(args.memory_vocab, args.batch_size, args.memory_length, args.top_k)
+        logits_mb = args.batch_size * args.memory_length * args.memory_vocab * 4 / 2**20
+        print(f"peak memory at a {args.memory_vocab}-row vocabulary, batch {args.batch_size} x "
+              f"{args.memory_length} (one float32 logits array: {logits_mb:.0f} MB): "
+              f"kd {kd_mb:.0f} MB, sft {sft_mb:.0f} MB, kd/sft ratio {kd_mb / sft_mb:.2f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import (
     forward_kl,
     log_softmax,
-    student_bucket_logprobs,
+    student_buckets,
     teacher_bucket_logprobs,
 )
 
@@ -36,7 +36,9 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
         inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size],
                                                        max_seq_length)
         logp = log_softmax(model(inputs).astype(mx.float32))
-        kl = forward_kl(teacher_bucket_logprobs(logprobs), student_bucket_logprobs(logp, ids))
+        student_topk = mx.take_along_axis(logp, ids, axis=-1)
+        # padded top-k entries are left out here exactly as training leaves them out
+        kl = forward_kl(teacher_bucket_logprobs(logprobs), student_buckets(student_topk, logprobs))
         ce = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         agree = (mx.argmax(logp, axis=-1) == ids[..., 0]).astype(mx.float32)
         sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]

@@ -168,3 +168,22 @@ def test_token_map_strategy_gathers_teacher_logits_by_token_string():
     assert aligned[0, 2].item() < -20
     with pytest.raises(ValueError, match="unknown strategy 'project'"):
         align_vocab_sizes(t, t, "project")
+
+
+def test_training_loss_is_the_alpha_mix_of_sparse_kd_and_ce_on_answer_tokens():
+    """kd_loss (the training step's loss) = α·sparse KD + (1-α)·CE, each over the masked tokens only."""
+    from conch_dna.training.true_kd import kd_loss
+
+    s = mx.array(logits(2, 6, 40))
+    t = logits(2, 6, 40)
+    order = np.argsort(-t, axis=-1)[..., :5]
+    ids = mx.array(order.astype(np.int32))
+    lps = mx.array(np.take_along_axis(np.log(np_softmax(t)), order, axis=-1))
+    targets = mx.array(rng.integers(0, 40, (2, 6)).astype(np.int32))
+    mask = mx.array(np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.float32))
+    combined, kd, ce = kd_loss(lambda _: s, None, targets, mask, ids, lps, temperature=2.0, alpha=0.3)
+    want_kd = sparse_kd_loss(s, ids, lps, 2.0, mask)
+    want_ce = compute_ce_loss(s, mx.where(mask > 0, targets, -100))
+    np.testing.assert_allclose(kd.item(), want_kd.item(), rtol=1e-5)
+    np.testing.assert_allclose(ce.item(), want_ce.item(), rtol=1e-5)
+    np.testing.assert_allclose(combined.item(), 0.3 * want_kd.item() + 0.7 * want_ce.item(), rtol=1e-5)

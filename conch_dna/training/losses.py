@@ -20,7 +20,7 @@ ALIGN_STRATEGIES = ("truncate", "token_map")
 _LOG_FLOOR = -13.8  # log(1e-6)
 # A top-k entry the teacher gives no mass: padding of a capture narrower than k, or an id the
 # student cannot emit. Such entries are left out of the student's buckets too (see
-# student_bucket_logprobs), so padding changes nothing.
+# student_buckets), so padding changes nothing.
 PAD_LOGPROB = -30.0
 
 
@@ -118,25 +118,33 @@ def teacher_bucket_logprobs(topk_logprobs: mx.array) -> mx.array:
     return with_tail_bucket(topk_logprobs)
 
 
-def student_bucket_logprobs(student_logp: mx.array, topk_ids: mx.array,
-                            topk_logprobs: mx.array | None = None) -> mx.array:
-    """The student's log-probs (log_softmax output) at the teacher's top-k ids, as k + 1 buckets.
+def student_topk_logprobs(student_logits: mx.array, topk_ids: mx.array) -> mx.array:
+    """The student's log-probs at the teacher's top-k ids, [..., k], from its logits.
+
+    Only a logsumexp runs over the vocabulary: no [..., vocab] log-softmax is kept for the backward
+    pass, so the KD step's peak memory stays that of a plain CE step at Qwen-sized vocabularies.
+    """
+    logits = student_logits.astype(mx.float32)
+    return mx.take_along_axis(logits, topk_ids, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def student_buckets(student_topk: mx.array, topk_logprobs: mx.array | None = None) -> mx.array:
+    """The student's top-k log-probs as k + 1 buckets, like the teacher's.
 
     Entries the teacher marks as padding (PAD_LOGPROB) get no student mass either, so a padded
     id (0, repeated) is not counted into the student's top-k, which would shrink its tail.
     """
-    gathered = mx.take_along_axis(student_logp, topk_ids, axis=-1)
     if topk_logprobs is not None:
-        gathered = mx.where(topk_logprobs <= PAD_LOGPROB, PAD_LOGPROB, gathered)
-    return with_tail_bucket(gathered)
+        student_topk = mx.where(topk_logprobs <= PAD_LOGPROB, PAD_LOGPROB, student_topk)
+    return with_tail_bucket(student_topk)
 
 
-def sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature=2.0, mask=None,
-                            kind="forward_kl", beta=0.5) -> mx.array:
-    """sparse_kd_loss for a caller that already has the student's log_softmax (the training step
-    shares it with the CE term, so the vocabulary is normalised once)."""
+def sparse_kd_from_topk(student_topk, topk_logprobs, temperature=2.0, mask=None, kind="forward_kl",
+                        beta=0.5) -> mx.array:
+    """sparse_kd_loss for a caller that already has the student's top-k log-probs (the training
+    step shares its logsumexp with the CE term, so the vocabulary is reduced once)."""
     t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
-    s = log_softmax(student_bucket_logprobs(student_logp, topk_ids, topk_logprobs) / temperature)
+    s = log_softmax(student_buckets(student_topk, topk_logprobs) / temperature)
     return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
 
 
@@ -155,9 +163,8 @@ def sparse_kd_loss(
     "everything else"), then both are softened by T. With k equal to the vocabulary this is the
     dense loss; with k = 64 it keeps the signal while the cache stays a few hundred bytes a token.
     """
-    student_logp = log_softmax(student_logits.astype(mx.float32))
-    return sparse_kd_from_logprobs(student_logp, topk_ids, topk_logprobs, temperature, mask, kind,
-                                   beta)
+    student_topk = student_topk_logprobs(student_logits, topk_ids)
+    return sparse_kd_from_topk(student_topk, topk_logprobs, temperature, mask, kind, beta)
 
 
 def align_vocab_sizes(

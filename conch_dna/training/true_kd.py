@@ -47,8 +47,9 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     compute_kd_loss,
     log_softmax,
     masked_mean,
-    sparse_kd_from_logprobs,
+    sparse_kd_from_topk,
     sparse_kd_loss,
+    student_topk_logprobs,
 )
 
 import mlx.core as mx
@@ -137,9 +138,11 @@ def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Pa
 def kd_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, *, temperature, alpha,
             kind="forward_kl", beta=0.5):
     """α·KD·T² + (1-α)·CE over the answer tokens; returns (combined, kd, ce)."""
-    logp = log_softmax(model(inputs).astype(mx.float32))
-    kd = sparse_kd_from_logprobs(logp, topk_ids, topk_logprobs, temperature, mask, kind, beta)
-    ce = masked_mean(-mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], mask)
+    # One gather for the top-k ids and the target: each gather's backward is a [..., vocab] scatter.
+    ids = mx.concatenate([topk_ids, targets[..., None]], axis=-1)
+    gathered = student_topk_logprobs(model(inputs), ids)
+    kd = sparse_kd_from_topk(gathered[..., :-1], topk_logprobs, temperature, mask, kind, beta)
+    ce = masked_mean(-gathered[..., -1], mask)
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
