@@ -1,0 +1,62 @@
+"""The whole loop on the real pair: SmolLM2-135M-Instruct (imported from its GGUF) teaches its cut.
+
+EGO calls record traces with captured top-k, one retrain distils a few steps, the gate promotes,
+and `neurons.get` answers from the new version, as a plain `mlx_lm.load(adapter_path=...)` does.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conch_dna.config import load_config
+from conch_dna.cycle import open_store, retrain_domain
+from conch_dna.ego import Ego
+from conch_dna.versions import current_adapter_path
+
+from mlx_lm import generate, load
+
+from neurons import NeuronRegistry
+
+COUNTRIES = ["France", "Italy", "Spain", "Germany", "Japan", "Egypt", "Canada", "Brazil", "Kenya", "Norway",
+             "Greece", "Peru", "India", "Chile"]
+QUESTION = "What is the capital of {}? Answer in one short sentence."
+
+
+def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_home):
+    conch_home.mkdir(mode=0o700)
+    (conch_home / "config.toml").write_text(
+        f'teacher = "{real_pair.teacher}"\nstudent = "{real_pair.student}"\nheldout_fraction = 0.3\n'
+        "min_heldout = 2\n[kd]\nnum_iters = 4\nbatch_size = 4\nlearning_rate = 5e-4\nlora_layers = 15\n"
+        "lora_rank = 8\nmax_answer_tokens = 48\nsteps_per_report = 1\n")
+    config = load_config(conch_home)
+    ego = Ego(home=conch_home, max_tokens=48)
+    try:
+        answers = [ego.generate("task", [{"role": "user", "content": QUESTION.format(c)}]) for c in COUNTRIES]
+    finally:
+        ego.close()
+    assert "Paris" in answers[0]
+    counts = open_store(conch_home, config).counts("task")
+    assert counts.train + counts.heldout == len(COUNTRIES) and counts.heldout >= 2
+
+    result = retrain_domain(conch_home, "task", config)
+    assert result.status == "promoted", result.reason
+    assert result.candidate_metrics["kl"] < 0.98 * result.current_metrics["kl"]
+    version_dir = current_adapter_path(conch_home, "task")
+    metrics = json.loads((version_dir / "kd_metrics.json").read_text())
+    assert metrics["teacher_forward_passes"] == 0  # every trace's captured top-k was used
+
+    prompt = [{"role": "user", "content": QUESTION.format("Portugal")}]
+    registry = NeuronRegistry(conch_home, watch=False)
+    try:
+        neuron = registry.get("task")
+        assert neuron.version == result.version == "v0001"
+        served = neuron.generate(prompt, max_tokens=16)
+    finally:
+        registry.close()
+    model, tokenizer = load(str(real_pair.student), adapter_path=str(version_dir))
+    expected = generate(model, tokenizer, prompt=tokenizer.apply_chat_template(prompt, add_generation_prompt=True),
+                        max_tokens=16)
+    base, _ = load(str(real_pair.student))
+    before = generate(base, tokenizer, prompt=tokenizer.apply_chat_template(prompt, add_generation_prompt=True),
+                      max_tokens=16)
+    assert served == expected and served != before
