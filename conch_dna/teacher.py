@@ -168,17 +168,26 @@ class TeacherScorer:
         """
         tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
         captured = _fit_topk(topk, fingerprint, tokens[offset:], self.top_k, self.vocab_limit)
-        ids, logprobs = captured if captured else self.targets(tokens, offset)
+        if captured:  # a capture cut short by max_tokens covers a prefix: the example ends with it
+            ids, logprobs = captured
+            tokens = tokens[: offset + len(ids)]
+        else:
+            ids, logprobs = self.targets(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
 
 
 # Rows a capture may lack: the chat template's own text after the answer's EOS (ChatML's "\n").
-# A capture cut short by max_tokens lacks the EOS row too, and must not be told "EOS, certain" there.
+# A capture cut short by max_tokens lacks the EOS row too: its example ends at the last captured
+# token, so the student is never told "EOS, certain" where the teacher went on.
 _TEMPLATE_TAIL = 1
+_CUT = _TEMPLATE_TAIL + 1
 
 
 def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int, vocab_limit: int | None = None):
     """Captured top-k as (ids, logprobs) of width k, or None if it does not fit this chat.
+
+    The rows returned cover every answer token, or, for a capture cut short by max_tokens (no EOS
+    row and no template tail), the answer's first rows: the caller trains on that prefix.
 
     A capture fits when it was made with this tokenizer and row i holds answer token i (so a
     re-tokenised answer that differs from the generated tokens is caught). The row for the chat
@@ -192,14 +201,14 @@ def _fit_topk(topk: dict | None, fingerprint: str | None, answer_tokens, k: int,
     lps = np.asarray(topk["logprobs"], np.float16)
     answer_tokens = np.asarray(answer_tokens, np.int32)
     n, rows = len(answer_tokens), ids.shape[0] if ids.ndim == 2 else -1
-    if ids.ndim != 2 or not 0 <= n - rows <= _TEMPLATE_TAIL:
+    if ids.ndim != 2 or rows == 0 or not 0 <= n - rows <= _CUT:
         return None
     if vocab_limit is not None:  # the teacher's padded rows (7B's 152064 vs 151936): mass to the tail
         outside = ids >= vocab_limit
         ids, lps = np.where(outside, 0, ids), np.where(outside, PAD_LOGPROB, lps).astype(np.float16)
     if not (ids == answer_tokens[:rows, None]).any(axis=1).all():
         return None
-    if rows < n:
+    if 0 < n - rows <= _TEMPLATE_TAIL:
         tail_ids = np.zeros((n - rows, ids.shape[1]), np.int32)
         tail_ids[:, 0] = answer_tokens[rows:]
         tail_lps = np.full((n - rows, ids.shape[1]), PAD_LOGPROB, np.float16)

@@ -50,3 +50,26 @@ def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_
     assert example.topk_ids.max() < len(ego.tokenizer)
     assert (example.topk_logprobs[:rows, -1] == PAD_LOGPROB).all()
     ego.close()
+
+
+def test_a_capture_cut_short_by_max_tokens_trains_on_its_prefix_without_a_teacher_pass(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\nstudent = "{STUDENT_PATH}"\n')
+    ego = Ego(home=home, top_k=16, max_tokens=5)
+    ego.generate("memory", [{"role": "user", "content": "Remember that Ada likes chess."}])
+    ego.close()
+    store = open_store(home, load_config(home))
+    (trace,) = store.traces_of("memory", "train") + store.traces_of("memory", "heldout")
+    assert len(trace["topk"]["token_ids"]) == 5
+    scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache"), top_k=16, vocab_limit=len(ego.tokenizer))
+    example = scorer.example(trace["messages"], ego.tokenizer, trace["topk"], ego.fingerprint)
+    assert scorer.forward_passes == 0
+    full, offset = encode_chat(ego.tokenizer, trace["messages"])
+    # the example stops at the last generated token: no end-of-turn the teacher never wrote
+    assert example.tokens.tolist() == full[: offset + 5] and example.offset == offset
+    assert (example.topk_ids[:, 0] == trace["topk"]["token_ids"][:, 0]).all()
+    # a capture shorter than that (a cut in the middle of the answer) is not trusted
+    short = {**trace["topk"], "token_ids": trace["topk"]["token_ids"][:3], "logprobs": trace["topk"]["logprobs"][:3]}
+    scorer.example(trace["messages"], ego.tokenizer, short, ego.fingerprint)
+    assert scorer.forward_passes == 1

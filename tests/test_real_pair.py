@@ -60,3 +60,23 @@ def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_
     before = generate(base, tokenizer, prompt=tokenizer.apply_chat_template(prompt, add_generation_prompt=True),
                       max_tokens=16)
     assert served == expected and served != before
+
+
+def test_answer_mask_covers_exactly_the_assistant_turn_with_the_real_chat_template(real_pair):
+    from conch_dna.training.data import KDExample, collate, encode_chat
+
+    import numpy as np
+
+    _, tokenizer = load(str(real_pair.teacher))
+    for chat in ([{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7 is prime."}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And 2+2?"},
+                  {"role": "assistant", "content": "2 + 2 = 4, naïvely."}]):
+        tokens, offset = encode_chat(tokenizer, chat)
+        n = len(tokens) - offset
+        rows = (np.zeros((n, 4), np.int32), np.zeros((n, 4), np.float16))
+        example = KDExample(np.array(tokens, np.int32), offset, *rows)
+        _, targets, mask, _, _ = collate([example], 256)
+        counted = np.array(targets)[0][np.array(mask)[0] > 0].tolist()
+        assert tokenizer.decode(counted) == chat[-1]["content"] + "<|im_end|>\n"
+        assert counted == tokens[offset:]
