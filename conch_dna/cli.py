@@ -369,5 +369,25 @@ def models_import(gguf: Path = typer.Argument(..., help="a .gguf file (llama or 
     console.print(f"{out}: load it with mlx_lm.load({str(out)!r}) or name it in config.toml")
 
 
+
+@models_app.command("pair")
+def models_pair(output: Path = typer.Option(None, "--output", "-o",
+                                            help="folder for teacher/ and student/ (default: "
+                                                 "$CONCH_HOME/models/smollm2)"),
+                student_layers: int = typer.Option(None, help="blocks the student keeps of the teacher's 30")) -> None:
+    """Build the real pair: SmolLM2-135M-Instruct (from the PyPI wheel's GGUF) and a shallower student."""
+    from conch_dna.home import conch_home
+    from conch_dna.realpair import STUDENT_LAYERS, PairBuildError, build_pair
+
+    out = output or conch_home() / "models" / "smollm2"
+    try:
+        with console.status("building the SmolLM2 teacher and student (downloads ~93 MB once)"):
+            teacher, student = build_pair(out, student_layers or STUDENT_LAYERS)
+    except (PairBuildError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"teacher: {teacher}\nstudent: {student}\nin config.toml:\n"
+                  f'  teacher = "{teacher}"\n  student = "{student}"')
+
+
 if __name__ == "__main__":
     app()

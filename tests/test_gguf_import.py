@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conch_dna.gguf_import import GGUFImportError, import_gguf, read_tensor_infos
 from conch_dna.kit import TEACHER_PATH
@@ -173,3 +174,19 @@ def test_real_gguf_answers_as_smollm2_does(real_pair, tmp_path):
     config = json.loads((quantized / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["model.embed_tokens"]["bits"] == 8
     assert {t.type_name for t in read_tensor_infos(real_pair.gguf)} == {"Q4_1", "Q8_0", "F32"}
+
+
+def test_student_cut_keeps_evenly_spaced_blocks_and_loads(tmp_path):
+    from conch_dna.realpair import cut_layers, kept_layers
+
+    assert kept_layers(30, 15) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    assert kept_layers(3, 2) == [0, 2] and kept_layers(5, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="between 1 and 30"):
+        kept_layers(30, 31)
+    student = cut_layers(Path(TEACHER_PATH), tmp_path / "student", 2)
+    model, _ = load(str(student))
+    teacher, _ = load(TEACHER_PATH)
+    assert len(model.layers) == 2
+    np.testing.assert_array_equal(np.array(model.layers[1].mlp.up_proj.weight),
+                                  np.array(teacher.layers[2].mlp.up_proj.weight))
+    assert model(PROBE).shape == teacher(PROBE).shape
