@@ -146,11 +146,13 @@ def traces_export(domain: str = typer.Option(..., help="the domain to export"),
 
 
 @app.command()
-def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (emptied first)")) -> None:
-    """The whole loop, live, on the tiny kit: EGO traces, daemon retrains, neurons hot-swap."""
-    from conch_dna.demo import run_demo
+def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (emptied first)"),
+         real: bool = typer.Option(False, "--real", help="SmolLM2-135M-Instruct and its cut instead of the kit "
+                                                          "(built on first use; several minutes)")) -> None:
+    """The whole loop, live: EGO traces, daemon retrains, neurons hot-swap (the tiny kit, or --real)."""
+    from conch_dna.demo import kit_setup, real_setup, run_demo
 
-    raise typer.Exit(run_demo(home, console))
+    raise typer.Exit(run_demo(home, console, real_setup() if real else kit_setup()))
 
 
 def kd_status_data(home, config) -> dict:

@@ -1,4 +1,4 @@
-"""`conch demo`: the whole loop, live, on the project's tiny models.
+"""`conch demo`: the whole loop, live, on the project's tiny models (or, with --real, on SmolLM2).
 
 A real daemon process watches a fresh demo home. In this process a simulated agent calls the EGO
 (the kit's teacher, capturing top-k for every trace) for two domains and calls
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.config import load_config
@@ -31,26 +32,56 @@ from rich.live import Live
 from rich.table import Table
 
 DOMAINS = ("thinking", "action")
-# The agent's tasks that need the EGO, per domain (the kit makes 72 distinct `thinking` prompts and 80
-# `action` ones; 54 and 60 land in the train split): enough for one retrain of each at threshold 40,
-# not two. Measured on `thinking` (held-out KL of one 80-step retrain from the base, 18 held-out
-# traces, base 0.746): 26 traces 0.854 (worse), 34 0.651, 40 0.615, 54 0.582.
-EGO_PROMPTS = 80
-CONFIG = f"""teacher = "{TEACHER_PATH}"
-student = "{STUDENT_PATH}"
-domains = ["thinking", "action"]
-retrain_threshold = 40
-check_minutes = 0.05
-heldout_fraction = 0.25
-min_heldout = 4
-replay_count = 8
-[kd]
-num_iters = 80
-learning_rate = 1e-3
-lora_rank = 8
-max_answer_tokens = 64
-steps_per_report = 10
-"""
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    """What a demo runs on: the pair, the daemon's config, and the agent's EGO workload."""
+
+    name: str
+    config: str  # config.toml of the demo home
+    ego_prompts: int  # distinct prompts per domain the agent asks the EGO
+    ego_max_tokens: int
+    neuron_max_tokens: int
+    noise_traces: int
+    budget_seconds: float
+
+
+def demo_config(teacher: str, student: str, top: dict, kd: dict) -> str:
+    """config.toml of a demo home: the pair, the two domains, a check every 3 s, `top` and `[kd]` settings."""
+    top = {"teacher": teacher, "student": student, "domains": list(DOMAINS), "check_minutes": 0.05,
+           "heldout_fraction": 0.25, **top}
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in top.items()) + "[kd]\n" + \
+        "".join(f"{k} = {json.dumps(v)}\n" for k, v in kd.items())
+
+
+def kit_setup() -> DemoSetup:
+    # The kit makes 72 distinct `thinking` prompts and 80 `action` ones; 54 and 60 land in the train
+    # split: enough for one retrain of each at threshold 40, not two. Measured on `thinking` (held-out
+    # KL of one 80-step retrain from the base, 18 held-out traces, base 0.746): 26 traces 0.854
+    # (worse), 34 0.651, 40 0.615, 54 0.582.
+    config = demo_config(TEACHER_PATH, STUDENT_PATH, {"retrain_threshold": 40, "min_heldout": 4, "replay_count": 8},
+                         {"num_iters": 80, "learning_rate": 1e-3, "lora_rank": 8, "max_answer_tokens": 64,
+                          "steps_per_report": 10})
+    return DemoSetup("the tiny kit", config, ego_prompts=80, ego_max_tokens=128, neuron_max_tokens=24,
+                     noise_traces=60, budget_seconds=170.0)
+
+
+def real_setup() -> DemoSetup:
+    """SmolLM2-135M-Instruct teaching its 15-layer cut: real answers a person can read change.
+
+    The EGO writes ~10 tokens/s here, so the workload is small: 16 prompts a domain, answers of at most
+    48 tokens, a retrain at 10 new traces, 30 KD steps (held-out KL ~10.8 -> ~2.5 in the pilot).
+    """
+    from conch_dna.realpair import build_pair
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "conch" / "smollm2"
+    teacher, student = (str(p) for p in build_pair(cache))
+    config = demo_config(teacher, student, {"retrain_threshold": 10, "min_heldout": 3, "replay_count": 4},
+                         {"num_iters": 30, "learning_rate": 3e-4, "lora_rank": 16, "lora_layers": 15,
+                          "max_answer_tokens": 48, "steps_per_report": 5})
+    return DemoSetup("SmolLM2-135M-Instruct -> its 15-layer cut", config, ego_prompts=16, ego_max_tokens=48,
+                     neuron_max_tokens=32, noise_traces=16, budget_seconds=1500.0)
 
 
 class DemoView:
@@ -100,17 +131,19 @@ def _noise_lines(domain: str, n: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int:
+def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> int:
     from conch_dna.ego import Ego
     from conch_dna.report import build_report
 
     from neurons import NeuronRegistry
 
+    setup = setup or kit_setup()
+    budget_seconds = setup.budget_seconds
     tic = time.monotonic()
     if home.exists():
         shutil.rmtree(home)
     private_dir(home)
-    atomic_write_text(home / "config.toml", CONFIG)
+    atomic_write_text(home / "config.toml", setup.config)
     env = {**os.environ, "CONCH_HOME": str(home.resolve())}
     log = open_private(private_dir(home / "logs") / "daemon.log", "w")  # open for the daemon's whole life
     # The agent side's log (swaps, refused versions, library noise at shutdown) goes to a file, not
@@ -119,10 +152,10 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
-    ego = Ego(home=home, top_k=32, max_tokens=128)
+    ego = Ego(home=home, top_k=32, max_tokens=setup.ego_max_tokens)
     registry = NeuronRegistry(home, poll_seconds=0.5)
     view = DemoView(home, registry)
-    prompts = {d: corpus.prompts(d, EGO_PROMPTS, seed=500 + i) for i, d in enumerate(DOMAINS)}
+    prompts = {d: corpus.prompts(d, setup.ego_prompts, seed=500 + i) for i, d in enumerate(DOMAINS)}
     ego_rounds = max(len(p) for p in prompts.values())  # then the agent only calls the neurons
     try:
         with Live(view.render(), console=console, refresh_per_second=4) as live:
@@ -134,11 +167,12 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
                     if i < len(prompts[d]):
                         ego.generate(d, chat)
                     neuron = registry.get(d)
-                    answer = neuron.generate(chat, max_tokens=24)
+                    answer = neuron.generate(chat, max_tokens=setup.neuron_max_tokens)
                     view.calls.append((d, neuron.served_version, answer))
                 live.update(view.render())
 
-            view.phase = "the agent calls the EGO and the neurons; the daemon retrains when enough is new"
+            view.phase = (f"{setup.name}: the agent calls the EGO and the neurons; "
+                          "the daemon retrains when enough is new")
             i = 0
             while not all(registry.next_version(d) != "base" for d in DOMAINS):
                 if time.monotonic() - tic > budget_seconds * 0.7:
@@ -150,7 +184,7 @@ def run_demo(home: Path, console: Console, budget_seconds: float = 170.0) -> int
             view.phase = "a broken teacher floods 'action' with noise answers"
             runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
             inbox = private_dir(home / "inbox")
-            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", 60, seed=9))
+            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", setup.noise_traces, seed=9))
             while time.monotonic() - tic < budget_seconds:
                 runs = open_store(home, load_config(home)).runs("action", limit=100)
                 if len(runs) > runs_before and runs[0]["status"] != "running":
