@@ -155,41 +155,11 @@ def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (e
     raise typer.Exit(run_demo(home, console, real_setup() if real else kit_setup()))
 
 
-def kd_status_data(home, config) -> dict:
-    """What `conch kd status --json` prints: per domain counts, version, metrics, last run; the daemon."""
-    import json as _json
-
-    from conch_dna.cycle import open_store
-    from conch_dna.versions import current_adapter_path, current_version
-
-    from daemon.service import read_state
-
-    store = open_store(home, config)
-    state = read_state(home)
-    domains = []
-    for c in store.stats():
-        path = current_adapter_path(home, c.domain)
-        metrics = None
-        if path and (path / "kd_metrics.json").exists():
-            metrics = _json.loads((path / "kd_metrics.json").read_text()).get("heldout_after")
-        runs = store.runs(c.domain, limit=1)
-        last = runs[0] if runs else None
-        domains.append({
-            "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
-            "threshold": config.threshold(c.domain), "version": current_version(home, c.domain) or "base",
-            "metrics": metrics,
-            "last_run": {k: last[k] for k in ("id", "status", "reason", "started_at", "finished_at", "version")}
-            if last else None,
-        })
-    return {"home": str(home), "daemon": {"running": state is not None, "pid": state and state["pid"],
-                                          "next_check": state and state.get("next_check"),
-                                          "training": state and state.get("running")},
-            "domains": domains}
-
-
 @kd_app.command("status")
 def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per domain: traces against the threshold, current version and its metrics, the last run."""
+    from conch_dna.status import kd_status_data
+
     home, config = _home_and_config()
     data = kd_status_data(home, config)
     if as_json:
@@ -219,8 +189,9 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
                force: bool = typer.Option(False, help="promote even with too few held-out traces")) -> None:
     """Retrain a domain now: through the daemon when it runs, else here with a progress bar."""
     from conch_dna.cycle import retrain_domain
+    from conch_dna.status import read_state
 
-    from daemon.service import read_state, request_retrain
+    from daemon.service import request_retrain
 
     home, config = _home_and_config()
     domain = _checked_domain(domain, config)
@@ -304,7 +275,7 @@ def daemon_run() -> None:
 @daemon_app.command("status")
 def daemon_status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Whether the daemon runs, its pid, and what it is doing."""
-    from daemon.service import read_state
+    from conch_dna.status import read_state
 
     home, _ = _home_and_config()
     state = read_state(home)
@@ -339,8 +310,7 @@ def daemon_uninstall() -> None:
 def doctor(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Check this machine: MLX backend, BLAS speed, memory, models, disk, daemon; hints for problems."""
     from conch_dna.doctor import run_checks
-
-    from daemon.service import read_state
+    from conch_dna.status import read_state
 
     home, config = _home_and_config()
     checks = run_checks(home, config, read_state(home))

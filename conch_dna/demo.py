@@ -26,6 +26,7 @@ from conch_dna.config import load_config
 from conch_dna.cycle import open_store
 from conch_dna.fsutil import atomic_write_text, open_private, private_dir
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+from conch_dna.status import STATE_FILE, kd_status_data
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -94,7 +95,7 @@ class DemoView:
         config = load_config(self.home)
         store = open_store(self.home, config)
         try:
-            state = json.loads((self.home / "daemon.json").read_text())
+            state = json.loads((self.home / STATE_FILE).read_text())
         except (FileNotFoundError, ValueError):
             state = {}
         table = Table(title=f"Conch DNA demo: {self.phase}", expand=True)
@@ -204,8 +205,6 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
         daemon.wait(timeout=60)
         registry.close()
         ego.close()
-
-    from conch_dna.cli import kd_status_data
 
     data = kd_status_data(home, load_config(home))
     table = Table(title="conch kd status")

@@ -30,6 +30,7 @@ from conch_dna.config import Config, load_config
 from conch_dna.cycle import open_store, pending
 from conch_dna.fsutil import atomic_write_json, open_private, private_dir
 from conch_dna.power import on_battery
+from conch_dna.status import STATE_FILE, pid_alive, read_state
 from conch_dna.versions import discard, domain_dir
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -39,30 +40,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon.inbox import Inbox
 
 log = logging.getLogger("conch.daemon")
-STATE_FILE = "daemon.json"
 CHECK_JOB = "conch-check"
 REQUESTS_JOB = "conch-requests"
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_state(home: str | Path) -> dict | None:
-    """The running daemon's state file, or None when no daemon runs."""
-    try:
-        state = json.loads((Path(home) / STATE_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return state if pid_alive(state.get("pid")) else None
 
 
 def request_retrain(home: str | Path, domain: str, iters: int | None, force: bool) -> Path:

@@ -1,0 +1,59 @@
+"""What `conch kd status` reports: per domain counts, version, metrics and last run, and whether the
+daemon runs (its state file, written by the daemon, read by anyone)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conch_dna.cycle import open_store
+from conch_dna.versions import current_adapter_path, current_version
+
+STATE_FILE = "daemon.json"
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(home: str | Path) -> dict | None:
+    """The running daemon's state file, or None when no daemon runs."""
+    try:
+        state = json.loads((Path(home) / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if pid_alive(state.get("pid")) else None
+
+
+def kd_status_data(home, config) -> dict:
+    """What `conch kd status --json` prints: per domain counts, version, metrics, last run; the daemon."""
+    store = open_store(home, config)
+    state = read_state(home)
+    domains = []
+    for c in store.stats():
+        path = current_adapter_path(home, c.domain)
+        metrics = None
+        if path and (path / "kd_metrics.json").exists():
+            metrics = json.loads((path / "kd_metrics.json").read_text()).get("heldout_after")
+        runs = store.runs(c.domain, limit=1)
+        last = runs[0] if runs else None
+        domains.append({
+            "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
+            "threshold": config.threshold(c.domain), "version": current_version(home, c.domain) or "base",
+            "metrics": metrics,
+            "last_run": {k: last[k] for k in ("id", "status", "reason", "started_at", "finished_at", "version")}
+            if last else None,
+        })
+    return {"home": str(home), "daemon": {"running": state is not None, "pid": state and state["pid"],
+                                          "next_check": state and state.get("next_check"),
+                                          "training": state and state.get("running")},
+            "domains": domains}
