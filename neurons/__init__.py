@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import threading
 
+from conch_dna.config import load_config
+from conch_dna.domains import check_domain
+from conch_dna.home import conch_home
+
 from neurons.registry import Neuron, NeuronRegistry, VersionRefused
 
 __all__ = ["Neuron", "NeuronRegistry", "VersionRefused", "get", "pinned", "registry"]
@@ -31,9 +35,19 @@ def registry() -> NeuronRegistry:
         return _registry
 
 
+def _check_before_loading(domain: str) -> None:
+    """An unknown domain fails on its name at once, before the first call loads the student."""
+    if _registry is None:
+        check_domain(domain, load_config(conch_home()).domains)
+
+
 def get(domain: str) -> Neuron:
+    """The neuron of `domain`: the newest promoted adapter, hot-swapped; raises UnknownDomainError."""
+    _check_before_loading(domain)
     return registry().get(domain)
 
 
 def pinned(domain: str):
+    """A context manager: a neuron that keeps one version for a multi-call task."""
+    _check_before_loading(domain)
     return registry().pinned(domain)

@@ -143,3 +143,20 @@ def test_unknown_domain_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="known domains: thinking, task"):
         registry.get("dreaming")
     assert json.dumps(registry.get("memory").version) == '"base"'
+
+
+def test_unknown_domain_fails_on_its_name_before_any_model_loads(tmp_path, monkeypatch):
+    from conch_dna.domains import UnknownDomainError
+
+    import neurons
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('student = "/nowhere/student"\n')  # loading it would fail otherwise
+    monkeypatch.setenv("CONCH_HOME", str(home))
+    monkeypatch.setattr(neurons, "_registry", None)
+    with pytest.raises(UnknownDomainError, match="thinkng"):
+        neurons.get("thinkng")
+    with pytest.raises(UnknownDomainError):
+        neurons.pinned("../etc")
+    assert neurons._registry is None
