@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import (
     forward_kl,
-    log_softmax,
     student_buckets,
+    student_logprobs_at,
     teacher_bucket_logprobs,
 )
 
@@ -35,12 +35,12 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     for i in range(0, len(examples), batch_size):
         inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size],
                                                        max_seq_length)
-        logp = log_softmax(model(inputs).astype(mx.float32))
-        student_topk = mx.take_along_axis(logp, ids, axis=-1)
+        logits = model(inputs)
+        student_topk, target_logp = student_logprobs_at(logits, ids, targets)
         # padded top-k entries are left out here exactly as training leaves them out
         kl = forward_kl(teacher_bucket_logprobs(logprobs), student_buckets(student_topk, logprobs))
-        ce = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        agree = (mx.argmax(logp, axis=-1) == ids[..., 0]).astype(mx.float32)
+        ce = -target_logp
+        agree = (mx.argmax(logits, axis=-1) == ids[..., 0]).astype(mx.float32)
         sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]
         mx.eval(sums)
         kl_sum, ce_sum, agree_sum, count = (a + b.item() for a, b in

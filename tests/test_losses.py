@@ -187,3 +187,32 @@ def test_training_loss_is_the_alpha_mix_of_sparse_kd_and_ce_on_answer_tokens():
     np.testing.assert_allclose(kd.item(), want_kd.item(), rtol=1e-5)
     np.testing.assert_allclose(ce.item(), want_ce.item(), rtol=1e-5)
     np.testing.assert_allclose(combined.item(), 0.3 * want_kd.item() + 0.7 * want_ce.item(), rtol=1e-5)
+
+
+def test_heldout_metrics_against_a_numpy_reference():
+    """KL(teacher ‖ student) over the teacher's top-k + tail (padding left out), CE, top-1, per answer token."""
+    from conch_dna.evaluation import heldout_metrics
+    from conch_dna.training.data import KDExample
+
+    vocab, k = 30, 4
+    table = logits(vocab, vocab)  # the "model": next-token logits depend on the current token only
+    model = lambda inputs: mx.array(table)[inputs]  # noqa: E731
+    examples, ref = [], []
+    for n, offset in ((9, 4), (6, 2)):
+        tokens = rng.integers(0, vocab, n).astype(np.int32)
+        t_logp = np.log(np_softmax(logits(n - offset, vocab)))
+        ids = np.argsort(-t_logp, axis=-1)[:, :k].astype(np.int32)
+        lps = np.take_along_axis(t_logp, ids, axis=-1)
+        lps[0, -1], ids[0, -1] = PAD_LOGPROB, 0  # a padded entry: counted on neither side
+        examples.append(KDExample(tokens, offset, ids, lps.astype(np.float16)))
+        for row in range(n - offset):
+            s_logp = np.log(np_softmax(table[tokens[offset - 1 + row]]))
+            keep = lps[row] > PAD_LOGPROB
+            t = np.exp(lps[row][keep].astype(np.float16).astype(np.float64))
+            s = np.exp(s_logp[ids[row][keep]])
+            p, q = np.append(t, 1 - t.sum()), np.append(s, 1 - s.sum())
+            ref.append((np_kl(p, q), -s_logp[tokens[offset + row]], s_logp.argmax() == ids[row, 0]))
+    m = heldout_metrics(model, examples)
+    kl, ce, agree = (np.mean([r[i] for r in ref]) for i in range(3))
+    assert m.tokens == len(ref)
+    np.testing.assert_allclose([m.kl, m.ce, m.agreement], [kl, ce, agree], rtol=2e-3, atol=1e-5)

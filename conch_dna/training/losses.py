@@ -128,6 +128,16 @@ def student_topk_logprobs(student_logits: mx.array, topk_ids: mx.array) -> mx.ar
     return mx.take_along_axis(logits, topk_ids, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def student_logprobs_at(student_logits: mx.array, topk_ids: mx.array, targets: mx.array):
+    """(log-probs at the teacher's top-k ids [..., k], log-prob of each target [...]) in one gather.
+
+    The KD step and the held-out evaluation share it: one gather, because in training each gather's
+    backward is a [..., vocab] scatter of its own.
+    """
+    gathered = student_topk_logprobs(student_logits, mx.concatenate([topk_ids, targets[..., None]], axis=-1))
+    return gathered[..., :-1], gathered[..., -1]
+
+
 def student_buckets(student_topk: mx.array, topk_logprobs: mx.array | None = None) -> mx.array:
     """The student's top-k log-probs as k + 1 buckets, like the teacher's.
 

@@ -49,7 +49,7 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     masked_mean,
     sparse_kd_from_topk,
     sparse_kd_loss,
-    student_topk_logprobs,
+    student_logprobs_at,
 )
 
 import mlx.core as mx
@@ -138,11 +138,9 @@ def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Pa
 def kd_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, *, temperature, alpha,
             kind="forward_kl", beta=0.5):
     """α·KD·T² + (1-α)·CE over the answer tokens; returns (combined, kd, ce)."""
-    # One gather for the top-k ids and the target: each gather's backward is a [..., vocab] scatter.
-    ids = mx.concatenate([topk_ids, targets[..., None]], axis=-1)
-    gathered = student_topk_logprobs(model(inputs), ids)
-    kd = sparse_kd_from_topk(gathered[..., :-1], topk_logprobs, temperature, mask, kind, beta)
-    ce = masked_mean(-gathered[..., -1], mask)
+    student_topk, target_logp = student_logprobs_at(model(inputs), topk_ids, targets)
+    kd = sparse_kd_from_topk(student_topk, topk_logprobs, temperature, mask, kind, beta)
+    ce = masked_mean(-target_logp, mask)
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
