@@ -420,8 +420,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every domain")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model id or path")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="student base model id or path")
-    p.add_argument("--kit", action="store_true",
-                   help="use the project's tiny teacher and student (overrides --teacher/--student)")
+    which_pair = p.add_mutually_exclusive_group()
+    which_pair.add_argument("--kit", action="store_true",
+                            help="use the project's tiny teacher and student (overrides --teacher/--student)")
+    which_pair.add_argument("--real", action="store_true",
+                            help="use SmolLM2-135M-Instruct and its 15-layer cut (`conch models pair`; built "
+                                 "under $CONCH_HOME/models/smollm2 on first use)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -448,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
             from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 
             args.teacher, args.student = TEACHER_PATH, STUDENT_PATH
+        if args.real:
+            from conch_dna.realpair import build_pair
+
+            args.teacher, args.student = (str(p) for p in build_pair(conch_home() / "models" / "smollm2"))
         if not 0.0 <= args.heldout_fraction < 1.0:
             raise ValueError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
         config = KDConfig(temperature=args.temperature, alpha=args.alpha,
@@ -464,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             train, held = split_prompts(DOMAIN_PROMPTS[domain]["examples"],
                                         args.heldout_fraction)
             distiller.distill_domain(domain, train, held)
-    except (ValueError, UnknownDomainError, ModelLoadError) as exc:
+    except (ValueError, UnknownDomainError, ModelLoadError, PairBuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
