@@ -441,6 +441,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from conch_dna.domains import UnknownDomainError, check_domain
+    from conch_dna.realpair import PairBuildError
     from conch_dna.training.distillation import DOMAIN_PROMPTS
 
     from rich.console import Console
