@@ -35,15 +35,17 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import default_loss
 
 
-def median_step_seconds(step, state, batch, warmup: int, repeats: int) -> float:
-    times = []
+def interleaved_medians(variants: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each variant, their steps taken in turn so that a change in the
+    machine's load (two cores, other processes) falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + repeats):
-        tic = time.perf_counter()
-        out = step(*batch)
-        mx.eval(state, out)
-        if i >= warmup:
-            times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+        for name, (step, state, batch) in variants.items():
+            tic = time.perf_counter()
+            mx.eval(state, step(*batch))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def fresh_student(student_id: str, config: KDConfig):
@@ -161,18 +163,16 @@ def main() -> None:
 
     online_step, online_state = compiled(online_model, online_loss)
 
-    runs = {}
-    for name, step, state, b in (
-        ("sft (mlx-lm default_loss)", sft_step, sft_state, (full, lengths)),
-        ("kd, cached top-k", kd_step, kd_state, batch),
-        ("kd, online teacher", online_step, online_state, (inputs, targets, mask)),
-    ):
-        runs[name] = median_step_seconds(step, state, b, warmup=3, repeats=args.repeats)
+    runs = interleaved_medians({
+        "sft (mlx-lm default_loss)": (sft_step, sft_state, (full, lengths)),
+        "kd, cached top-k": (kd_step, kd_state, batch),
+        "kd, online teacher": (online_step, online_state, (inputs, targets, mask)),
+    }, warmup=3, repeats=args.repeats)
 
     sft = runs["sft (mlx-lm default_loss)"]
     print(f"student {args.student}  teacher {args.teacher}")
     print(f"batch {args.batch_size} x {args.length} tokens, top-k {args.top_k}, "
-          f"{args.repeats} timed steps each (median)")
+          f"{args.repeats} timed steps each, taken in turn (median)")
     for name, seconds in runs.items():
         print(f"  {name:28s} {seconds * 1000:8.1f} ms/step   ratio to sft {seconds / sft:5.2f}")
     print(f"kd cached / sft ratio: {runs['kd, cached top-k'] / sft:.3f}  (target <= 1.10)")
