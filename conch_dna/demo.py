@@ -83,9 +83,11 @@ def real_setup() -> DemoSetup:
                          {"num_iters": 30, "learning_rate": 3e-4, "lora_rank": 16, "lora_layers": 15,
                           "max_answer_tokens": 48, "steps_per_report": 5})
     # Seed 700 puts 4 of the first 16 prompts of each domain in the held-out split (seed 500: one of
-    # `thinking`'s, and that run was refused for too few held-out traces).
+    # `thinking`'s, and that run was refused for too few held-out traces). No noise phase: on a student
+    # this far from its teacher, KD on teacher-scored noise answers is still teacher signal, and the
+    # gate rightly promoted that candidate (held-out KL 2.91 -> 2.47) in a run that had one.
     return DemoSetup("SmolLM2-135M-Instruct -> its 15-layer cut", config, ego_prompts=16, ego_max_tokens=48,
-                     neuron_max_tokens=32, noise_traces=16, budget_seconds=1500.0, prompt_seed=700)
+                     neuron_max_tokens=32, noise_traces=0, budget_seconds=1500.0, prompt_seed=700)
 
 
 class DemoView:
@@ -185,21 +187,22 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
                 if i >= ego_rounds:
                     time.sleep(1.0)  # leave the cores to the daemon's training
                 i += 1
-            view.phase = "a broken teacher floods 'action' with noise answers"
-            runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
-            inbox = private_dir(home / "inbox")
-            atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", setup.noise_traces, seed=9))
-            while time.monotonic() - tic < budget_seconds:
-                runs = open_store(home, load_config(home)).runs("action", limit=100)
-                if len(runs) > runs_before and runs[0]["status"] != "running":
-                    break
-                j = i % len(prompts["thinking"])
-                neuron = registry.get("thinking")
-                answer = neuron.generate(prompts["thinking"][j], max_tokens=16)
-                view.calls.append(("thinking", neuron.served_version, answer))
-                i += 1
-                live.update(view.render())
-                time.sleep(0.6)  # an agent call now and then, not a load on the training
+            if setup.noise_traces:
+                view.phase = "a broken teacher floods 'action' with noise answers"
+                runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
+                inbox = private_dir(home / "inbox")
+                atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", setup.noise_traces, seed=9))
+                while time.monotonic() - tic < budget_seconds:
+                    runs = open_store(home, load_config(home)).runs("action", limit=100)
+                    if len(runs) > runs_before and runs[0]["status"] != "running":
+                        break
+                    j = i % len(prompts["thinking"])
+                    neuron = registry.get("thinking")
+                    answer = neuron.generate(prompts["thinking"][j], max_tokens=16)
+                    view.calls.append(("thinking", neuron.served_version, answer))
+                    i += 1
+                    live.update(view.render())
+                    time.sleep(0.6)  # an agent call now and then, not a load on the training
             view.phase = "done"
             live.update(view.render())
         console.print()
@@ -226,7 +229,7 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
     report = build_report(home, load_config(home), home / "report")
     console.print(f"report: {report}")
     elapsed = time.monotonic() - tic
-    ok = promoted == len(DOMAINS) and rejected >= 1
+    ok = promoted == len(DOMAINS) and (rejected >= 1 or not setup.noise_traces)
     console.print(f"{'OK' if ok else 'INCOMPLETE'}: {promoted} of {len(DOMAINS)} domains promoted, "
                   f"{rejected} candidate(s) rejected, in {elapsed:.0f}s")
     return 0 if ok else 1
