@@ -150,8 +150,12 @@ def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (e
          real: bool = typer.Option(False, "--real", help="SmolLM2-135M-Instruct and its cut instead of the kit "
                                                           "(built on first use; several minutes)")) -> None:
     """The whole loop, live: EGO traces, daemon retrains, neurons hot-swap (the tiny kit, or --real)."""
-    from conch_dna.demo import kit_setup, real_setup, run_demo
+    from conch_dna.demo import DemoHomeError, kit_setup, prepare_home, real_setup, run_demo
 
+    try:
+        prepare_home(home)  # refused before a pair is built or anything is deleted
+    except DemoHomeError as exc:
+        _fail(str(exc))
     raise typer.Exit(run_demo(home, console, real_setup() if real else kit_setup()))
 
 

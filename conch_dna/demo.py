@@ -137,6 +137,26 @@ def _noise_lines(domain: str, n: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+DEMO_MARK = ".conch-demo"  # in a home the demo made: only such a folder is emptied by the next demo
+
+
+class DemoHomeError(ValueError):
+    """The demo was pointed at a folder it did not make; nothing was deleted."""
+
+
+def prepare_home(home: Path) -> None:
+    """An empty demo home: a folder the demo made before is emptied; any other non-empty one refused."""
+    if home.is_symlink() or (home.exists() and not home.is_dir()):
+        raise DemoHomeError(f"{home} is not a folder; choose another --home")
+    if home.exists() and any(home.iterdir()):
+        if not (home / DEMO_MARK).is_file():
+            raise DemoHomeError(f"{home} is not empty and was not made by `conch demo`; nothing was deleted. "
+                                "Choose another --home, or remove it yourself")
+        shutil.rmtree(home)
+    private_dir(home)
+    atomic_write_text(home / DEMO_MARK, "made by `conch demo`; the next demo run empties this folder\n")
+
+
 def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> int:
     from conch_dna.ego import Ego
     from conch_dna.report import build_report
@@ -146,9 +166,7 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
     setup = setup or kit_setup()
     budget_seconds = setup.budget_seconds
     tic = time.monotonic()
-    if home.exists():
-        shutil.rmtree(home)
-    private_dir(home)
+    prepare_home(home)
     atomic_write_text(home / "config.toml", setup.config)
     env = {**os.environ, "CONCH_HOME": str(home.resolve())}
     log = open_private(private_dir(home / "logs") / "daemon.log", "w")  # open for the daemon's whole life

@@ -18,3 +18,27 @@ def test_demo_promotes_every_domain_and_rejects_the_noise_batch(tmp_path):
     loose = [f"{p} {stat.S_IMODE(p.stat().st_mode):o}" for p in [home, *home.rglob("*")] if not p.is_symlink()
              and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not loose, loose
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    proc = run_module("conch_dna.cli", "demo", "--home", str(precious), timeout=120)
+    assert proc.returncode == 2 and "not made by `conch demo`" in proc.stdout
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    proc = run_module("conch_dna.cli", "demo", "--home", str(a_file), timeout=120)
+    assert proc.returncode == 2 and a_file.read_text() == "keep"
+
+
+def test_demo_empties_a_home_it_made_before(tmp_path):
+    from conch_dna.demo import DEMO_MARK, prepare_home
+
+    home = tmp_path / "demo-home"
+    prepare_home(home)
+    (home / "conch.db").write_text("old state")
+    prepare_home(home)
+    assert sorted(p.name for p in home.iterdir()) == [DEMO_MARK]
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE((home / DEMO_MARK).stat().st_mode) == 0o600
