@@ -44,6 +44,15 @@ CHECK_JOB = "conch-check"
 REQUESTS_JOB = "conch-requests"
 
 
+def worker_command(domain: str, iters: int | None = None, force: bool = False) -> list[str]:
+    """The worker's command line. -I: the interpreter ignores the current directory and PYTHON*
+    variables, so a `daemon/` package in whatever folder the service starts from is never imported."""
+    cmd = [sys.executable, "-I", "-m", "daemon.worker", "--domain", domain]
+    if iters:
+        cmd += ["--iters", str(iters)]
+    return cmd + (["--force"] if force else [])
+
+
 def request_retrain(home: str | Path, domain: str, iters: int | None, force: bool) -> Path:
     """Ask the running daemon for a retrain; returns the path its answer will be written to."""
     requests = private_dir(Path(home) / "requests")
@@ -157,11 +166,7 @@ class Daemon:
 
     def run_worker(self, domain: str, iters: int | None = None, force: bool = False) -> dict:
         """One retrain cycle in a worker subprocess; waits for it and returns its result event."""
-        cmd = [sys.executable, "-m", "daemon.worker", "--domain", domain]
-        if iters:
-            cmd += ["--iters", str(iters)]
-        if force:
-            cmd.append("--force")
+        cmd = worker_command(domain, iters, force)
         env = {**os.environ, "CONCH_HOME": str(self.home)}
         log.info("retraining %s", domain)
         self._running = {"domain": domain, "started_at": time.time(), "progress": None}

@@ -268,3 +268,17 @@ def test_kd_retrain_asks_the_running_daemon(tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
+
+
+def test_worker_never_imports_a_daemon_package_from_the_current_directory(tmp_path):
+    from daemon.service import worker_command
+
+    hostile = tmp_path / "cwd"
+    (hostile / "daemon").mkdir(parents=True)
+    (hostile / "daemon" / "__init__.py").write_text("")
+    (hostile / "daemon" / "worker.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')\n")
+    cmd = worker_command("task")
+    done = subprocess.run([*cmd[: cmd.index("daemon.worker") + 1], "--help"], cwd=hostile, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--domain" in done.stdout, done.stderr
+    assert not (tmp_path / "pwned").exists()
