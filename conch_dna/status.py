@@ -3,6 +3,7 @@ daemon runs (its state file, written by the daemon, read by anyone)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from conch_dna.cycle import open_store
 from conch_dna.versions import current_adapter_path, current_version
 
 STATE_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"  # held (flock, exclusive) by the running daemon for its whole life
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -25,13 +27,29 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def daemon_holds_lock(home: str | Path) -> bool:
+    """Whether a daemon holds the home's lock: the truth about whether one runs, where a stale state
+    file's pid may since have been given to another process."""
+    try:
+        fd = os.open(Path(home) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with the daemon's exclusive lock
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a shared lock we got
+    return False
+
+
 def read_state(home: str | Path) -> dict | None:
-    """The running daemon's state file, or None when no daemon runs."""
+    """The running daemon's state file, or None when no daemon runs (its lock is not held)."""
     try:
         state = json.loads((Path(home) / STATE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return state if pid_alive(state.get("pid")) else None
+    return state if pid_alive(state.get("pid")) and daemon_holds_lock(home) else None
 
 
 def kd_status_data(home, config) -> dict:

@@ -30,7 +30,7 @@ from conch_dna.config import Config, load_config
 from conch_dna.cycle import open_store, pending
 from conch_dna.fsutil import atomic_write_json, open_private, private_dir
 from conch_dna.power import on_battery
-from conch_dna.status import STATE_FILE, pid_alive, read_state
+from conch_dna.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
 from conch_dna.versions import discard, domain_dir
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -79,7 +79,7 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def acquire_lock(self) -> None:
-        self._lock_file = open(self.home / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's life
+        self._lock_file = open(self.home / LOCK_FILE, "a+")  # noqa: SIM115 - held for the daemon's life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

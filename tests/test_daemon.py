@@ -282,3 +282,19 @@ def test_worker_never_imports_a_daemon_package_from_the_current_directory(tmp_pa
                           text=True, timeout=120)
     assert done.returncode == 0 and "--domain" in done.stdout, done.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_stale_state_file_whose_pid_was_reused_is_not_a_running_daemon(tmp_path):
+    import fcntl
+
+    from conch_dna.status import LOCK_FILE, STATE_FILE, read_state
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / STATE_FILE).write_text(json.dumps({"pid": os.getpid(), "running": None}))  # alive, not a daemon
+    assert read_state(home) is None
+    (home / LOCK_FILE).touch()
+    assert read_state(home) is None  # a lock file nobody holds
+    with open(home / LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert read_state(home)["pid"] == os.getpid()
