@@ -156,13 +156,17 @@ _stores: dict[str, object] = {}
 
 
 def default_store():
-    """The TraceStore of $CONCH_HOME/conch.db, opened once per process."""
+    """The TraceStore of $CONCH_HOME/conch.db with the home's config.toml settings (its domains and
+    held-out fraction, as the daemon opens it), opened once per process."""
+    from conch_dna.config import load_config
     from conch_dna.home import conch_home
     from conch_dna.store import TraceStore
 
-    path = str(conch_home() / "conch.db")
+    home = conch_home()
+    path = str(home / "conch.db")
     if path not in _stores:
-        _stores[path] = TraceStore(path)
+        config = load_config(home)
+        _stores[path] = TraceStore(path, config.domains, config.heldout_fraction)
     return _stores[path]
 
 

@@ -154,3 +154,20 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
     sqlite_utils.Database(path2).execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="schema version 99"):
         TraceStore(path2)
+
+
+def test_record_uses_the_homes_configured_domains_and_heldout_fraction(conch_home, monkeypatch):
+    from conch_dna import traces
+    from conch_dna.domains import is_heldout
+    from conch_dna.traces import record
+
+    monkeypatch.setattr(traces, "_stores", {})
+    conch_home.mkdir(mode=0o700)
+    (conch_home / "config.toml").write_text('domains = ["thinking", "legal"]\nheldout_fraction = 0.5\n')
+    prompts = [f"Is clause {i} enforceable?" for i in range(40)]
+    for p in prompts:
+        chat = [{"role": "user", "content": p}, {"role": "assistant", "content": "It depends."}]
+        assert record("legal", chat, teacher="t") is not None  # a configured domain is accepted
+    store = traces.default_store()
+    held = {t["messages"][0]["content"] for t in store.traces_of("legal", "heldout")}
+    assert held == {p for p in prompts if is_heldout(f"user: {p}", 0.5)} and 10 < len(held) < 30
