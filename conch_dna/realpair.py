@@ -100,7 +100,10 @@ def build_pair(out_dir: str | Path, student_layers: int = STUDENT_LAYERS,
         shutil.rmtree(teacher, ignore_errors=True)
         import_gguf(fetch_gguf(Path(cache_dir or out / "download")), teacher, "float32")
     if student.exists():
-        kept = json.loads((student / "conch_student.json").read_text())["kept_layers"]
+        try:
+            kept = json.loads((student / "conch_student.json").read_text())["kept_layers"]
+        except (OSError, ValueError, KeyError):  # not a student this module wrote: build it again
+            kept = []
         if len(kept) == student_layers:
             return teacher, student
         shutil.rmtree(student)
