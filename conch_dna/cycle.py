@@ -54,6 +54,14 @@ def agreement_tolerance(current: dict, max_drop: float) -> float:
     return max(max_drop, noise)
 
 
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(metrics[k]) for k in ("kl", "agreement"))
+
+
+def _metric_words(metrics: dict) -> str:
+    return f"KL {metrics['kl']:.4f}, top-1 {metrics['agreement']:.1%}"
+
+
 def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
            force: bool, established: dict | None = None) -> tuple[bool, str]:
     """The promotion gate: (promote?, the reason in words).
@@ -69,6 +77,11 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
         return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
     if not current or not candidate:
         return force, "forced without held-out metrics" if force else "no held-out metrics"
+    if not _finite(candidate):
+        return False, f"the candidate's held-out metrics are not finite ({_metric_words(candidate)})"
+    if not _finite(current):  # the current version cannot be measured: a finite candidate replaces it
+        return True, (f"the current version's held-out metrics are not finite ({_metric_words(current)}); "
+                      f"the candidate's are ({_metric_words(candidate)})")
     gain = 1.0 - candidate["kl"] / current["kl"] if current["kl"] > 0 else 0.0
     words = (f"held-out KL {current['kl']:.4f} -> {candidate['kl']:.4f} ({-gain:+.1%}), "
              f"top-1 {current['agreement']:.1%} -> {candidate['agreement']:.1%}")
@@ -79,7 +92,7 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
         return False, f"{words}: top-1 agreement fell by more than {allowed:.1%}"
     if established:
         old, new = established["before"]["kl"], established["after"]["kl"]
-        if new > old * (1.0 + config.promote_margin):
+        if not math.isfinite(new) or new > old * (1.0 + config.promote_margin):
             return False, (f"{words}; but on the {established['before']['tokens']} held-out tokens the current "
                            f"version was validated on, KL rose {old:.4f} -> {new:.4f}")
     return True, words

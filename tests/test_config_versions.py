@@ -94,3 +94,36 @@ def test_gate_rules():
     assert not ok and "KL rose 0.2000 -> 0.3000" in why
     established["after"]["kl"] = 0.203  # within the margin
     assert decide(cur, better, 10, c, "task", False, established)[0] is True
+
+
+def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one():
+    from conch_dna.config import Config
+    from conch_dna.cycle import decide
+
+    c = Config(min_heldout=4)
+    good = {"kl": 0.9, "agreement": 0.8}
+    for bad in (float("nan"), float("inf")):
+        ok, why = decide({"kl": 1.0, "agreement": 0.8}, {"kl": bad, "agreement": 0.8}, 10, c, "task", False)
+        assert not ok and "candidate's held-out metrics are not finite" in why
+        ok, why = decide({"kl": bad, "agreement": 0.8}, good, 10, c, "task", False)
+        assert ok and "current version's held-out metrics are not finite" in why
+        established = {"before": {"kl": 0.2, "tokens": 500}, "after": {"kl": bad, "tokens": 500}}
+        assert not decide({"kl": 1.0, "agreement": 0.8}, good, 10, c, "task", False, established)[0]
+
+
+def test_a_log_prob_stored_as_minus_infinity_is_padding_not_a_nan(student):
+    """float16 stores a log-prob below -65504 as -inf; training and evaluation must stay finite."""
+    from conch_dna.evaluation import heldout_metrics
+    from conch_dna.training.data import KDExample, collate
+
+    import numpy as np
+
+    ids = np.tile(np.arange(8, dtype=np.int32), (5, 1))
+    lps = np.full((5, 8), -3.0, np.float16)
+    lps[2, 5] = np.float16(-1e6)  # -inf once stored
+    assert np.isneginf(lps[2, 5])
+    example = KDExample(np.arange(12, dtype=np.int32) + 20, 7, ids, lps)
+    *_, batch_lps = collate([example], 64)
+    assert np.isfinite(np.array(batch_lps)).all()
+    metrics = heldout_metrics(student[0], [example])
+    assert all(np.isfinite([metrics.kl, metrics.ce, metrics.agreement]))

@@ -76,7 +76,9 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
         if stop > start:
             mask[row, start:stop] = 1.0
             ids[row, start:stop] = e.topk_ids[: stop - start]
-            logprobs[row, start:stop] = e.topk_logprobs[: stop - start]
+            # a log-prob below float16's range was stored as -inf: it is a bucket with no mass, i.e.
+            # padding (left as -inf it would make 0·log 0 a NaN in every KL over the batch)
+            logprobs[row, start:stop] = np.maximum(e.topk_logprobs[: stop - start], PAD_LOGPROB)
     return (mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(ids),
             mx.array(logprobs))
 
