@@ -127,3 +127,20 @@ def test_a_log_prob_stored_as_minus_infinity_is_padding_not_a_nan(student):
     assert np.isfinite(np.array(batch_lps)).all()
     metrics = heldout_metrics(student[0], [example])
     assert all(np.isfinite([metrics.kl, metrics.ce, metrics.agreement]))
+
+
+def test_a_prompt_longer_than_the_window_is_cut_from_the_left_and_its_answer_still_counts(student):
+    from conch_dna.evaluation import heldout_metrics
+    from conch_dna.training.data import KDExample, collate
+
+    import numpy as np
+
+    answer = np.array([40, 41, 42, 43, 44], np.int32)
+    tokens = np.concatenate([np.arange(100, 200, dtype=np.int32), answer])  # a 100-token prompt
+    rows = (np.tile(np.arange(8, dtype=np.int32), (5, 1)), np.full((5, 8), -3.0, np.float16))
+    example = KDExample(tokens, 100, *rows)
+    inputs, targets, mask, _, _ = collate([example], 16)
+    assert inputs.shape[1] <= 16 and int(mask.sum().item()) == 5
+    assert np.array(targets)[0][np.array(mask)[0] > 0].tolist() == answer.tolist()
+    assert np.array(inputs)[0][int(np.argmax(np.array(mask)[0]))] == 199  # the prompt's last token predicts it
+    assert heldout_metrics(student[0], [example], max_seq_length=16).tokens == 5

@@ -52,12 +52,25 @@ def _batch_order(n: int, batch_size: int, rng: np.random.Generator):
         pending = pending[batch_size:]
 
 
+def fit_window(example: KDExample, max_seq_length: int) -> KDExample:
+    """The example cut from the left of its prompt so that its answer fits in max_seq_length inputs.
+
+    An answer longer than the window itself keeps its start (collate cuts the rest); a prompt is never
+    cut to nothing, since its last token predicts the answer's first.
+    """
+    cut = min(len(example.tokens) - 1 - max_seq_length, example.offset - 1)
+    if cut <= 0:
+        return example
+    return KDExample(example.tokens[cut:], example.offset - cut, example.topk_ids, example.topk_logprobs)
+
+
 def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
     """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step.
 
     Position p of the inputs predicts token p + 1; the mask keeps the positions whose target is an
     answer token, and topk rows are placed at those same positions.
     """
+    examples = [fit_window(e, max_seq_length) for e in examples]
     k = examples[0].topk_ids.shape[1]
     longest = max(len(e.tokens) for e in examples) - 1
     width = min(pad_to * ((longest + pad_to - 1) // pad_to), max_seq_length)

@@ -324,10 +324,13 @@ class TrueKnowledgeDistiller:
         held = self.teacher_examples(domain, heldout, tokenizer, should_stop) if heldout else []
         self.scorer.release()  # teacher and student are never resident together while training
 
-        before = heldout_metrics(model, held) if held else None
+        def evaluate(m, examples):  # in the same window as training
+            return heldout_metrics(m, examples, max_seq_length=self.config.max_seq_length)
+
+        before = evaluate(model, held) if held else None
         groups = {name: self.teacher_examples(domain, items, tokenizer, should_stop)
                   for name, items in (heldout_groups or {}).items() if items}
-        group_before = {name: heldout_metrics(model, ex) for name, ex in groups.items()}
+        group_before = {name: evaluate(model, ex) for name, ex in groups.items()}
         if resume and load_adapter_weights(model, resume[0]):
             self._say(f"{domain}: resuming from {resume[0]} at step {resume[1]}")
         else:
@@ -342,8 +345,8 @@ class TrueKnowledgeDistiller:
         history = self._train_with_progress(model, train, adapter_config, out, domain, on_report,
                                             should_stop, resume)
         elapsed = time.perf_counter() - tic
-        after = heldout_metrics(model, held) if held else None
-        group_metrics = {name: {"before": group_before[name].as_dict(), "after": heldout_metrics(model, ex).as_dict()}
+        after = evaluate(model, held) if held else None
+        group_metrics = {name: {"before": group_before[name].as_dict(), "after": evaluate(model, ex).as_dict()}
                          for name, ex in groups.items()}
         save_adapter(out, adapter_weights(model), adapter_config)
         last = history[-1]
