@@ -75,7 +75,10 @@ def traces_import(files: list[Path] = typer.Argument(..., help="JSONL trace file
     with Progress(console=console) as bar:
         task = bar.add_task("importing", total=len(files))
         for f in files:
-            r = ingest_file(store, f, source=str(f))
+            try:
+                r = ingest_file(store, f, source=str(f), follow_links=True)
+            except ValueError as exc:
+                _fail(str(exc))
             totals = [totals[0] + r.stored, totals[1] + r.duplicates, totals[2] + r.quarantined]
             bar.advance(task)
     console.print(f"{totals[0]} stored, {totals[1]} duplicates, {totals[2]} quarantined"

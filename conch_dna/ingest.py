@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +62,27 @@ def ingest_bytes(store: TraceStore, data: bytes, source: str) -> IngestReport:
     return report
 
 
-def ingest_file(store: TraceStore, path: str | Path, source: str | None = None) -> IngestReport:
+def read_regular_file(path: str | Path, follow_links: bool = False) -> bytes:
+    """A regular file's bytes; a FIFO, folder or device (or a link, unless follow_links) raises
+    ValueError without being read.
+
+    O_NOFOLLOW and O_NONBLOCK make the open itself safe (no link followed, no wait for a FIFO's
+    writer), and fstat checks what was opened, not what the name pointed to a moment before.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; only regular files are ingested") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file; only regular files are ingested")
+        return f.read()
+
+
+def ingest_file(store: TraceStore, path: str | Path, source: str | None = None,
+                follow_links: bool = False) -> IngestReport:
+    """Ingest a regular file (see read_regular_file); the inbox never follows links, a person may."""
     path = Path(path)
-    return ingest_bytes(store, path.read_bytes(), source or path.name)
+    return ingest_bytes(store, read_regular_file(path, follow_links), source or path.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -24,12 +25,21 @@ from watchdog.observers import Observer
 
 log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"
+REJECTED = "rejected"  # what is not a regular file (a FIFO, a folder, a link, a device), set aside unread
 
 
 def is_candidate(path: Path) -> bool:
     """A finished trace file: *.jsonl, not hidden, not a temporary or partial name."""
     name = path.name
     return name.endswith(".jsonl") and not name.startswith(".") and not name.endswith((".tmp", ".part"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class _Events(FileSystemEventHandler):
@@ -75,6 +85,13 @@ class Inbox:
 
     def claim_and_ingest(self, path: Path) -> IngestReport | None:
         """Claim a file by renaming it into .processing/, ingest it, then remove it."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(mode):  # never opened: a FIFO would hang us, a link could point outside the home
+            self.set_aside(path, f"not a regular file ({_kind(mode)}); it was not read")
+            return None
         claimed = self.processing / path.name
         if path.parent != self.processing:
             if claimed.exists():  # an earlier file of the same name is not finished: keep both
@@ -91,6 +108,15 @@ class Inbox:
         if self.on_report:
             self.on_report(report)
         return report
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Move `path` (the entry itself, never what a link points to) to rejected/ with its reason."""
+        rejected = private_dir(self.directory / REJECTED)
+        target = rejected / f"{path.name}.{time.time_ns()}"
+        os.rename(path, target)
+        (rejected / f"{target.name}.reason.txt").write_text(reason + "\n")
+        os.chmod(rejected / f"{target.name}.reason.txt", 0o600)
+        log.warning("inbox: set %s aside: %s", path.name, reason)
 
     def sweep(self) -> list[IngestReport]:
         """Ingest what a crash left claimed, then every finished file in the inbox."""

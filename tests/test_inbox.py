@@ -144,3 +144,33 @@ def test_ingester_killed_mid_file_loses_nothing_and_stores_nothing_twice(tmp_pat
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert store.db.conn.execute("SELECT count(*) FROM traces").fetchone()[0] == n
+
+
+def test_only_regular_files_are_ingested_and_the_rest_set_aside_unread(tmp_path):
+    import threading
+
+    from conch_dna.store import TraceStore
+
+    from daemon.inbox import REJECTED, Inbox
+
+    home = tmp_path / "home"
+    store = TraceStore(home / "conch.db")
+    inbox = Inbox(store, home / "inbox")
+    outside = tmp_path / "outside.jsonl"  # private data outside the home, behind a link
+    outside.write_text(json.dumps({"secret": "not a trace"}) + "\n")
+    os.mkfifo(inbox.directory / "fifo.jsonl")
+    (inbox.directory / "link.jsonl").symlink_to(outside)
+    (inbox.directory / "folder.jsonl").mkdir()
+    good = {"domain": "task", "teacher": "t", "messages": [{"role": "user", "content": "Plan the day."},
+                                                           {"role": "assistant", "content": "1. Wake."}]}
+    (inbox.directory / "good.jsonl").write_text(json.dumps(good) + "\n")
+    done = threading.Event()
+    reports = []
+    threading.Thread(target=lambda: (reports.extend(inbox.sweep()), done.set()), daemon=True).start()
+    assert done.wait(60), "the sweep hung on a non-regular file"
+    assert [r.stored for r in reports] == [1]
+    assert store.counts("task").train + store.counts("task").heldout == 1
+    assert store.quarantine_count() == 0  # the linked file's line was never read, so never quarantined
+    reasons = sorted(p.read_text() for p in (inbox.directory / REJECTED).glob("*.reason.txt"))
+    assert len(reasons) == 3 and any("a FIFO" in r for r in reasons) and any("symbolic link" in r for r in reasons)
+    assert not list(inbox.directory.glob("*.jsonl")) and not list(inbox.processing.iterdir())
