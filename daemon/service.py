@@ -28,6 +28,7 @@ from pathlib import Path
 
 from conch_dna.config import Config, load_config
 from conch_dna.cycle import open_store, pending
+from conch_dna.domains import check_domain
 from conch_dna.fsutil import atomic_write_json, open_private, private_dir
 from conch_dna.power import on_battery
 from conch_dna.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
@@ -157,12 +158,27 @@ class Daemon:
             if path.name.endswith(".done.json"):
                 continue
             try:
-                req = json.loads(path.read_text())
-                result = self.run_worker(req["domain"], req.get("iters"), bool(req.get("force")))
-            except (ValueError, KeyError) as exc:
+                domain, iters, force = self.parse_request(path.read_bytes())
+            except Exception as exc:  # noqa: BLE001 - any bad request is answered, and never blocks those behind it
                 result = {"status": "failed", "reason": f"bad request: {exc}"}
+            else:
+                result = self.run_worker(domain, iters, force)
             atomic_write_json(path.with_name(path.name.replace(".json", ".done.json")), result)
             path.unlink(missing_ok=True)
+
+    def parse_request(self, raw: bytes) -> tuple[str, int | None, bool]:
+        """(domain, iters, force) of a retrain request file; ValueError naming what is wrong."""
+        req = json.loads(raw)
+        if not isinstance(req, dict):
+            raise ValueError(f"a request is a JSON object, got {type(req).__name__}")
+        domain = check_domain(req.get("domain"), self.config.domains) if isinstance(req.get("domain"), str) \
+            else None
+        if domain is None:
+            raise ValueError("the request names no domain")
+        iters = req.get("iters")
+        if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 1):
+            raise ValueError(f"iters must be a positive integer, got {iters!r}")
+        return domain, iters, bool(req.get("force"))
 
     def run_worker(self, domain: str, iters: int | None = None, force: bool = False) -> dict:
         """One retrain cycle in a worker subprocess; waits for it and returns its result event."""

@@ -298,3 +298,23 @@ def test_a_stale_state_file_whose_pid_was_reused_is_not_a_running_daemon(tmp_pat
     with open(home / LOCK_FILE, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert read_state(home)["pid"] == os.getpid()
+
+
+def test_malformed_retrain_requests_are_answered_and_block_nothing(tmp_path):
+    from daemon.service import Daemon
+
+    home = tmp_path / "home"
+    daemon = Daemon(home)
+    requests = home / "requests"
+    requests.mkdir(mode=0o700)
+    bad = {"1-list.json": b"[1, 2]", "2-bytes.json": b"\xff\xfe not json", "3-domain.json": b'{"domain": "../etc"}',
+           "4-unknown.json": b'{"domain": "legal"}', "5-iters.json": b'{"domain": "task", "iters": "many"}',
+           "6-none.json": b"{}"}
+    for name, raw in bad.items():
+        (requests / name).write_bytes(raw)
+    daemon.take_requests()
+    answers = {p.name: json.loads(p.read_text()) for p in requests.glob("*.done.json")}
+    assert sorted(answers) == sorted(n.replace(".json", ".done.json") for n in bad)
+    assert all(a["status"] == "failed" and a["reason"].startswith("bad request") for a in answers.values())
+    assert "iters must be a positive integer" in answers["5-iters.done.json"]["reason"]
+    assert not [p for p in requests.glob("*.json") if not p.name.endswith(".done.json")]
