@@ -14,6 +14,8 @@ import os
 import stat
 import threading
 import time
+from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 from conch_dna.fsutil import private_dir
@@ -25,6 +27,7 @@ from watchdog.observers import Observer
 
 log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"
+RECENT_REPORTS = 100
 REJECTED = "rejected"  # what is not a regular file (a FIFO, a folder, a link, a device), set aside unread
 
 
@@ -74,7 +77,9 @@ class Inbox:
         self._stop = threading.Event()
         self._observer = None
         self._worker = None
-        self.reports: list[IngestReport] = []
+        # the latest files' counts, for a person or a test to look at; bounded, and without the per-line
+        # outcomes, so a daemon that runs for months holds no list that grows with every line
+        self.reports: deque[IngestReport] = deque(maxlen=RECENT_REPORTS)
 
     def notice(self, path: Path) -> None:
         """A filesystem event for `path`: ingest it once it has been quiet for the debounce time."""
@@ -102,7 +107,7 @@ class Inbox:
                 return None  # someone else claimed it, or it was a transient name
         report = ingest_file(self.store, claimed, source=path.name)
         claimed.unlink()
-        self.reports.append(report)
+        self.reports.append(replace(report, outcomes=[]))
         log.info("ingested %s: %d stored, %d duplicates, %d quarantined", path.name, report.stored,
                  report.duplicates, report.quarantined)
         if self.on_report:

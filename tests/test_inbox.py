@@ -174,3 +174,22 @@ def test_only_regular_files_are_ingested_and_the_rest_set_aside_unread(tmp_path)
     reasons = sorted(p.read_text() for p in (inbox.directory / REJECTED).glob("*.reason.txt"))
     assert len(reasons) == 3 and any("a FIFO" in r for r in reasons) and any("symbolic link" in r for r in reasons)
     assert not list(inbox.directory.glob("*.jsonl")) and not list(inbox.processing.iterdir())
+
+
+def test_the_inbox_keeps_a_bounded_summary_of_recent_files(tmp_path, monkeypatch):
+    from conch_dna.store import TraceStore
+
+    import daemon.inbox as inbox_module
+    from daemon.inbox import Inbox
+
+    monkeypatch.setattr(inbox_module, "RECENT_REPORTS", 2)
+    store = TraceStore(tmp_path / "home" / "conch.db")
+    inbox = Inbox(store, tmp_path / "home" / "inbox")
+    for i in range(3):
+        trace = {"domain": "task", "teacher": "t", "messages": [{"role": "user", "content": f"Plan {i}."},
+                                                                {"role": "assistant", "content": "1. Go."}]}
+        (inbox.directory / f"f{i}.jsonl").write_text(json.dumps(trace) + "\n" + "not json\n")
+    reports = inbox.sweep()
+    assert [r.lines for r in reports] == [2, 2, 2]  # the caller gets every line's outcome
+    assert [r.source for r in inbox.reports] == ["f1.jsonl", "f2.jsonl"]  # the inbox keeps the last two
+    assert all(r.outcomes == [] and r.stored == 1 and r.quarantined == 1 for r in inbox.reports)
