@@ -1,17 +1,20 @@
 """Renders and installs the service: a launchd agent on macOS, a systemd user unit on Linux.
 
-Imports nothing from the project: it only needs the Python that runs conch and $CONCH_HOME.
+It needs only the Python that runs conch and $CONCH_HOME (and the library's private-folder helper).
 """
 
 from __future__ import annotations
 
 import os
 import plistlib
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from string import Template
 from xml.sax.saxutils import escape
+
+from conch_dna.fsutil import private_dir
 
 LABEL = "com.conch.dna"
 TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist.template")
@@ -55,20 +58,32 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def private_home(home: str | Path) -> str | None:
+    """The service's home, created 0700 (logs/ too) or tightened to 0700 if others could read it
+    (traces are private data); returns a note when it tightened one."""
+    home = Path(home).expanduser()
+    note = None
+    if home.is_dir() and stat.S_IMODE(home.stat().st_mode) & 0o077:
+        note = f"tightened {home} from {stat.S_IMODE(home.stat().st_mode):o} to 700: traces are private"
+        os.chmod(home, 0o700)
+    private_dir(home / "logs")
+    return note
+
+
 def install(home: str | Path) -> str:
-    (Path(home).expanduser() / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+    note = private_home(home)
     if sys.platform == "darwin":
         path = plist_path()
         _write_private(path, render_plist(home))
         domain = f"gui/{os.getuid()}"
         subprocess.run(["launchctl", "bootout", domain, str(path)], capture_output=True)
         subprocess.run(["launchctl", "bootstrap", domain, str(path)], check=True)
-        return f"installed {path} and bootstrapped it into {domain}"
+        return "\n".join(filter(None, [note, f"installed {path} and bootstrapped it into {domain}"]))
     path = unit_path()
     _write_private(path, render_systemd_unit(home).encode())
     subprocess.run(["systemctl", "--user", "daemon-reload"], check=True)
     subprocess.run(["systemctl", "--user", "enable", "--now", UNIT_NAME], check=True)
-    return f"installed {path} and started it (systemctl --user status {UNIT_NAME})"
+    return "\n".join(filter(None, [note, f"installed {path} and started it (systemctl --user status {UNIT_NAME})"]))
 
 
 def uninstall() -> str:

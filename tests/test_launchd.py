@@ -31,3 +31,19 @@ def test_default_python_is_absolute_and_systemd_unit_parses(tmp_path):
     assert unit["Service"]["ExecStart"] == "/usr/bin/python3 -m conch_dna.cli daemon run"
     assert unit["Service"]["Environment"] == f'"CONCH_HOME={tmp_path.resolve()}" "PYTHONUNBUFFERED=1"'
     assert unit["Service"]["Restart"] == "on-failure" and unit["Service"]["UMask"] == "0077"
+
+
+def test_the_service_home_is_created_private_or_tightened(tmp_path):
+    import stat
+
+    from launchd.install import private_home
+
+    fresh = tmp_path / "a" / "home"
+    assert private_home(fresh) is None
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700 and stat.S_IMODE((fresh / "logs").stat().st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    note = private_home(loose)
+    assert note and "tightened" in note and "755" in note
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
