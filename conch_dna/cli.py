@@ -261,7 +261,7 @@ def kd_rollback(domain: str = typer.Option(...), to: str = typer.Option(None, he
     home, config = _home_and_config()
     try:
         version = rollback(home, _checked_domain(domain, config), to)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: DomainBusy, a retrain of it is running
         _fail(str(exc))
     console.print(f"{domain}: {version} is current again")
 

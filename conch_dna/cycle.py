@@ -14,7 +14,16 @@ from conch_dna.config import Config, load_config
 from conch_dna.domains import check_domain
 from conch_dna.fsutil import atomic_write_json
 from conch_dna.store import TraceStore
-from conch_dna.versions import current_adapter_path, current_version, discard, domain_dir, promote
+from conch_dna.versions import (
+    DomainBusy,
+    StaleCandidate,
+    current_adapter_path,
+    current_version,
+    discard,
+    domain_dir,
+    domain_lock,
+    promote,
+)
 
 RESUME_FILE = ".resume.json"
 RESUME_DIR = ".resume"
@@ -127,10 +136,20 @@ def _drop_resume(home: Path, domain: str) -> None:
 def retrain_domain(home: str | Path, domain: str, config: Config | None = None, iters: int | None = None,
                    force: bool = False, on_report=None, console=None, should_stop=None) -> CycleResult:
     """One cycle; should_stop() turning true interrupts it (a SIGTERM): the checkpoint is kept and
-    the next cycle of the domain resumes from it with the same traces."""
+    the next cycle of the domain resumes from it with the same traces. One cycle of a domain at a
+    time: while another holds the domain's lock this one is skipped."""
     home = Path(home)
     config = config or load_config(home)
     check_domain(domain, config.domains)
+    try:
+        with domain_lock(home, domain):
+            return _retrain_locked(home, domain, config, iters, force, on_report, console, should_stop)
+    except DomainBusy as exc:
+        return CycleResult(None, domain, "skipped", str(exc))
+
+
+def _retrain_locked(home: Path, domain: str, config: Config, iters, force, on_report, console,
+                    should_stop) -> CycleResult:
     store = open_store(home, config)
     mark = store.db.conn.execute("SELECT last_rowid FROM training_marks WHERE domain = ?", (domain,)).fetchone()
     mark = mark[0] if mark else 0
@@ -158,6 +177,7 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
 
         distiller = TrueKnowledgeDistiller(config.teacher, config.student, kd, output_dir=home,
                                            cache_dir=home / "teacher_cache", console=console)
+        measured_against = current_version(home, domain)  # what the gate compares the candidate with
         established = [t for t in held if t["rowid"] <= mark]
         groups = {"established": established} if established and len(established) < len(held) else None
         try:
@@ -176,10 +196,14 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
         established = (result.heldout_groups or {}).get("established")
         ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force,
                             established)
+        version = None
         if ok:  # a version is an adapter, not a training run: its checkpoints (and Adam state) stay out
             for checkpoint in candidate_dir.glob("checkpoint_*"):
                 discard(checkpoint)
-        version = promote(home, domain, candidate_dir, reason) if ok else None
+            try:
+                version = promote(home, domain, candidate_dir, reason, expected_current=measured_against)
+            except StaleCandidate as exc:
+                ok, reason = False, str(exc)
         if not ok:
             discard(candidate_dir)
         status = "promoted" if ok else "rejected"

@@ -10,18 +10,45 @@ version or the new one, never a broken one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conch_dna.domains import validate_domain_name
 from conch_dna.fsutil import atomic_write_json, private_dir
 
 MANIFEST = "manifest.json"
+CYCLE_LOCK = ".cycle.lock"  # held for a whole retrain cycle or a rollback of the domain
 _VERSION = re.compile(r"^v(\d{4,})$")
+_ANY = object()
+
+
+class DomainBusy(RuntimeError):
+    """Another retrain cycle or rollback of the domain holds its lock."""
+
+
+class StaleCandidate(RuntimeError):
+    """The current version changed while the candidate was measured against it: not promoted."""
+
+
+@contextmanager
+def domain_lock(home: str | Path, domain: str) -> Iterator[None]:
+    """One retrain cycle or rollback of a domain at a time (flock: released if the holder dies)."""
+    fd = os.open(private_dir(domain_dir(home, domain)) / CYCLE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DomainBusy(f"{domain}: another retrain or rollback of this domain is running") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def domain_dir(home: str | Path, domain: str) -> Path:
@@ -80,15 +107,29 @@ def set_current(home: str | Path, domain: str, version: str, reason: str) -> dic
     return manifest
 
 
-def promote(home: str | Path, domain: str, candidate_dir: str | Path, reason: str) -> str:
-    """Write the candidate as a new immutable version, then switch the manifest to it."""
+def promote(home: str | Path, domain: str, candidate_dir: str | Path, reason: str, expected_current=_ANY) -> str:
+    """Write the candidate as a new immutable version, then switch the manifest to it.
+
+    `expected_current`: the version (or None for the bare student) the candidate was measured
+    against; if the manifest names another one now, StaleCandidate is raised and nothing changes
+    (compare-and-swap, as `git update-ref <ref> <new> <old>` does).
+    """
+    if expected_current is not _ANY and current_version(home, domain) != expected_current:
+        raise StaleCandidate(f"{domain}: the current version became {current_version(home, domain) or 'base'} "
+                             f"while the candidate was measured against {expected_current or 'base'}")
     version = write_version(home, domain, candidate_dir)
     set_current(home, domain, version, reason)
     return version
 
 
 def rollback(home: str | Path, domain: str, to: str | None = None) -> str:
-    """Make an earlier version current again (default: the one before the current)."""
+    """Make an earlier version current again (default: the one before the current); DomainBusy while
+    a retrain cycle of the domain runs."""
+    with domain_lock(home, domain):
+        return _rollback(home, domain, to)
+
+
+def _rollback(home: str | Path, domain: str, to: str | None) -> str:
     manifest = read_manifest(home, domain)
     if not manifest:
         raise ValueError(f"{domain}: no version has been promoted, nothing to roll back")

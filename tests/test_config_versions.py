@@ -144,3 +144,28 @@ def test_a_prompt_longer_than_the_window_is_cut_from_the_left_and_its_answer_sti
     assert np.array(targets)[0][np.array(mask)[0] > 0].tolist() == answer.tolist()
     assert np.array(inputs)[0][int(np.argmax(np.array(mask)[0]))] == 199  # the prompt's last token predicts it
     assert heldout_metrics(student[0], [example], max_seq_length=16).tokens == 5
+
+
+def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_against(tmp_path, kit):
+    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.config import parse_config
+    from conch_dna.cycle import retrain_domain
+    from conch_dna.models import load_model
+    from conch_dna.versions import DomainBusy, StaleCandidate, current_version, domain_lock, promote, rollback
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\n')
+    with domain_lock(home, "task"):
+        result = retrain_domain(home, "task", config, force=True)
+        assert result.status == "skipped" and "another retrain or rollback" in result.reason
+        with pytest.raises(DomainBusy):
+            rollback(home, "task")
+    model, _ = load_model(kit["student"])
+    adapter_config = {"model": kit["student"], **apply_lora(model, 2, 4, 20.0, 0.0)}
+    for name in ("a", "b"):
+        save_adapter(home / name, adapter_weights(model), adapter_config)
+    assert promote(home, "task", home / "a", "first", expected_current=None) == "v0001"
+    with pytest.raises(StaleCandidate, match="became v0001 while the candidate was measured against base"):
+        promote(home, "task", home / "b", "measured against the bare student", expected_current=None)
+    assert current_version(home, "task") == "v0001" and (home / "b").exists()
