@@ -169,3 +169,34 @@ def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_again
     with pytest.raises(StaleCandidate, match="became v0001 while the candidate was measured against base"):
         promote(home, "task", home / "b", "measured against the bare student", expected_current=None)
     assert current_version(home, "task") == "v0001" and (home / "b").exists()
+
+
+def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path, kit):
+    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.config import parse_config
+    from conch_dna.cycle import open_store, retrain_domain
+    from conch_dna.kit import corpus
+    from conch_dna.models import load_model
+    from conch_dna.traces import record
+    from conch_dna.versions import current_version, promote
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n'
+                          "[kd]\nnum_iters = 3\nsteps_per_report = 1\nlora_rank = 4\nlora_layers = 2\n")
+    store = open_store(home, config)
+    for chat in corpus.dialogues(12, seed=3, domains=["task"]):
+        record("task", chat, teacher=kit["teacher"], store=store)
+    model, _ = load_model(kit["student"])
+    other = tmp_path / "other"
+    save_adapter(other, adapter_weights(model), {"model": kit["student"], **apply_lora(model, 2, 4, 20.0, 0.0)})
+    sneaked = []
+
+    def promote_behind_its_back(report):  # another writer switches the manifest during training
+        if not sneaked:
+            sneaked.append(promote(home, "task", other, "sneaked in"))
+
+    result = retrain_domain(home, "task", config, force=True, on_report=promote_behind_its_back)
+    assert sneaked == ["v0001"]
+    assert result.status == "rejected" and "became v0001 while the candidate was measured against base" in result.reason
+    assert current_version(home, "task") == "v0001"
