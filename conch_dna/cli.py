@@ -149,7 +149,8 @@ def traces_export(domain: str = typer.Option(..., help="the domain to export"),
 
 
 @app.command()
-def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (one an earlier demo made is emptied; another non-empty one is refused)"),
+def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (one an earlier demo made is "
+                                                           "emptied; another non-empty one is refused)"),
          real: bool = typer.Option(False, "--real", help="SmolLM2-135M-Instruct and its cut instead of the kit "
                                                           "(built on first use; several minutes)")) -> None:
     """The whole loop, live: EGO traces, daemon retrains, neurons hot-swap (the tiny kit, or --real)."""
