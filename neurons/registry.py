@@ -14,6 +14,7 @@ logged, and the old one keeps serving. Accepted weights are swapped in at the ne
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -96,7 +97,7 @@ class NeuronRegistry:
     def _load(self, student: str) -> None:
         self.model, self.tokenizer = load_model(student)
         kd = self.config.kd
-        apply_lora(self.model, kd.lora_layers, kd.lora_rank, kd.lora_scale, 0.0)
+        self.lora = apply_lora(self.model, kd.lora_layers, kd.lora_rank, kd.lora_scale, 0.0)
         self.model.eval()
         own = adapter_weights(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in own.items()}
@@ -126,6 +127,7 @@ class NeuronRegistry:
         """A version's adapter weights as numpy arrays, checked against the model's LoRA layers."""
         from safetensors.numpy import load_file
 
+        self._check_lora_config(domain, version)
         path = domain_dir(self.home, domain) / version / "adapters.safetensors"
         try:
             weights = load_file(str(path))
@@ -141,6 +143,20 @@ class NeuronRegistry:
         if not all(np.isfinite(w).all() for w in weights.values()):
             raise VersionRefused(f"{domain} {version}: weights hold NaN or infinity")
         return weights
+
+    def _check_lora_config(self, domain: str, version: str) -> None:
+        """A version is served only with the LoRA it was trained with: same layers, rank and scale
+        (the weights' shapes show the rank and layers, not the scale)."""
+        path = domain_dir(self.home, domain) / version / "adapter_config.json"
+        try:
+            trained = json.loads(path.read_text())
+            theirs = (trained["num_layers"], trained["lora_parameters"]["rank"], trained["lora_parameters"]["scale"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable config is a refused version
+            raise VersionRefused(f"{domain} {version}: cannot read adapter_config.json: {exc}") from None
+        ours = (self.lora["num_layers"], self.lora["lora_parameters"]["rank"], self.lora["lora_parameters"]["scale"])
+        if tuple(theirs) != ours:
+            raise VersionRefused(f"{domain} {version}: trained with LoRA (layers, rank, scale) {tuple(theirs)}, "
+                                 f"the registry serves {ours}: set [kd] in config.toml to match")
 
     def refresh(self, domain: str | None = None) -> None:
         """Stage the current version of each domain whose manifest names a version not yet serving."""

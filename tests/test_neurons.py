@@ -123,14 +123,15 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(tmp_path):
         bad = tmp_path / "bad"
         bad.mkdir()
         (bad / "adapters.safetensors").write_bytes(b"\x00" * 64)
-        (bad / "adapter_config.json").write_text("{}")
+        v1 = home / "adapters_kd" / "task" / "v0001"
+        (bad / "adapter_config.json").write_text((v1 / "adapter_config.json").read_text())
         from conch_dna.versions import promote
 
         promote(home, "task", bad, "a broken candidate")
         deadline = time.monotonic() + 5
         while ("task", "v0002") not in registry.refused and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "cannot read" in registry.refused[("task", "v0002")]
+        assert "cannot read adapters.safetensors" in registry.refused[("task", "v0002")]
         assert neuron.version == "v0001" and neuron.generate(PROMPT, max_tokens=6) == before
         with registry.pinned("task") as pinned:
             assert pinned.version == "v0001"
@@ -160,3 +161,26 @@ def test_unknown_domain_fails_on_its_name_before_any_model_loads(tmp_path, monke
     with pytest.raises(UnknownDomainError):
         neurons.pinned("../etc")
     assert neurons._registry is None
+
+
+def test_a_version_trained_with_another_lora_scale_is_refused(tmp_path):
+    """Same shapes, another scale: the weights fit, but served at our scale they would answer wrong."""
+    import shutil
+
+    from conch_dna.versions import promote
+
+    home = make_home(tmp_path)
+    assert promote_versions(home, 1, 0).wait(timeout=120) == 0
+    registry = NeuronRegistry(home, watch=False)
+    try:
+        other = tmp_path / "other-scale"
+        shutil.copytree(home / "adapters_kd" / "task" / "v0001", other)
+        config = json.loads((other / "adapter_config.json").read_text())
+        config["lora_parameters"]["scale"] = 10.0
+        (other / "adapter_config.json").write_text(json.dumps(config))
+        promote(home, "task", other, "trained at scale 10")
+        registry.refresh("task")
+        assert "trained with LoRA (layers, rank, scale) (2, 8, 10.0)" in registry.refused[("task", "v0002")]
+        assert registry.get("task").version == "v0001"
+    finally:
+        registry.close()
