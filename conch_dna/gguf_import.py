@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,7 +340,4 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
 
 
 def _type_counts(tensors: list[GGUFTensor]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.type_name] = counts.get(t.type_name, 0) + 1
-    return counts
+    return dict(Counter(t.type_name for t in tensors))
