@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store
 from conch_dna.domains import DOMAINS
 from conch_dna.ego import Ego
 from conch_dna.home import conch_home
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.models import tokenizer_fingerprint
-from conch_dna.teacher import TeacherCache, TeacherScorer
+from conch_dna.store import TraceStore
 from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import to_messages
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         ego_seconds = time.perf_counter() - tic
         tokenizer = ego.tokenizer
         ego.close()
-        store = open_store(home, load_config(home))
+        store = TraceStore.for_home(home, load_config(home))
         traces = [t for d in DOMAINS for split in ("train", "heldout") for t in store.traces_of(d, split)]
         scorer = TeacherScorer(args.teacher, TeacherCache(Path(tmp) / "cache"), 64, len(tokenizer))
         fingerprint, kept, cut = tokenizer_fingerprint(tokenizer), 0, 0

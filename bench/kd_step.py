@@ -20,11 +20,12 @@ import tempfile
 import time
 
 from conch_dna.adapters import apply_lora
+from conch_dna.chat import encode_chat
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.models import load_model, output_vocab_size
-from conch_dna.teacher import TeacherCache, TeacherScorer
-from conch_dna.training.data import KDExample, collate, encode_chat
+from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import compute_kd_loss, masked_mean
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import KDConfig, make_kd_step
 
 import mlx.core as mx

@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.evaluation import heldout_metrics
 from conch_dna.home import conch_home
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.true_kd import (
     KDConfig,
     TrueKnowledgeDistiller,
@@ -123,12 +124,13 @@ def main() -> None:
         kd_model, _, _ = distiller.load_student()
         kd_curve = curves["true kd (conch_dna)"]
 
-        def on_report(report):
-            if report["iteration"] in steps:
-                kd_curve[report["iteration"]] = heldout_metrics(kd_model, held_examples)
+        class Curve(KDCallback):
+            def on_train_report(self, report):
+                if report["iteration"] in steps:
+                    kd_curve[report["iteration"]] = heldout_metrics(kd_model, held_examples)
 
         tic = time.perf_counter()
-        train_kd(kd_model, train_examples, config, adapter_config, on_report=on_report)
+        train_kd(kd_model, train_examples, config, adapter_config, callbacks=Curve())
         kd_seconds = time.perf_counter() - tic
         samples = [(messages, teacher_text, answer(model, tokenizer, messages, args.max_answer_tokens),
                     answer(sft_model, tokenizer, messages, args.max_answer_tokens),

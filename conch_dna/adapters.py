@@ -18,6 +18,7 @@ CONFIG_FILE = "adapter_config.json"
 # weights, to go on as if it had never stopped. Not part of an adapter. (MLX's random key cannot be
 # set, only seeded, so with LoRA dropout a resumed run draws other, equally random, masks.)
 OPTIMIZER_FILE = "optimizer.safetensors"
+KD_METRICS_FILE = "kd_metrics.json"  # what a run measured, next to the adapter it wrote
 
 
 def apply_lora(model, num_layers: int, rank: int, scale: float, dropout: float) -> dict:

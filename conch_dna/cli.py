@@ -48,10 +48,10 @@ def _checked_domain(domain: str, config) -> str:
 
 
 def _store():
-    from conch_dna.cycle import open_store
+    from conch_dna.store import TraceStore
 
     home, config = _home_and_config()
-    return open_store(home, config)
+    return TraceStore.for_home(home, config)
 
 
 def _print_json(data) -> None:
@@ -197,6 +197,7 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
                force: bool = typer.Option(False, help="promote even with too few held-out traces")) -> None:
     """Retrain a domain now: through the daemon when it runs, else here with a progress bar."""
     from conch_dna.cycle import retrain_domain
+    from conch_dna.runs import RunStatus
     from conch_dna.status import read_state
 
     from daemon.service import request_retrain
@@ -205,6 +206,7 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
     domain = _checked_domain(domain, config)
     if iters is not None and iters < 1:
         _fail(f"--iters must be at least 1, got {iters}")
+    config = config.with_iters(domain, iters)
     if read_state(home):
         import json as _json
 
@@ -218,10 +220,16 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
         answer.unlink(missing_ok=True)
         status, reason = result.get("status", result.get("event")), result.get("reason", "")
     else:
-        r = retrain_domain(home, domain, config, iters=iters, force=force, console=console)
-        status, reason = r.status, r.reason
+        from conch_dna.progress import RichProgress
+
+        progress = RichProgress(console)
+        try:
+            r = retrain_domain(home, domain, config, force, progress)
+        finally:
+            progress.close()
+        status, reason = str(r.status), r.reason
     console.print(f"{domain}: {status}: {reason}")
-    if status == "failed":
+    if status == RunStatus.FAILED:
         raise typer.Exit(1)
 
 
@@ -232,16 +240,16 @@ def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(Fal
     home, config = _home_and_config()
     runs = _store().runs(_checked_domain(domain, config), limit)
     if as_json:
-        _print_json(runs)
+        _print_json([r.as_dict() for r in runs])
         return
     table = Table(title=f"{domain}: training runs")
     for col in ("run", "started", "status", "version", "KL current -> candidate", "reason"):
         table.add_column(col)
     for r in runs:
-        cur, cand = r["current_metrics"], r["candidate_metrics"]
+        cur, cand = r.current_metrics, r.candidate_metrics
         kl = f"{cur['kl']:.4f} -> {cand['kl']:.4f}" if cur and cand else "-"
-        table.add_row(str(r["id"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])),
-                      r["status"], r["version"] or "-", kl, r["reason"] or "")
+        table.add_row(str(r.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at)),
+                      str(r.status), r.version or "-", kl, r.reason or "")
     console.print(table)
 
 

@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 from conch_dna.domains import DOMAINS, validate_domain_name
+from conch_dna.models import DEFAULT_STUDENT, DEFAULT_TEACHER
+from conch_dna.training.kd_config import KDConfig
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -28,38 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_TEACHER = "mlx-community/Qwen2.5-7B-Instruct-4bit"
-DEFAULT_STUDENT = "mlx-community/Qwen2.5-3B-Instruct-4bit"
-
 
 class ConfigError(ValueError):
     """config.toml is unreadable or has an unknown key or a bad value; the message names it."""
-
-
-class KDSettings(BaseModel):
-    """KDConfig fields a config may set; KDConfig itself checks their ranges."""
-
-    model_config = ConfigDict(extra="forbid")
-    temperature: float = 2.0
-    alpha: float = 0.7
-    lora_rank: int = 16
-    lora_scale: float = 20.0
-    lora_layers: int = 16
-    learning_rate: float = 1e-4
-    batch_size: int = 4
-    num_iters: int = 200
-    steps_per_report: int = 10
-    steps_per_save: int = 100
-    top_k: int = 64
-    max_seq_length: int = 2048
-    max_answer_tokens: int = 256
-    divergence: str = "forward_kl"
-
-    def kd_config(self, **changes):
-        from conch_dna.training.true_kd import KDConfig
-
-        known = {f.name for f in fields(KDConfig)}
-        return KDConfig(**{k: v for k, v in {**self.model_dump(), **changes}.items() if k in known})
 
 
 class DomainSettings(BaseModel):
@@ -84,7 +57,7 @@ class Config(BaseModel):
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)
     train_on_battery: bool = False
-    kd: KDSettings = Field(default_factory=KDSettings)
+    kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 
     @field_validator("domains")
@@ -104,6 +77,17 @@ class Config(BaseModel):
         o = self.domain.get(domain)
         return o.num_iters if o and o.num_iters else self.kd.num_iters
 
+    def kd_for(self, domain: str) -> KDConfig:
+        """The run settings of a domain: [kd] with the domain's num_iters."""
+        return replace(self.kd, num_iters=self.iters(domain))
+
+    def with_iters(self, domain: str, iters: int | None) -> Config:
+        """This config with the domain's num_iters set to `iters` (None: unchanged), e.g. --iters."""
+        if iters is None:
+            return self
+        override = (self.domain.get(domain) or DomainSettings()).model_copy(update={"num_iters": iters})
+        return self.model_copy(update={"domain": {**self.domain, domain: override}})
+
     def heldout_minimum(self, domain: str) -> int:
         o = self.domain.get(domain)
         return o.min_heldout if o and o.min_heldout is not None else self.min_heldout
@@ -116,16 +100,13 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     try:
         config = Config.model_validate(data)
-        config.kd.kd_config()  # KDConfig's own range checks, reported as config errors
     except ValidationError as exc:
         e = exc.errors()[0]
         key = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
-        raise ConfigError(f"{source}: {key}: {msg}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{source}: kd: {str(exc).replace('KDConfig.', 'kd.')}") from None
+        raise ConfigError(f"{source}: {key}: {msg.replace('KDConfig.', 'kd.')}") from None
     unknown = [d for d in config.domain if d not in config.domains]
     if unknown:
         raise ConfigError(f"{source}: domain.{unknown[0]}: not one of the configured domains")

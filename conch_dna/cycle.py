@@ -13,7 +13,11 @@ from pathlib import Path
 from conch_dna.config import Config, load_config
 from conch_dna.domains import check_domain
 from conch_dna.fsutil import atomic_write_json
+from conch_dna.home import TEACHER_CACHE_DIR
+from conch_dna.runs import RunStatus
 from conch_dna.store import TraceStore
+from conch_dna.training.callbacks import KDCallback
+from conch_dna.training.true_kd import DistillOptions, DistillResult, TrainingInterrupted, TrueKnowledgeDistiller
 from conch_dna.versions import (
     DomainBusy,
     StaleCandidate,
@@ -33,15 +37,11 @@ RESUME_DIR = ".resume"
 class CycleResult:
     run_id: int | None
     domain: str
-    status: str  # promoted / rejected / skipped / interrupted / failed
+    status: RunStatus
     reason: str
     version: str | None = None
     current_metrics: dict | None = None
     candidate_metrics: dict | None = None
-
-
-def open_store(home: str | Path, config: Config) -> TraceStore:
-    return TraceStore(Path(home) / "conch.db", config.domains, config.heldout_fraction)
 
 
 def _with_established(metrics: dict | None, established: dict | None, side: str) -> dict | None:
@@ -112,114 +112,164 @@ def pending(store: TraceStore, domain: str) -> int:
     return store.counts(domain).new_train
 
 
-def _resume_state(home: Path, domain: str) -> dict | None:
-    try:
-        return json.loads((domain_dir(home, domain) / RESUME_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
+@dataclass
+class Selection:
+    """The traces one run of a domain learns from and is measured on."""
+
+    mark: int  # the last trace the previous completed run consumed
+    upto: int  # the last trace this run may see (a resumed run keeps its first run's)
+    new: list[dict]
+    replay: list[dict]  # older train traces mixed in, so a domain does not forget
+    held: list[dict]
+    resume: tuple[Path, int] | None = None  # (checkpoint, step) of an interrupted run of these traces
+
+    @property
+    def established(self) -> list[dict]:
+        """Held-out traces the current version was already validated on."""
+        return [t for t in self.held if t["rowid"] <= self.mark]
 
 
-def _keep_for_resume(home: Path, domain: str, checkpoint: Path, iteration: int, upto: int, iters: int) -> None:
-    """Move an interrupted run's checkpoint aside so the next run of the domain continues it."""
-    resume_dir = domain_dir(home, domain) / RESUME_DIR
-    discard(resume_dir)
-    os.rename(checkpoint, resume_dir)
-    atomic_write_json(domain_dir(home, domain) / RESUME_FILE,
-                      {"iteration": iteration, "upto_rowid": upto, "iters": iters})
+class _Skip(Exception):
+    """Nothing to train: the reason, in words."""
 
 
-def _drop_resume(home: Path, domain: str) -> None:
-    (domain_dir(home, domain) / RESUME_FILE).unlink(missing_ok=True)
-    discard(domain_dir(home, domain) / RESUME_DIR)
+def retrain_domain(home: str | Path, domain: str, config: Config | None = None, force: bool = False,
+                   callbacks: KDCallback | None = None) -> CycleResult:
+    """One retrain cycle of `domain`: select → train → gate → record.
 
-
-def retrain_domain(home: str | Path, domain: str, config: Config | None = None, iters: int | None = None,
-                   force: bool = False, on_report=None, console=None, should_stop=None) -> CycleResult:
-    """One cycle; should_stop() turning true interrupts it (a SIGTERM): the checkpoint is kept and
-    the next cycle of the domain resumes from it with the same traces. One cycle of a domain at a
-    time: while another holds the domain's lock this one is skipped."""
+    `config` defaults to the home's config.toml (`Config.with_iters` sets a run's steps). `force`
+    trains without new traces and promotes past a too small held-out set. `callbacks` hears the
+    engine's progress; its should_stop() turning true (a SIGTERM) interrupts the cycle: the
+    checkpoint is kept and the next cycle of the domain resumes from it with the same traces.
+    One cycle of a domain at a time: while another holds the domain's lock this one is skipped.
+    Returns a CycleResult whose status is a RunStatus; raises UnknownDomainError for a domain
+    the config does not have. Errors of a run are recorded and returned as FAILED, not raised.
+    """
     home = Path(home)
     config = config or load_config(home)
     check_domain(domain, config.domains)
     try:
         with domain_lock(home, domain):
-            return _retrain_locked(home, domain, config, iters, force, on_report, console, should_stop)
+            return _Cycle(home, domain, config, force, callbacks or KDCallback()).run()
     except DomainBusy as exc:
-        return CycleResult(None, domain, "skipped", str(exc))
+        return CycleResult(None, domain, RunStatus.SKIPPED, str(exc))
 
 
-def _retrain_locked(home: Path, domain: str, config: Config, iters, force, on_report, console,
-                    should_stop) -> CycleResult:
-    store = open_store(home, config)
-    mark = store.db.conn.execute("SELECT last_rowid FROM training_marks WHERE domain = ?", (domain,)).fetchone()
-    mark = mark[0] if mark else 0
-    resume_state = _resume_state(home, domain)
-    upto = resume_state["upto_rowid"] if resume_state else store.max_rowid(domain)
-    new = store.traces_of(domain, "train", since_rowid=mark, upto_rowid=upto)
-    replay = store.traces_of(domain, "train", upto_rowid=mark, sample=config.replay_count) if mark else []
-    held = store.traces_of(domain, "heldout", upto_rowid=upto)
-    if not new and not force:
-        return CycleResult(None, domain, "skipped", "no new train traces since the last run")
-    if not new + replay:
-        return CycleResult(None, domain, "skipped", "no train traces at all")
+class _Cycle:
+    """retrain_domain's steps, sharing the domain, its store and its folder."""
 
-    kd = config.kd.kd_config(num_iters=iters or config.iters(domain))
-    resume = None
-    if resume_state and resume_state["iters"] == kd.num_iters:
-        resume = (domain_dir(home, domain) / RESUME_DIR, resume_state["iteration"])
-    from conch_dna.training.true_kd import TrainingInterrupted
+    def __init__(self, home: Path, domain: str, config: Config, force: bool, callbacks: KDCallback):
+        self.home, self.domain, self.config, self.force, self.callbacks = home, domain, config, force, callbacks
+        self.store = TraceStore.for_home(home, config)
+        self.kd = config.kd_for(domain)
+        self.folder = domain_dir(home, domain)
 
-    run_id = store.start_run(domain, upto_rowid=upto, new_traces=len(new), replay_traces=len(replay),
-                             heldout_traces=len(held), iters=kd.num_iters)
-    candidate_dir = domain_dir(home, domain) / f".candidate-{run_id}"
-    try:
-        from conch_dna.training.true_kd import TrueKnowledgeDistiller
-
-        distiller = TrueKnowledgeDistiller(config.teacher, config.student, kd, output_dir=home,
-                                           cache_dir=home / "teacher_cache", console=console)
-        measured_against = current_version(home, domain)  # what the gate compares the candidate with
-        established = [t for t in held if t["rowid"] <= mark]
-        groups = {"established": established} if established and len(established) < len(held) else None
+    def run(self) -> CycleResult:
         try:
-            result = distiller.distill_domain(domain, new + replay, held or None,
-                                              warm_start=current_adapter_path(home, domain),
-                                              on_report=on_report, adapter_dir=candidate_dir,
-                                              should_stop=should_stop, resume=resume, heldout_groups=groups)
+            picked = self.select()
+        except _Skip as skip:
+            return CycleResult(None, self.domain, RunStatus.SKIPPED, str(skip))
+        run_id = self.store.start_run(self.domain, upto_rowid=picked.upto, new_traces=len(picked.new),
+                                      replay_traces=len(picked.replay), heldout_traces=len(picked.held),
+                                      iters=self.kd.num_iters)
+        candidate = self.folder / f".candidate-{run_id}"
+        try:
+            measured_against = current_version(self.home, self.domain)
+            result = self.train(picked, candidate)
+            promoted, reason = self.gate(picked, result)
+            version, reason = self.promote(candidate, measured_against, reason) if promoted else (None, reason)
+            if version is None:
+                discard(candidate)
+            return self.record(run_id, picked, result, version, reason)
         except TrainingInterrupted as stop:
-            if stop.checkpoint:
-                _keep_for_resume(home, domain, stop.checkpoint, stop.iteration, upto, kd.num_iters)
-            discard(candidate_dir)
-            reason = (f"interrupted at step {stop.iteration}; the next run resumes from its checkpoint"
-                      if stop.checkpoint else "interrupted before training started")
-            store.finish_run(run_id, "interrupted", decision="interrupted", reason=reason)
-            return CycleResult(run_id, domain, "interrupted", reason)
+            return self.interrupted(run_id, picked, candidate, stop)
+        except BaseException as exc:
+            discard(candidate)
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason[:2000])
+            if isinstance(exc, Exception):
+                traceback.print_exc()
+                return CycleResult(run_id, self.domain, RunStatus.FAILED, reason)
+            raise
+
+    def select(self) -> Selection:
+        """New train traces since the last run, a replay sample of older ones, the held-out set."""
+        mark = self.store.trained_upto(self.domain)
+        state = self._resume_state()
+        upto = state["upto_rowid"] if state else self.store.max_rowid(self.domain)
+        new = self.store.traces_of(self.domain, "train", since_rowid=mark, upto_rowid=upto)
+        replay = (self.store.traces_of(self.domain, "train", upto_rowid=mark, sample=self.config.replay_count)
+                  if mark else [])
+        held = self.store.traces_of(self.domain, "heldout", upto_rowid=upto)
+        if not new and not self.force:
+            raise _Skip("no new train traces since the last run")
+        if not new + replay:
+            raise _Skip("no train traces at all")
+        resume = None
+        if state and state["iters"] == self.kd.num_iters:
+            resume = (self.folder / RESUME_DIR, state["iteration"])
+        return Selection(mark, upto, new, replay, held, resume)
+
+    def train(self, picked: Selection, candidate: Path) -> DistillResult:
+        """Distil a candidate from the current version, measured on the held-out traces."""
+        distiller = TrueKnowledgeDistiller(self.config.teacher, self.config.student, self.kd,
+                                           output_dir=self.home, cache_dir=self.home / TEACHER_CACHE_DIR,
+                                           callbacks=self.callbacks)
+        established = picked.established
+        groups = {"established": established} if established and len(established) < len(picked.held) else None
+        options = DistillOptions(warm_start=current_adapter_path(self.home, self.domain), adapter_dir=candidate,
+                                 resume=picked.resume, heldout_groups=groups)
+        return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
+
+    def gate(self, picked: Selection, result: DistillResult) -> tuple[bool, str]:
         established = (result.heldout_groups or {}).get("established")
-        ok, reason = decide(result.heldout_before, result.heldout_after, len(held), config, domain, force,
-                            established)
-        version = None
-        if ok:  # a version is an adapter, not a training run: its checkpoints (and Adam state) stay out
-            for checkpoint in candidate_dir.glob("checkpoint_*"):
-                discard(checkpoint)
-            try:
-                version = promote(home, domain, candidate_dir, reason, expected_current=measured_against)
-            except StaleCandidate as exc:
-                ok, reason = False, str(exc)
-        if not ok:
-            discard(candidate_dir)
-        status = "promoted" if ok else "rejected"
-        store.mark_trained(domain, upto)
-        _drop_resume(home, domain)
-        store.finish_run(run_id, status, decision=status, reason=reason,
-                         version=version or current_version(home, domain),
-                         current_metrics=_with_established(result.heldout_before, established, "before"),
-                         candidate_metrics=_with_established(result.heldout_after, established, "after"),
-                         history=result.history)
-        return CycleResult(run_id, domain, status, reason, version, result.heldout_before, result.heldout_after)
-    except BaseException as exc:
-        discard(candidate_dir)
-        reason = f"{type(exc).__name__}: {exc}".strip()
-        store.finish_run(run_id, "failed", decision="failed", reason=reason[:2000])
-        if isinstance(exc, Exception):
-            traceback.print_exc()
-            return CycleResult(run_id, domain, "failed", reason)
-        raise
+        return decide(result.heldout_before, result.heldout_after, len(picked.held), self.config, self.domain,
+                      self.force, established)
+
+    def promote(self, candidate: Path, measured_against: str | None, reason: str) -> tuple[str | None, str]:
+        """(the new version, reason), or (None, why not) when the current version changed while
+        this run measured the candidate against it."""
+        for checkpoint in candidate.glob("checkpoint_*"):  # a version is an adapter, not a training run
+            discard(checkpoint)
+        try:
+            return promote(self.home, self.domain, candidate, reason, expected_current=measured_against), reason
+        except StaleCandidate as exc:
+            return None, str(exc)
+
+    def record(self, run_id: int, picked: Selection, result: DistillResult, version: str | None,
+               reason: str) -> CycleResult:
+        status = RunStatus.PROMOTED if version else RunStatus.REJECTED
+        self.store.mark_trained(self.domain, picked.upto)
+        self._drop_resume()
+        established = (result.heldout_groups or {}).get("established")
+        current = _with_established(result.heldout_before, established, "before")
+        candidate = _with_established(result.heldout_after, established, "after")
+        self.store.finish_run(run_id, status, decision=status.value, reason=reason,
+                              version=version or current_version(self.home, self.domain),
+                              current_metrics=current, candidate_metrics=candidate, history=result.history)
+        return CycleResult(run_id, self.domain, status, reason, version, result.heldout_before,
+                           result.heldout_after)
+
+    def interrupted(self, run_id: int, picked: Selection, candidate: Path, stop: TrainingInterrupted) -> CycleResult:
+        """Keep the checkpoint for the next run of the domain, which resumes it on the same traces."""
+        if stop.checkpoint:
+            resume_dir = self.folder / RESUME_DIR
+            discard(resume_dir)
+            os.rename(stop.checkpoint, resume_dir)
+            atomic_write_json(self.folder / RESUME_FILE, {"iteration": stop.iteration, "upto_rowid": picked.upto,
+                                                          "iters": self.kd.num_iters})
+        discard(candidate)
+        reason = (f"interrupted at step {stop.iteration}; the next run resumes from its checkpoint"
+                  if stop.checkpoint else "interrupted before training started")
+        self.store.finish_run(run_id, RunStatus.INTERRUPTED, decision=RunStatus.INTERRUPTED.value, reason=reason)
+        return CycleResult(run_id, self.domain, RunStatus.INTERRUPTED, reason)
+
+    def _resume_state(self) -> dict | None:
+        try:
+            return json.loads((self.folder / RESUME_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _drop_resume(self) -> None:
+        (self.folder / RESUME_FILE).unlink(missing_ok=True)
+        discard(self.folder / RESUME_DIR)

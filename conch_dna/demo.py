@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -22,15 +21,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from conch_dna.chat import to_messages
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store
 from conch_dna.fsutil import atomic_write_text, open_private, private_dir
+from conch_dna.home import CONFIG_TOML, INBOX_DIR, LOGS_DIR
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
-from conch_dna.status import STATE_FILE, kd_status_data
+from conch_dna.runs import RunStatus
+from conch_dna.status import kd_status_data, read_state
+from conch_dna.store import TraceStore
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+
+from daemon.inbox import PROCESSING
 
 DOMAINS = ("thinking", "action")
 
@@ -45,7 +49,6 @@ class DemoSetup:
     ego_max_tokens: int
     neuron_max_tokens: int
     noise_traces: int
-    budget_seconds: float
     prompt_seed: int = 500  # the agent's prompts; with few of them, which land held out matters
 
 
@@ -66,7 +69,7 @@ def kit_setup() -> DemoSetup:
                          {"num_iters": 80, "learning_rate": 1e-3, "lora_rank": 8, "max_answer_tokens": 64,
                           "steps_per_report": 10})
     return DemoSetup("the tiny kit", config, ego_prompts=80, ego_max_tokens=128, neuron_max_tokens=24,
-                     noise_traces=60, budget_seconds=170.0)
+                     noise_traces=60)
 
 
 def real_setup() -> DemoSetup:
@@ -87,7 +90,7 @@ def real_setup() -> DemoSetup:
     # this far from its teacher, KD on teacher-scored noise answers is still teacher signal, and the
     # gate rightly promoted that candidate (held-out KL 2.91 -> 2.47) in a run that had one.
     return DemoSetup("SmolLM2-135M-Instruct -> its 15-layer cut", config, ego_prompts=16, ego_max_tokens=48,
-                     neuron_max_tokens=32, noise_traces=0, budget_seconds=1500.0, prompt_seed=700)
+                     neuron_max_tokens=32, noise_traces=0, prompt_seed=700)
 
 
 class DemoView:
@@ -98,18 +101,15 @@ class DemoView:
 
     def render(self):
         config = load_config(self.home)
-        store = open_store(self.home, config)
-        try:
-            state = json.loads((self.home / STATE_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            state = {}
+        store = TraceStore.for_home(self.home, config)
+        state = read_state(self.home) or {}
         table = Table(title=f"Conch DNA demo: {self.phase}", expand=True)
         for col in ("domain", "train", "held-out", "new / threshold", "serving", "last decision"):
             table.add_column(col)
         for d in DOMAINS:
             c = store.counts(d)
             runs = store.runs(d, limit=1)
-            last = f"{runs[0]['status']}: {runs[0]['reason'] or ''}"[:70] if runs else "-"
+            last = f"{runs[0].status}: {runs[0].reason or ''}"[:70] if runs else "-"
             table.add_row(d, str(c.train), str(c.heldout), f"{c.new_train} / {config.threshold(d)}",
                           self.registry.next_version(d), last)
         running = state.get("running")
@@ -125,16 +125,6 @@ class DemoView:
             calls.add_row(d, v, text.replace("\n", " ")[:80])
         store.close()
         return Group(table, training, calls)
-
-
-def _noise_lines(domain: str, n: int, seed: int) -> str:
-    r = random.Random(seed)
-    words = [w for d in corpus.dialogues(60, seed=1) for w in d[2]["content"].split()]
-    lines = []
-    for d in corpus.dialogues(n, seed=seed, domains=[domain]):
-        d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
-        lines.append(json.dumps({"domain": domain, "teacher": "a-broken-teacher", "messages": d}))
-    return "\n".join(lines) + "\n"
 
 
 DEMO_MARK = ".conch-demo"  # in a home the demo made: only such a folder is emptied by the next demo
@@ -158,95 +148,159 @@ def prepare_home(home: Path) -> None:
 
 
 def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> int:
-    from conch_dna.ego import Ego
-    from conch_dna.report import build_report
-
-    from neurons import NeuronRegistry
-
+    """The demo in a fresh `home` (see prepare_home); 0 when every domain was promoted (and, with a
+    noise phase, a candidate rejected), else 1."""
     setup = setup or kit_setup()
-    budget_seconds = setup.budget_seconds
     tic = time.monotonic()
     prepare_home(home)
-    atomic_write_text(home / "config.toml", setup.config)
-    env = {**os.environ, "CONCH_HOME": str(home.resolve())}
-    log = open_private(private_dir(home / "logs") / "daemon.log", "w")  # open for the daemon's whole life
-    # The agent side's log (swaps, refused versions, library noise at shutdown) goes to a file, not
-    # across the live view.
-    logging.basicConfig(stream=open_private(home / "logs" / "agent.log", "w"), level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    daemon = subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    ego = Ego(home=home, top_k=32, max_tokens=setup.ego_max_tokens)
-    registry = NeuronRegistry(home, poll_seconds=0.5)
-    view = DemoView(home, registry)
-    prompts = {d: corpus.prompts(d, setup.ego_prompts, seed=setup.prompt_seed + i) for i, d in enumerate(DOMAINS)}
-    ego_rounds = max(len(p) for p in prompts.values())  # then the agent only calls the neurons
+    atomic_write_text(home / CONFIG_TOML, setup.config)
+    daemon = _start_daemon(home)
+    demo = _Agent(home, setup, daemon)
     try:
-        with Live(view.render(), console=console, refresh_per_second=4) as live:
-            def agent_round(i: int) -> None:
-                for d in DOMAINS:
-                    system = corpus.SYSTEM_PROMPTS[d]
-                    chat = [{"role": "system", "content": system},
-                            {"role": "user", "content": prompts[d][i % len(prompts[d])]}]
-                    if i < len(prompts[d]):
-                        ego.generate(d, chat)
-                    neuron = registry.get(d)
-                    answer = neuron.generate(chat, max_tokens=setup.neuron_max_tokens)
-                    view.calls.append((d, neuron.served_version, answer))
-                live.update(view.render())
-
-            view.phase = (f"{setup.name}: the agent calls the EGO and the neurons; "
-                          "the daemon retrains when enough is new")
-            i = 0
-            while not all(registry.next_version(d) != "base" for d in DOMAINS):
-                if time.monotonic() - tic > budget_seconds * 0.7:
-                    break
-                agent_round(i)
-                if i >= ego_rounds:
-                    time.sleep(1.0)  # leave the cores to the daemon's training
-                i += 1
+        with Live(demo.view.render(), console=console, refresh_per_second=4) as live:
+            demo.live = live
+            demo.until_promoted()
             if setup.noise_traces:
-                view.phase = "a broken teacher floods 'action' with noise answers"
-                runs_before = len(open_store(home, load_config(home)).runs("action", limit=100))
-                inbox = private_dir(home / "inbox")
-                atomic_write_text(inbox / "noise.jsonl", _noise_lines("action", setup.noise_traces, seed=9))
-                while time.monotonic() - tic < budget_seconds:
-                    runs = open_store(home, load_config(home)).runs("action", limit=100)
-                    if len(runs) > runs_before and runs[0]["status"] != "running":
-                        break
-                    j = i % len(prompts["thinking"])
-                    neuron = registry.get("thinking")
-                    answer = neuron.generate(prompts["thinking"][j], max_tokens=16)
-                    view.calls.append(("thinking", neuron.served_version, answer))
-                    i += 1
-                    live.update(view.render())
-                    time.sleep(0.6)  # an agent call now and then, not a load on the training
-            view.phase = "done"
-            live.update(view.render())
+                demo.noise_flood("action")
+            demo.show("done")
         console.print()
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
-        registry.close()
-        ego.close()
+        demo.close()
+    return _summary(home, console, setup, time.monotonic() - tic)
 
-    data = kd_status_data(home, load_config(home))
+
+def _start_daemon(home: Path) -> subprocess.Popen:
+    """`conch daemon run` on the demo home, its output in logs/daemon.log."""
+    env = {**os.environ, "CONCH_HOME": str(home.resolve())}
+    log = open_private(private_dir(home / LOGS_DIR) / "daemon.log", "w")  # open for the daemon's whole life
+    # The agent side's log (swaps, refused versions, library noise at shutdown) goes to a file, not
+    # across the live view.
+    logging.basicConfig(stream=open_private(home / LOGS_DIR / "agent.log", "w"), level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    return subprocess.Popen([sys.executable, "-m", "conch_dna.cli", "daemon", "run"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+# The daemon has nothing left to do once it has been idle with no domain at its threshold for this
+# long (a few of the demo's 3 s checks): then waiting longer cannot change the outcome.
+SETTLED_SECONDS = 10.0
+
+
+class _Agent:
+    """The simulated agent: EGO calls that become traces, neuron calls that show the version served."""
+
+    def __init__(self, home: Path, setup: DemoSetup, daemon: subprocess.Popen):
+        from conch_dna.ego import Ego
+
+        from neurons import NeuronRegistry
+
+        self.home, self.setup, self.daemon = home, setup, daemon
+        self.config = load_config(home)
+        self.store = TraceStore.for_home(home, self.config)
+        self.ego = Ego(home=home, top_k=32, max_tokens=setup.ego_max_tokens)
+        self.registry = NeuronRegistry(home, poll_seconds=0.5)
+        self.view = DemoView(home, self.registry)
+        self.prompts = {d: corpus.prompts(d, setup.ego_prompts, seed=setup.prompt_seed + i)
+                        for i, d in enumerate(DOMAINS)}
+        self.live = None
+        self.calls = 0
+        self._idle_since: float | None = None
+
+    def show(self, phase: str | None = None) -> None:
+        if phase:
+            self.view.phase = phase
+        if self.live is not None:
+            self.live.update(self.view.render())
+
+    def ask(self, domain: str, prompt: str, max_tokens: int) -> None:
+        neuron = self.registry.get(domain)
+        answer = neuron.generate(to_messages(domain, prompt), max_tokens=max_tokens)
+        self.view.calls.append((domain, neuron.served_version, answer))
+
+    def round(self, i: int) -> None:
+        """Each domain: the EGO answers its next prompt (while it has new ones), then the neuron does."""
+        for d in DOMAINS:
+            prompt = self.prompts[d][i % len(self.prompts[d])]
+            if i < len(self.prompts[d]):
+                self.ego.generate(d, to_messages(d, prompt))
+            self.ask(d, prompt, self.setup.neuron_max_tokens)
+        self.show()
+
+    def until_promoted(self) -> None:
+        """Agent rounds until every domain serves a promoted version, or the daemon has settled."""
+        self.show(f"{self.setup.name}: the agent calls the EGO and the neurons; the daemon retrains when "
+                  "enough is new")
+        ego_rounds = max(len(p) for p in self.prompts.values())
+        i = 0
+        while not all(self.registry.next_version(d) != "base" for d in DOMAINS):
+            if i >= ego_rounds and self.settled():
+                return
+            self.round(i)
+            if i >= ego_rounds:
+                time.sleep(1.0)  # the EGO's work is done: leave the cores to the daemon's training
+            i += 1
+
+    def noise_flood(self, domain: str) -> None:
+        """A broken teacher floods `domain` with noise answers; wait for the daemon's run on them."""
+        self.show(f"a broken teacher floods '{domain}' with noise answers")
+        store = self.store
+        runs_before = len(store.runs(domain, limit=100))
+        lines = [json.dumps({"domain": domain, "teacher": "a-broken-teacher", "messages": d})
+                 for d in corpus.noise_dialogues(domain, self.setup.noise_traces, seed=9)]
+        atomic_write_text(private_dir(self.home / INBOX_DIR) / "noise.jsonl", "\n".join(lines) + "\n")
+        i = 0
+        while not self.settled():
+            runs = store.runs(domain, limit=100)
+            if len(runs) > runs_before and runs[0].status != RunStatus.RUNNING:
+                return
+            self.ask("thinking", self.prompts["thinking"][i % len(self.prompts["thinking"])], 16)
+            self.show()
+            i += 1
+            time.sleep(0.6)  # an agent call now and then, not a load on the training
+
+    def settled(self) -> bool:
+        """Whether the daemon exited, or has been idle with no domain at its threshold and an empty
+        inbox for SETTLED_SECONDS."""
+        if self.daemon.poll() is not None:
+            return True
+        state = read_state(self.home)
+        waiting = any(self.store.counts(d).new_train >= self.config.threshold(d) for d in DOMAINS)
+        inbox = self.home / INBOX_DIR
+        unread = any(inbox.glob("*.jsonl")) or any((inbox / PROCESSING).glob("*"))
+        if state is None or state.get("running") or waiting or unread:
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or time.monotonic()
+        return time.monotonic() - self._idle_since > SETTLED_SECONDS
+
+    def close(self) -> None:
+        self.registry.close()
+        self.ego.close()
+        self.store.close()
+
+
+def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> int:
+    """`conch kd status` as a table, the report, and the verdict."""
+    from conch_dna.report import build_report
+
+    config = load_config(home)
+    data = kd_status_data(home, config)
     table = Table(title="conch kd status")
     for col in ("domain", "version", "held-out KL", "top-1", "runs, oldest first"):
         table.add_column(col)
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, config)
     promoted = rejected = 0
     for d in data["domains"]:
         runs = store.runs(d["domain"], limit=100)
         promoted += d["version"] != "base"
-        rejected += sum(r["status"] == "rejected" for r in runs)
+        rejected += sum(r.status == RunStatus.REJECTED for r in runs)
         m = d["metrics"]
         table.add_row(d["domain"], d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
-                      "\n".join(f"{r['status']}: {r['reason']}" for r in reversed(runs)))
+                      "\n".join(f"{r.status}: {r.reason}" for r in reversed(runs)))
     console.print(table)
-    report = build_report(home, load_config(home), home / "report")
-    console.print(f"report: {report}")
-    elapsed = time.monotonic() - tic
+    console.print(f"report: {build_report(home, config, home / 'report')}")
     ok = promoted == len(DOMAINS) and (rejected >= 1 or not setup.noise_traces)
     console.print(f"{'OK' if ok else 'INCOMPLETE'}: {promoted} of {len(DOMAINS)} domains promoted, "
                   f"{rejected} candidate(s) rejected, in {elapsed:.0f}s")

@@ -6,6 +6,15 @@ import hashlib
 import re
 
 DOMAINS = ("thinking", "task", "action", "reflection", "debug", "memory")
+# The system prompt a bare-string prompt of a domain gets, in training and when served.
+SYSTEM_PROMPTS = {
+    "thinking": "You are the thinking neuron. Reason step by step.",
+    "task": "You are the task neuron. Break work into numbered steps.",
+    "action": "You are the action neuron. Answer with one JSON tool call.",
+    "reflection": "You are the reflection neuron. Learn from what happened.",
+    "debug": "You are the debug neuron. Find the cause and the fix.",
+    "memory": "You are the memory neuron. Store and recall facts.",
+}
 _NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 

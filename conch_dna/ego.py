@@ -11,18 +11,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conch_dna.chat import prompt_tokens
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.home import conch_home
+from conch_dna.ingest import record
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model, tokenizer_fingerprint
-from conch_dna.training.data import prompt_tokens
+from conch_dna.store import TraceStore
 
 import mlx.core as mx
 import numpy as np
 
 
 class Ego:
+    """The teacher, answering on its own MLX thread, recording each answer as a trace.
+
+    `teacher_model_id` defaults to the config's teacher; `top_k` log-probs are kept per answer
+    token; `store` defaults to the home's TraceStore. The model loads on the first call.
+    """
+
     def __init__(self, teacher_model_id: str | None = None, top_k: int = 64, home: str | Path | None = None,
                  max_tokens: int = 256, store=None):
         self.home = Path(home or conch_home())
@@ -30,11 +38,7 @@ class Ego:
         self.teacher_model_id = teacher_model_id or self.config.teacher
         self.top_k = top_k
         self.max_tokens = max_tokens
-        if store is None:
-            from conch_dna.cycle import open_store
-
-            store = open_store(self.home, self.config)
-        self.store = store
+        self.store = store or TraceStore.for_home(self.home, self.config)
         self.mlx = MLXThread("conch-ego")
         self.model = self.tokenizer = self.fingerprint = None
         self.last_trace_id: str | None = None
@@ -60,9 +64,10 @@ class Ego:
         return "".join(text), np.stack(ids), np.stack(logprobs)
 
     def generate(self, domain: str, messages: list[dict], max_tokens: int | None = None) -> str:
-        """The teacher's answer to the chat; the trace (with top-k) is recorded before it returns."""
-        from conch_dna.traces import record
+        """The teacher's answer to the chat; the trace (with top-k) is recorded before it returns.
 
+        Raises UnknownDomainError for a domain the config does not have, before the model loads.
+        """
         check_domain(domain, self.config.domains)
         answer, ids, logprobs = self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens)
         topk = {"token_ids": ids.tolist(), "logprobs": np.minimum(logprobs, 0.0).tolist(),

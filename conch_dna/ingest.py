@@ -1,14 +1,19 @@
-"""Ingesting JSONL trace files: every line ends up stored, a duplicate, or quarantined with a reason."""
+"""Ingesting traces, from JSONL files or one at a time from agent code (`record`): every line ends
+up stored, a duplicate, or quarantined with a reason."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conch_dna.config import load_config
+from conch_dna.home import DB_FILE, conch_home
 from conch_dna.store import TraceStore
 from conch_dna.traces import TraceError, parse_trace_line
 
@@ -86,3 +91,41 @@ def ingest_file(store: TraceStore, path: str | Path, source: str | None = None,
     """Ingest a regular file (see read_regular_file); the inbox never follows links, a person may."""
     path = Path(path)
     return ingest_bytes(store, read_regular_file(path, follow_links), source or path.name)
+
+
+_stores: dict[str, TraceStore] = {}
+_stores_lock = threading.Lock()
+
+
+def home_store() -> TraceStore:
+    """The TraceStore of $CONCH_HOME with the home's config.toml settings (its domains and held-out
+    fraction, as the daemon opens it), opened once per process."""
+    home = conch_home()
+    with _stores_lock:
+        key = str(home / DB_FILE)
+        if key not in _stores:
+            _stores[key] = TraceStore.for_home(home, load_config(home))
+        return _stores[key]
+
+
+def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = None,
+           meta: dict | None = None, store: TraceStore | None = None) -> str | None:
+    """Keep one teacher answer as a trace; agent code calls this after each EGO call.
+
+    `messages`: the OpenAI-style chat, the teacher's assistant answer last. `topk`: optional
+    {"token_ids": [[int] * k] * n, "logprobs": [[float] * k] * n, "tokenizer": fingerprint}, one
+    row per answer token. `store` defaults to $CONCH_HOME's (home_store()).
+    Returns the trace id, or None when the trace is invalid: then it is quarantined with the
+    reason (never silently dropped) and the agent carries on.
+    """
+    store = store or home_store()
+    data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk,
+            "meta": meta or {}}
+    raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    try:
+        trace = parse_trace_line(raw, store.domains)
+    except TraceError as exc:
+        store.quarantine([(0, str(exc), raw)], "record()", hashlib.sha256(raw).hexdigest())
+        return None
+    store.add([trace], "record()")
+    return trace.trace_id()

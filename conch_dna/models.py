@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+DEFAULT_TEACHER = "mlx-community/Qwen2.5-7B-Instruct-4bit"  # the EGO
+DEFAULT_STUDENT = "mlx-community/Qwen2.5-3B-Instruct-4bit"  # the CORTEX neurons' base
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

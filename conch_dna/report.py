@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 from conch_dna.config import Config
-from conch_dna.cycle import open_store
 from conch_dna.fsutil import atomic_write, atomic_write_text, private_dir
+from conch_dna.runs import RunRecord, RunStatus
+from conch_dna.store import TraceStore
 from conch_dna.versions import current_version
 
 RECENT_RUNS = 8  # more runs on one axis are unreadable; the table below the plots lists every run
 
 
-def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
+def _plots(domain: str, runs: list[RunRecord], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +30,11 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
-    trained = [r for r in runs if r["history"]]
+    trained = [r for r in runs if r.history]
     recent = trained[:RECENT_RUNS]
     for r in reversed(recent):
-        xs = [h["iteration"] for h in r["history"]]
-        ax.plot(xs, [h["combined"] for h in r["history"]], marker=".", label=f"run {r['id']} ({r['status']})")
+        xs = [h["iteration"] for h in r.history]
+        ax.plot(xs, [h["combined"] for h in r.history], marker=".", label=f"run {r.id} ({r.status})")
     shown = f"last {len(recent)} runs" if len(recent) < len(trained) else "per run"
     ax.set(title=f"{domain}: training loss, {shown}", xlabel="step", ylabel="α·KD·T² + (1-α)·CE")
     if ax.lines:
@@ -43,23 +44,23 @@ def _plots(domain: str, runs: list[dict], out: Path) -> list[Path]:
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
-    measured = [r for r in runs if r["candidate_metrics"] and r["current_metrics"]][:RECENT_RUNS][::-1]
+    measured = [r for r in runs if r.candidate_metrics and r.current_metrics][:RECENT_RUNS][::-1]
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.8), dpi=100)
-    labels = [f"{r['id']}" + (f"\n{r['version']}" if r["status"] == "promoted" else "") for r in measured]
-    colours = ["#176317" if r["status"] == "promoted" else "#c05800" for r in measured]
+    labels = [f"{r.id}" + (f"\n{r.version}" if r.status == RunStatus.PROMOTED else "") for r in measured]
+    colours = ["#176317" if r.status == RunStatus.PROMOTED else "#c05800" for r in measured]
     xs = list(range(len(measured)))  # positions, labelled below: run ids as labels would read as numbers
     for ax, key, title in zip(axes, ("kl", "ce", "agreement"), ("held-out KL", "CE on teacher tokens", "top-1")):
-        ax.plot(xs, [r["current_metrics"][key] for r in measured], "s--", color="#888", label="current")
-        ax.scatter(xs, [r["candidate_metrics"][key] for r in measured], c=colours, zorder=3, label="candidate")
+        ax.plot(xs, [r.current_metrics[key] for r in measured], "s--", color="#888", label="current")
+        ax.scatter(xs, [r.candidate_metrics[key] for r in measured], c=colours, zorder=3, label="candidate")
         ax.set(title=title, xlabel="run", xlim=(-0.5, len(xs) - 0.5))
         ax.set_xticks(xs, labels, fontsize="small")
     # The gate's last rule: KL on the held-out traces the current version was validated on.
-    est = [(x, r) for x, r in zip(xs, measured) if "established" in r["current_metrics"]]
+    est = [(x, r) for x, r in zip(xs, measured) if "established" in r.current_metrics]
     if est:
-        axes[0].scatter([x for x, _ in est], [r["current_metrics"]["established"]["kl"] for _, r in est],
+        axes[0].scatter([x for x, _ in est], [r.current_metrics["established"]["kl"] for _, r in est],
                         marker="s", facecolors="none", edgecolors="#888", zorder=3,
                         label="current, on the held-out it was validated on")
-        axes[0].scatter([x for x, _ in est], [r["candidate_metrics"]["established"]["kl"] for _, r in est],
+        axes[0].scatter([x for x, _ in est], [r.candidate_metrics["established"]["kl"] for _, r in est],
                         marker="x", c=[colours[x] for x, _ in est], zorder=3, label="candidate, on that held-out")
     fig.suptitle(f"{domain}: current vs candidate per run (green: promoted, orange: rejected)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small", frameon=False)
@@ -79,7 +80,7 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
     """Write <out>/report.html (self-contained) and its PNGs; returns the HTML path."""
     home = Path(home)
     out = private_dir(out or home / "report")
-    store = open_store(home, config)
+    store = TraceStore.for_home(home, config)
     sections = []
     for domain in config.domains:
         runs = store.runs(domain, limit=200)
@@ -94,9 +95,9 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
             "that moment; the held-out set grows, so compare a candidate with the current version of its own "
             "run, not across runs.</p>")
         rows = "".join(
-            f"<tr><td>{r['id']}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['started_at']))}</td>"
-            f"<td class='{r['status']}'>{r['status']}</td><td>{r['version'] or '-'}</td>"
-            f"<td>{html.escape(r['reason'] or '')}</td></tr>" for r in runs)
+            f"<tr><td>{r.id}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.started_at))}</td>"
+            f"<td class='{r.status}'>{r.status}</td><td>{r.version or '-'}</td>"
+            f"<td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
         sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
                         f"<th>version</th><th>reason</th></tr>{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>

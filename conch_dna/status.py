@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from conch_dna.cycle import open_store
+from conch_dna.adapters import KD_METRICS_FILE
+from conch_dna.store import TraceStore
 from conch_dna.versions import current_adapter_path, current_version
 
 STATE_FILE = "daemon.json"
@@ -54,22 +55,22 @@ def read_state(home: str | Path) -> dict | None:
 
 def kd_status_data(home, config) -> dict:
     """What `conch kd status --json` prints: per domain counts, version, metrics, last run; the daemon."""
-    store = open_store(home, config)
+    store = TraceStore.for_home(home, config)
     state = read_state(home)
     domains = []
     for c in store.stats():
         path = current_adapter_path(home, c.domain)
         metrics = None
-        if path and (path / "kd_metrics.json").exists():
-            metrics = json.loads((path / "kd_metrics.json").read_text()).get("heldout_after")
+        if path and (path / KD_METRICS_FILE).exists():
+            metrics = json.loads((path / KD_METRICS_FILE).read_text()).get("heldout_after")
         runs = store.runs(c.domain, limit=1)
         last = runs[0] if runs else None
         domains.append({
             "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
             "threshold": config.threshold(c.domain), "version": current_version(home, c.domain) or "base",
             "metrics": metrics,
-            "last_run": {k: last[k] for k in ("id", "status", "reason", "started_at", "finished_at", "version")}
-            if last else None,
+            "last_run": {k: last.as_dict()[k] for k in ("id", "status", "reason", "started_at", "finished_at",
+                                                        "version")} if last else None,
         })
     return {"home": str(home), "daemon": {"running": state is not None, "pid": state and state["pid"],
                                           "next_check": state and state.get("next_check"),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from conch_dna.domains import DOMAINS
 from conch_dna.fsutil import private_dir
+from conch_dna.home import DB_FILE
+from conch_dna.runs import RunRecord, RunStatus
 from conch_dna.traces import Trace
 
 import numpy as np
@@ -70,7 +72,12 @@ def _encode_topk(trace: Trace):
 
 
 class TraceStore:
-    """One SQLite file; safe to use from many threads and processes at once."""
+    """One SQLite file; safe to use from many threads and processes at once.
+
+    `domains` are the ones traces may have; `heldout_fraction` decides each new trace's split.
+    Open a home's store with `TraceStore.for_home(home, config)`: the settings the daemon uses.
+    Raises RuntimeError for a database written by a newer conch.
+    """
 
     def __init__(self, path: str | Path, domains=DOMAINS, heldout_fraction: float = 0.1):
         self.path = Path(path)
@@ -81,6 +88,11 @@ class TraceStore:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._local = threading.local()
         self._migrate()
+
+    @classmethod
+    def for_home(cls, home: str | Path, config) -> TraceStore:
+        """The store of a home (`<home>/conch.db`) with its config's domains and held-out fraction."""
+        return cls(Path(home) / DB_FILE, config.domains, config.heldout_fraction)
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -180,6 +192,11 @@ class TraceStore:
             "INSERT OR IGNORE INTO quarantine (source, source_hash, line, reason, raw, quarantined_at)"
             " VALUES (?,?,?,?,?,?)", [(source, source_hash, n, reason, raw, now) for n, reason, raw in items])
 
+    def trained_upto(self, domain: str) -> int:
+        """The last trace rowid a completed training run of the domain consumed (0: none yet)."""
+        row = self.db.conn.execute("SELECT last_rowid FROM training_marks WHERE domain = ?", (domain,)).fetchone()
+        return row[0] if row else 0
+
     def mark_trained(self, domain: str, upto_rowid: int) -> None:
         """Record that a training run of the domain consumed every trace up to upto_rowid."""
         with self.write() as conn:
@@ -224,36 +241,39 @@ class TraceStore:
         with self.write() as conn:
             cur = conn.execute(
                 "INSERT INTO runs (domain, status, started_at, pid, upto_rowid, new_traces, replay_traces,"
-                " heldout_traces, iters) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (domain, time.time(), os.getpid(), fields.get("upto_rowid"), fields.get("new_traces"),
-                 fields.get("replay_traces"), fields.get("heldout_traces"), fields.get("iters")))
+                " heldout_traces, iters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (domain, RunStatus.RUNNING.value, time.time(), os.getpid(), fields.get("upto_rowid"),
+                 fields.get("new_traces"), fields.get("replay_traces"), fields.get("heldout_traces"),
+                 fields.get("iters")))
             return cur.lastrowid
 
-    def finish_run(self, run_id: int, status: str, **fields) -> None:
-        """Close a run: promoted / rejected / failed, with its metrics, decision and reason."""
+    def finish_run(self, run_id: int, status: RunStatus, **fields) -> None:
+        """Close a run with its status and RunRecord fields (metrics, decision, reason, ...)."""
         values = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
-        values.update(status=status, finished_at=time.time())
+        values.update(status=RunStatus(status).value, finished_at=time.time())
         with self.write() as conn:
             conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
                          (*values.values(), run_id))
 
     def fail_stale_runs(self, reason: str, alive=lambda pid: False) -> int:
         """Runs left 'running' by a process that died are recorded as failed."""
-        stale = [(i, pid) for i, pid in self.db.conn.execute("SELECT id, pid FROM runs WHERE status = 'running'")
-                 if not alive(pid)]
+        running = self.db.conn.execute("SELECT id, pid FROM runs WHERE status = ?", (RunStatus.RUNNING.value,))
+        stale = [(i, pid) for i, pid in running if not alive(pid)]
         for run_id, _ in stale:
-            self.finish_run(run_id, "failed", reason=reason)
+            self.finish_run(run_id, RunStatus.FAILED, reason=reason)
         return len(stale)
 
-    def runs(self, domain: str | None = None, limit: int = 20) -> list[dict]:
-        sql = "SELECT * FROM runs" + (" WHERE domain = ?" if domain else "") + " ORDER BY id DESC LIMIT ?"
-        cur = self.db.conn.execute(sql, (domain, limit) if domain else (limit,))
-        cols = [c[0] for c in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur]
-        for r in rows:
+    def runs(self, domain: str | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest runs first, of one domain or all."""
+        sql = (f"SELECT {', '.join(RunRecord.columns())} FROM runs" + (" WHERE domain = ?" if domain else "")
+               + " ORDER BY id DESC LIMIT ?")
+        records = []
+        for row in self.db.conn.execute(sql, (domain, limit) if domain else (limit,)):
+            values = dict(zip(RunRecord.columns(), row))
             for k in ("current_metrics", "candidate_metrics", "history"):
-                r[k] = json.loads(r[k]) if r[k] else None
-        return rows
+                values[k] = json.loads(values[k]) if values[k] else None
+            records.append(RunRecord(**values))
+        return records
 
     def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
                   sample: int | None = None) -> list[dict]:

@@ -9,6 +9,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import Literal
 
+from conch_dna.chat import prompt_text
 from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,7 +97,7 @@ class Trace(BaseModel):
 
     def prompt_text(self) -> str:
         """Everything before the answer: what the train / held-out split is decided on."""
-        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages[:-1])
+        return prompt_text(self.messages)
 
     def trace_id(self) -> str:
         """Hash of the canonical content (domain, chat, teacher): the same trace twice is one."""
@@ -105,6 +106,7 @@ class Trace(BaseModel):
         return h.hexdigest()
 
     def split(self, heldout_fraction: float = 0.1) -> str:
+        """"heldout" or "train": a pure function of the prompt text (see domains.is_heldout)."""
         return "heldout" if is_heldout(self.prompt_text(), heldout_fraction) else "train"
 
 
@@ -150,41 +152,3 @@ def parse_trace_line(raw: bytes, domains=DOMAINS) -> Trace:
     if trace.domain not in domains:
         raise TraceError(f"unknown domain {trace.domain!r}; configured domains: {', '.join(domains)}")
     return trace
-
-
-_stores: dict[str, object] = {}
-
-
-def default_store():
-    """The TraceStore of $CONCH_HOME/conch.db with the home's config.toml settings (its domains and
-    held-out fraction, as the daemon opens it), opened once per process."""
-    from conch_dna.config import load_config
-    from conch_dna.home import conch_home
-    from conch_dna.store import TraceStore
-
-    home = conch_home()
-    path = str(home / "conch.db")
-    if path not in _stores:
-        config = load_config(home)
-        _stores[path] = TraceStore(path, config.domains, config.heldout_fraction)
-    return _stores[path]
-
-
-def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = None,
-           meta: dict | None = None, store=None) -> str | None:
-    """Keep one teacher answer as a trace; agent code calls this after each EGO call.
-
-    Returns the trace id, or None when the trace is invalid: then it is quarantined with the
-    reason (never silently dropped) and the agent carries on.
-    """
-    store = store or default_store()
-    data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk,
-            "meta": meta or {}}
-    raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
-    try:
-        trace = parse_trace_line(raw, store.domains)
-    except TraceError as exc:
-        store.quarantine([(0, str(exc), raw)], "record()", hashlib.sha256(raw).hexdigest())
-        return None
-    store.add([trace], "record()")
-    return trace.trace_id()

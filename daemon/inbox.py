@@ -21,9 +21,7 @@ from pathlib import Path
 from conch_dna.fsutil import private_dir
 from conch_dna.ingest import IngestReport, ingest_file
 from conch_dna.store import TraceStore
-
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
+from conch_dna.watching import stop_watching, watch
 
 log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"
@@ -43,23 +41,6 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
-
-
-class _Events(FileSystemEventHandler):
-    def __init__(self, inbox: Inbox):
-        self.inbox = inbox
-
-    def on_created(self, event):
-        if not event.is_directory:
-            self.inbox.notice(Path(event.src_path))
-
-    def on_moved(self, event):
-        if not event.is_directory:
-            self.inbox.notice(Path(event.dest_path))
-
-    def on_closed(self, event):
-        if not event.is_directory:
-            self.inbox.notice(Path(event.src_path))
 
 
 class Inbox:
@@ -161,9 +142,7 @@ class Inbox:
 
     def start(self) -> Inbox:
         self._safely(self.sweep)
-        self._observer = Observer()
-        self._observer.schedule(_Events(self), str(self.directory), recursive=False)
-        self._observer.start()
+        self._observer = watch([self.directory], self.notice)
         self._worker = threading.Thread(target=self._run, name="conch-inbox", daemon=True)
         self._worker.start()
         return self
@@ -171,11 +150,7 @@ class Inbox:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._observer:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-        if self._worker:
-            self._worker.join(timeout=5)
+        stop_watching(self._observer, self._worker)
 
 
 def main() -> None:

@@ -27,11 +27,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from conch_dna.config import Config, load_config
-from conch_dna.cycle import open_store, pending
+from conch_dna.cycle import pending
 from conch_dna.domains import check_domain
 from conch_dna.fsutil import atomic_write_json, open_private, private_dir
+from conch_dna.home import INBOX_DIR, LOGS_DIR, REQUESTS_DIR
 from conch_dna.power import on_battery
+from conch_dna.runs import RunStatus
 from conch_dna.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
+from conch_dna.store import TraceStore
 from conch_dna.versions import discard, domain_dir
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -56,7 +59,7 @@ def worker_command(domain: str, iters: int | None = None, force: bool = False) -
 
 def request_retrain(home: str | Path, domain: str, iters: int | None, force: bool) -> Path:
     """Ask the running daemon for a retrain; returns the path its answer will be written to."""
-    requests = private_dir(Path(home) / "requests")
+    requests = private_dir(Path(home) / REQUESTS_DIR)
     rid = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
     atomic_write_json(requests / f"{rid}.json", {"domain": domain, "iters": iters, "force": force})
     return requests / f"{rid}.done.json"
@@ -66,8 +69,8 @@ class Daemon:
     def __init__(self, home: str | Path, config: Config | None = None):
         self.home = private_dir(home)
         self.config = config or load_config(self.home)
-        self.store = open_store(self.home, self.config)
-        self.inbox = Inbox(self.store, self.home / "inbox")
+        self.store = TraceStore.for_home(self.home, self.config)
+        self.inbox = Inbox(self.store, self.home / INBOX_DIR)
         self.scheduler = BackgroundScheduler(
             jobstores={"default": MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -151,7 +154,7 @@ class Daemon:
         return ran
 
     def take_requests(self) -> None:
-        requests = self.home / "requests"
+        requests = self.home / REQUESTS_DIR
         if self._stopping.is_set() or not requests.is_dir():
             return
         for path in sorted(requests.glob("*.json")):
@@ -160,7 +163,7 @@ class Daemon:
             try:
                 domain, iters, force = self.parse_request(path.read_bytes())
             except Exception as exc:  # noqa: BLE001 - any bad request is answered, and never blocks those behind it
-                result = {"status": "failed", "reason": f"bad request: {exc}"}
+                result = {"status": RunStatus.FAILED.value, "reason": f"bad request: {exc}"}
             else:
                 result = self.run_worker(domain, iters, force)
             atomic_write_json(path.with_name(path.name.replace(".json", ".done.json")), result)
@@ -187,8 +190,9 @@ class Daemon:
         log.info("retraining %s", domain)
         self._running = {"domain": domain, "started_at": time.time(), "progress": None}
         self._write_state()
-        result: dict = {"status": "failed", "reason": "the worker exited without a result", "domain": domain}
-        with open_private(private_dir(self.home / "logs") / "worker.log") as worker_log:
+        result: dict = {"status": RunStatus.FAILED.value, "reason": "the worker exited without a result",
+                        "domain": domain}
+        with open_private(private_dir(self.home / LOGS_DIR) / "worker.log") as worker_log:
             self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True)
         for line in self._worker.stdout:
             try:
@@ -207,7 +211,7 @@ class Daemon:
         if code < 0 and "event" not in result:
             self.store.fail_stale_runs(f"the worker was killed by signal {-code}", pid_alive)
             self._clean_candidates()
-            result = {"status": "failed", "reason": f"worker killed by signal {-code}", "domain": domain}
+            result = {"status": RunStatus.FAILED.value, "reason": f"worker killed by signal {-code}", "domain": domain}
         log.info("%s: %s (%s)", domain, result.get("status", result.get("event")), result.get("reason"))
         self._write_state()
         return result
@@ -216,7 +220,7 @@ class Daemon:
 def run_forever(home: str | Path) -> int:
     """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
     os.umask(0o077)  # whatever the daemon or its workers write (logs included) is the user's alone
-    private_dir(Path(home) / "logs")
+    private_dir(Path(home) / LOGS_DIR)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # a check skipped while a training runs is the design (one training at a time), not news
     logging.getLogger("apscheduler").setLevel(logging.ERROR)

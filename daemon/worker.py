@@ -14,8 +14,27 @@ import signal
 import sys
 import threading
 
+from conch_dna.config import load_config
 from conch_dna.cycle import retrain_domain
 from conch_dna.home import conch_home
+from conch_dna.runs import RunStatus
+from conch_dna.training.callbacks import KDCallback
+
+
+class JSONLines(KDCallback):
+    """Training progress as JSON lines on stdout (the daemon's log); stops when `stopping` is set."""
+
+    def __init__(self, domain: str, stopping: threading.Event):
+        self.domain, self.stopping = domain, stopping
+
+    def on_stage(self, domain: str, text: str) -> None:
+        print(json.dumps({"event": "stage", "domain": domain or self.domain, "text": text}), flush=True)
+
+    def on_train_report(self, report: dict) -> None:
+        print(json.dumps({"event": "progress", "domain": self.domain, **report}), flush=True)
+
+    def should_stop(self) -> bool:
+        return self.stopping.is_set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,13 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()  # checked between steps: the cycle checkpoints and returns
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
-    def progress(report: dict) -> None:
-        print(json.dumps({"event": "progress", "domain": args.domain, **report}), flush=True)
-
-    result = retrain_domain(conch_home(), args.domain, iters=args.iters, force=args.force,
-                            on_report=progress, should_stop=stopping.is_set)
+    home = conch_home()
+    config = load_config(home).with_iters(args.domain, args.iters)
+    result = retrain_domain(home, args.domain, config, args.force, JSONLines(args.domain, stopping))
     print(json.dumps({"event": "result", **result.__dict__}, default=str), flush=True)
-    return 0 if result.status != "failed" else 1
+    return 0 if result.status != RunStatus.FAILED else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conch_dna.adapters import adapter_weights, apply_lora
+from conch_dna.chat import prompt_tokens, to_messages
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.fsutil import private_dir
@@ -31,11 +32,10 @@ from conch_dna.home import conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
 from conch_dna.versions import MANIFEST, current_version, domain_dir
+from conch_dna.watching import stop_watching, watch
 
 import mlx.core as mx
 import numpy as np
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
 
 log = logging.getLogger("conch.neurons")
 BASE = "base"
@@ -61,6 +61,9 @@ class Neuron:
         return self._pin[0] if self._pin else self.registry.next_version(self.domain)
 
     def generate(self, prompt_or_messages, max_tokens: int = 128, **kwargs) -> str:
+        """The student's answer. A string prompt gets the domain's system prompt, as in training
+        (conch_dna.chat.to_messages); a list of chat messages is used as it is. `kwargs` go to
+        mlx_lm.stream_generate (a sampler, for example)."""
         return "".join(self.stream(prompt_or_messages, max_tokens=max_tokens, **kwargs))
 
     def stream(self, prompt_or_messages, max_tokens: int = 128, **kwargs) -> Iterator[str]:
@@ -73,6 +76,14 @@ class Neuron:
 
 
 class NeuronRegistry:
+    """Every domain's newest validated adapter over one student base, hot-swapped between calls.
+
+    `home` defaults to $CONCH_HOME; `student` to the config's. Manifests are watched (events, and a
+    poll every `poll_seconds` since events can be lost); a new version is loaded off the serving
+    path and bound before the next call. Raises UnknownDomainError from get() for a domain the
+    config does not have, before any weights load.
+    """
+
     def __init__(self, home: str | Path | None = None, student: str | None = None,
                  poll_seconds: float = 0.5, watch: bool = True):
         self.home = Path(home or conch_home())
@@ -113,7 +124,7 @@ class NeuronRegistry:
             version, weights = neuron._pin or self._serving[neuron.domain]
             self.bind(weights)
             neuron.served_version = version
-            prompt = self.prompt_tokens(prompt_or_messages)
+            prompt = prompt_tokens(self.tokenizer, to_messages(neuron.domain, prompt_or_messages))
             for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, **kwargs):
                 chunks.put(response.text)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
@@ -202,11 +213,6 @@ class NeuronRegistry:
     def bind(self, weights: dict) -> None:
         self.model.load_weights(list(weights.items()), strict=False)
 
-    def prompt_tokens(self, prompt_or_messages) -> list[int]:
-        messages = ([{"role": "user", "content": prompt_or_messages}] if isinstance(prompt_or_messages, str)
-                    else list(prompt_or_messages))
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-
     # -- the public surface --------------------------------------------------------------------
 
     def get(self, domain: str) -> Neuron:
@@ -221,18 +227,12 @@ class NeuronRegistry:
     # -- watching ------------------------------------------------------------------------------
 
     def _start_watching(self, poll_seconds: float) -> None:
-        registry = self
+        def on_path(path: Path) -> None:
+            if path.name == MANIFEST and path.parent.name in self.domains:
+                self.refresh(path.parent.name)
 
-        class Events(FileSystemEventHandler):
-            def on_any_event(self, event):
-                path = Path(getattr(event, "dest_path", "") or event.src_path)
-                if path.name == MANIFEST and path.parent.name in registry.domains:
-                    registry.refresh(path.parent.name)
-
-        self._observer = Observer()
-        for d in self.domains:  # only the manifests matter: one non-recursive watch per domain folder
-            self._observer.schedule(Events(), str(private_dir(domain_dir(self.home, d))), recursive=False)
-        self._observer.start()
+        # only the manifests matter: one non-recursive watch per domain folder
+        self._observer = watch([private_dir(domain_dir(self.home, d)) for d in self.domains], on_path)
 
         def poll():  # filesystem events can be lost; the manifest is small
             while not self._stop.wait(poll_seconds):
@@ -247,6 +247,4 @@ class NeuronRegistry:
     def close(self) -> None:
         self._stop.set()
         self.mlx.close()
-        if self._observer:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+        stop_watching(self._observer, self._poller)

@@ -3,8 +3,33 @@ import sys
 from pathlib import Path
 
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.training.callbacks import KDCallback
 
 import pytest
+
+
+class Hooks(KDCallback):
+    """A KDCallback from plain callables: `on_report(report)`, `should_stop()`; records the reports."""
+
+    def __init__(self, on_report=None, should_stop=None):
+        self.reports: list[dict] = []
+        self._on_report, self._should_stop = on_report, should_stop
+
+    def on_train_report(self, report: dict) -> None:
+        self.reports.append(report)
+        if self._on_report:
+            self._on_report(report)
+
+    def should_stop(self) -> bool:
+        return bool(self._should_stop and self._should_stop())
+
+
+def retrain(home, domain: str, iters: int | None = None, force: bool = False, callbacks=None):
+    """retrain_domain with the home's config and, if given, `iters` steps."""
+    from conch_dna.config import load_config
+    from conch_dna.cycle import retrain_domain
+
+    return retrain_domain(home, domain, load_config(home).with_iters(domain, iters), force, callbacks)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """config.toml validation and adapter versions / manifest switching on real files."""
 
 import json
+import os
+from pathlib import Path
 
 from conch_dna.config import ConfigError, load_config, parse_config
 from conch_dna.versions import (
@@ -14,6 +16,8 @@ from conch_dna.versions import (
 
 import pytest
 
+from tests.conftest import Hooks
+
 
 def test_defaults_and_overrides(tmp_path):
     assert load_config(tmp_path).retrain_threshold == 32
@@ -21,7 +25,7 @@ def test_defaults_and_overrides(tmp_path):
         'teacher = "t"\nretrain_threshold = 5\n[kd]\nnum_iters = 7\n[domain.debug]\nretrain_threshold = 2\n')
     c = load_config(tmp_path)
     assert (c.threshold("debug"), c.threshold("task"), c.iters("task"), c.teacher) == (2, 5, 7, "t")
-    assert c.kd.kd_config().num_iters == 7
+    assert c.kd_for("thinking").num_iters == 7
 
 
 @pytest.mark.parametrize("text,message", [
@@ -113,8 +117,8 @@ def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one(
 
 def test_a_log_prob_stored_as_minus_infinity_is_padding_not_a_nan(student):
     """float16 stores a log-prob below -65504 as -inf; training and evaluation must stay finite."""
-    from conch_dna.evaluation import heldout_metrics
     from conch_dna.training.data import KDExample, collate
+    from conch_dna.training.evaluation import heldout_metrics
 
     import numpy as np
 
@@ -130,8 +134,8 @@ def test_a_log_prob_stored_as_minus_infinity_is_padding_not_a_nan(student):
 
 
 def test_a_prompt_longer_than_the_window_is_cut_from_the_left_and_its_answer_still_counts(student):
-    from conch_dna.evaluation import heldout_metrics
     from conch_dna.training.data import KDExample, collate
+    from conch_dna.training.evaluation import heldout_metrics
 
     import numpy as np
 
@@ -174,17 +178,18 @@ def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_again
 def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path, kit):
     from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
     from conch_dna.config import parse_config
-    from conch_dna.cycle import open_store, retrain_domain
+    from conch_dna.cycle import retrain_domain
+    from conch_dna.ingest import record
     from conch_dna.kit import corpus
     from conch_dna.models import load_model
-    from conch_dna.traces import record
+    from conch_dna.store import TraceStore
     from conch_dna.versions import current_version, promote
 
     home = tmp_path / "home"
     home.mkdir()
     config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n'
                           "[kd]\nnum_iters = 3\nsteps_per_report = 1\nlora_rank = 4\nlora_layers = 2\n")
-    store = open_store(home, config)
+    store = TraceStore.for_home(home, config)
     for chat in corpus.dialogues(12, seed=3, domains=["task"]):
         record("task", chat, teacher=kit["teacher"], store=store)
     model, _ = load_model(kit["student"])
@@ -196,7 +201,45 @@ def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path
         if not sneaked:
             sneaked.append(promote(home, "task", other, "sneaked in"))
 
-    result = retrain_domain(home, "task", config, force=True, on_report=promote_behind_its_back)
+    result = retrain_domain(home, "task", config, force=True, callbacks=Hooks(on_report=promote_behind_its_back))
     assert sneaked == ["v0001"]
     assert result.status == "rejected" and "became v0001 while the candidate was measured against base" in result.reason
     assert current_version(home, "task") == "v0001"
+
+
+def test_each_kd_setting_is_defined_once_for_the_api_config_toml_and_the_flags():
+    from dataclasses import fields
+
+    from conch_dna.trainer_cli import parser
+    from conch_dna.training.kd_config import KDConfig
+
+    flags = parser().parse_args(["--domain", "task"])
+    toml = parse_config("").kd
+    for f in fields(KDConfig):
+        assert getattr(flags, f.name) == getattr(toml, f.name) == getattr(KDConfig(), f.name) == f.default, f.name
+    # every field is a [kd] key and a flag, and a value set either way lands in the same field
+    assert parse_config("[kd]\nlora_dropout = 0.25\nseed = 3\n").kd == KDConfig(lora_dropout=0.25, seed=3)
+    flags = parser().parse_args(["--domain", "task", "--lora-dropout", "0.25", "--seed", "3", "--iters", "9"])
+    assert (flags.lora_dropout, flags.seed, flags.num_iters) == (0.25, 3, 9)
+
+
+def test_changing_a_kd_default_in_its_one_place_changes_it_everywhere(tmp_path):
+    """Edit the default of `temperature` in a copy of the package: the API, config.toml and the flags follow."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "conch_dna"
+    shutil.copytree(src, tmp_path / "conch_dna", ignore=shutil.ignore_patterns("models", "__pycache__"))
+    kd_config = tmp_path / "conch_dna" / "training" / "kd_config.py"
+    text = kd_config.read_text()
+    assert text.count("_setting(2.0, ") == 1
+    kd_config.write_text(text.replace("_setting(2.0, ", "_setting(3.5, "))
+    probe = ("from conch_dna.training.kd_config import KDConfig\nfrom conch_dna.config import parse_config\n"
+             "from conch_dna.trainer_cli import parser\n"
+             "print(KDConfig().temperature, parse_config('').kd.temperature,"
+             " parser().parse_args(['--all']).temperature)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3.5", "3.5", "3.5"]

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store, retrain_domain
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+from conch_dna.store import TraceStore
 from conch_dna.versions import current_version, list_versions, read_manifest
 
-from tests.conftest import run_module
+from tests.conftest import Hooks, retrain, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,8 @@ def teacher_traces(domain: str, n: int, seed: int) -> list[str]:
 
 
 def noise_traces(domain: str, n: int, seed: int) -> list[str]:
-    r = random.Random(seed)
-    words = [w for d in corpus.dialogues(50, seed=1) for w in d[2]["content"].split()]
-    out = []
-    for d in corpus.dialogues(n, seed=seed, domains=[domain]):
-        d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
-        out.append(json.dumps({"domain": domain, "teacher": TEACHER_PATH, "messages": d}))
-    return out
+    return [json.dumps({"domain": domain, "teacher": TEACHER_PATH, "messages": d})
+            for d in corpus.noise_dialogues(domain, n, seed)]
 
 
 def drop(home: Path, name: str, lines: list[str]) -> None:
@@ -91,10 +86,10 @@ def test_daemon_ingests_retrains_promotes_and_rejects_noise(tmp_path):
         assert s["memory"]["version"] == "base"
 
         drop(home, "noise.jsonl", noise_traces("debug", 48, seed=6))
-        runs = lambda: open_store(home, load_config(home)).runs("debug")  # noqa: E731
-        wait_for(lambda: len(runs()) == 2 and runs()[0]["status"] != "running", 240, daemon)
+        runs = lambda: TraceStore.for_home(home, load_config(home)).runs("debug")  # noqa: E731
+        wait_for(lambda: len(runs()) == 2 and runs()[0].status != "running", 240, daemon)
         last = runs()[0]
-        assert last["status"] == "rejected", last
+        assert last.status == "rejected", last
         assert current_version(home, "debug") == "v0001" and list_versions(home, "debug") == ["v0001"]
         assert not list((home / "adapters_kd" / "debug").glob(".candidate-*"))
     finally:
@@ -106,14 +101,14 @@ def test_daemon_ingests_retrains_promotes_and_rejects_noise(tmp_path):
 def test_too_few_heldout_traces_needs_force(tmp_path):
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, load_config(home))
     from conch_dna.ingest import ingest_bytes
 
     ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=9)).encode(), "m.jsonl")
-    result = retrain_domain(home, "memory", iters=5)
+    result = retrain(home, "memory", 5)
     assert result.status == "rejected" and "--force" in result.reason
     assert current_version(home, "memory") is None
-    forced = retrain_domain(home, "memory", iters=5, force=True)
+    forced = retrain(home, "memory", 5, force=True)
     assert forced.status == "promoted" and current_version(home, "memory") == "v0001"
     assert "forced" in read_manifest(home, "memory")["history"][0]["reason"]
 
@@ -128,11 +123,11 @@ def test_worker_killed_mid_training_is_a_failed_run_and_the_next_check_retries(t
         drop(home, "good.jsonl", teacher_traces("debug", 48, seed=5))
         state = lambda: json.loads((home / "daemon.json").read_text()) if (home / "daemon.json").exists() else {}  # noqa: E731,E501
         wait_for(lambda: (state().get("running") or {}).get("progress"), 240, daemon)
-        worker_pid = open_store(home, load_config(home)).runs("debug")[0]["pid"]
+        worker_pid = TraceStore.for_home(home, load_config(home)).runs("debug")[0].pid
         os.kill(worker_pid, signal.SIGKILL)
-        runs = lambda: open_store(home, load_config(home)).runs("debug")  # noqa: E731
-        wait_for(lambda: runs()[-1]["status"] == "failed", 60, daemon)
-        assert "killed by signal 9" in runs()[-1]["reason"]
+        runs = lambda: TraceStore.for_home(home, load_config(home)).runs("debug")  # noqa: E731
+        wait_for(lambda: runs()[-1].status == "failed", 60, daemon)
+        assert "killed by signal 9" in runs()[-1].reason
         assert current_version(home, "debug") is None  # nothing half-written became current
         wait_for(lambda: len(runs()) >= 2, 60, daemon)  # the next check retries
     finally:
@@ -140,20 +135,19 @@ def test_worker_killed_mid_training_is_a_failed_run_and_the_next_check_retries(t
         tic = time.monotonic()
         assert daemon.wait(timeout=30) == 0  # SIGTERM mid-training: clean exit within 30 s
         assert time.monotonic() - tic < 30
-    assert all(r["status"] != "running" for r in runs())
-    assert runs()[0]["status"] == "interrupted", runs()[0]  # SIGTERM: recorded, not lost
+    assert all(r.status != "running" for r in runs())
+    assert runs()[0].status == "interrupted", runs()[0]  # SIGTERM: recorded, not lost
 
 
 def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path):
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, load_config(home))
     from conch_dna.ingest import ingest_bytes
 
     ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=4)).encode(), "m.jsonl")
     stop = []
-    first = retrain_domain(home, "memory", iters=30, should_stop=lambda: bool(stop),
-                           on_report=lambda r: stop.append(r["iteration"]))
+    first = retrain(home, "memory", 30, callbacks=Hooks(lambda r: stop.append(r["iteration"]), lambda: bool(stop)))
     assert first.status == "interrupted" and "step 10" in first.reason
     resume = json.loads((home / "adapters_kd" / "memory" / ".resume.json").read_text())
     assert resume["iteration"] == 10
@@ -161,9 +155,9 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
     assert (home / "adapters_kd" / "memory" / ".resume" / "optimizer.safetensors").is_file()  # Adam's moments
     assert current_version(home, "memory") is None
 
-    second = retrain_domain(home, "memory", iters=30, force=True)
+    second = retrain(home, "memory", 30, force=True)
     assert second.status == "promoted"
-    history = open_store(home, load_config(home)).runs("memory")[0]["history"]
+    history = TraceStore.for_home(home, load_config(home)).runs("memory")[0].history
     assert [h["iteration"] for h in history] == [20, 30]  # steps 1-10 were not done again
     version = home / "adapters_kd" / "memory" / current_version(home, "memory")
     assert (version / "adapters.safetensors").is_file() and not list(version.glob("checkpoint_*"))
@@ -171,9 +165,9 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
 
 
 def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
+    from conch_dna.chat import encode_chat
     from conch_dna.models import tokenizer_fingerprint
-    from conch_dna.teacher import TeacherCache, TeacherScorer
-    from conch_dna.training.data import encode_chat
+    from conch_dna.training.teacher import TeacherCache, TeacherScorer
 
     from mlx_lm import load
 
@@ -263,8 +257,8 @@ def test_kd_retrain_asks_the_running_daemon(tmp_path):
                           env={"CONCH_HOME": str(home)})
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "asked the running daemon" in proc.stdout and "memory: promoted" in proc.stdout
-        run = open_store(home, load_config(home)).runs("memory")[0]
-        assert run["pid"] != os.getpid() and run["status"] == "promoted"  # trained by the daemon's worker
+        run = TraceStore.for_home(home, load_config(home)).runs("memory")[0]
+        assert run.pid != os.getpid() and run.status == "promoted"  # trained by the daemon's worker
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0

@@ -1,13 +1,13 @@
 """EGO capture: the teacher's top-k per generated token, recorded with the trace, no second pass."""
 
+from conch_dna.chat import encode_chat
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store
 from conch_dna.ego import Ego
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.models import tokenizer_fingerprint
-from conch_dna.teacher import TeacherCache, TeacherScorer
-from conch_dna.training.data import encode_chat
+from conch_dna.store import TraceStore
 from conch_dna.training.losses import PAD_LOGPROB
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
 
 import numpy as np
 
@@ -21,7 +21,7 @@ def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_
             {"role": "user", "content": "Remember that Ada likes chess."}]
     answer = ego.generate("memory", chat)
     assert answer.strip() and ego.last_trace_id
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, load_config(home))
     (trace,) = store.traces_of("memory", "train") + store.traces_of("memory", "heldout")
     assert trace["messages"][-1] == {"role": "assistant", "content": answer}
     topk = trace["topk"]
@@ -59,7 +59,7 @@ def test_a_capture_cut_short_by_max_tokens_trains_on_its_prefix_without_a_teache
     ego = Ego(home=home, top_k=16, max_tokens=5)
     ego.generate("memory", [{"role": "user", "content": "Remember that Ada likes chess."}])
     ego.close()
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, load_config(home))
     (trace,) = store.traces_of("memory", "train") + store.traces_of("memory", "heldout")
     assert len(trace["topk"]["token_ids"]) == 5
     scorer = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache"), top_k=16, vocab_limit=len(ego.tokenizer))

@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from conch_dna.ingest import record
 from conch_dna.store import TraceStore
-from conch_dna.traces import record
 
 from daemon.inbox import Inbox
 

@@ -191,8 +191,8 @@ def test_training_loss_is_the_alpha_mix_of_sparse_kd_and_ce_on_answer_tokens():
 
 def test_heldout_metrics_against_a_numpy_reference():
     """KL(teacher ‖ student) over the teacher's top-k + tail (padding left out), CE, top-1, per answer token."""
-    from conch_dna.evaluation import heldout_metrics
     from conch_dna.training.data import KDExample
+    from conch_dna.training.evaluation import heldout_metrics
 
     vocab, k = 30, 4
     table = logits(vocab, vocab)  # the "model": next-token logits depend on the current token only

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from conch_dna.domains import SYSTEM_PROMPTS
 from conch_dna.kit import STUDENT_PATH
 from conch_dna.versions import read_manifest
 
@@ -108,7 +109,9 @@ def test_threads_keep_calling_while_another_process_promotes_20_versions(tmp_pat
     for version, outputs in by_version.items():
         path = None if version == "base" else str(home / "adapters_kd" / "task" / version)
         model, tokenizer = load(STUDENT_PATH, adapter_path=path)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+        # a string prompt is served as it is trained: with the domain's system prompt
+        prompt = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPTS["task"]},
+                                                {"role": "user", "content": PROMPT}], add_generation_prompt=True)
         assert outputs == {generate(model, tokenizer, prompt, max_tokens=6)}, version
 
 

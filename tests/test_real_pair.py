@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store, retrain_domain
+from conch_dna.cycle import retrain_domain
 from conch_dna.ego import Ego
+from conch_dna.store import TraceStore
 from conch_dna.versions import current_adapter_path
 
 from mlx_lm import generate, load
@@ -35,7 +36,7 @@ def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_
     finally:
         ego.close()
     assert "Paris" in answers[0]
-    counts = open_store(conch_home, config).counts("task")
+    counts = TraceStore.for_home(conch_home, config).counts("task")
     assert counts.train + counts.heldout == len(COUNTRIES) and counts.heldout >= 2
 
     result = retrain_domain(conch_home, "task", config)
@@ -64,7 +65,8 @@ def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_
 
 
 def test_answer_mask_covers_exactly_the_assistant_turn_with_the_real_chat_template(real_pair):
-    from conch_dna.training.data import KDExample, collate, encode_chat
+    from conch_dna.chat import encode_chat
+    from conch_dna.training.data import KDExample, collate
 
     import numpy as np
 

@@ -9,15 +9,16 @@ from pathlib import Path
 
 from conch_dna.cli import app
 from conch_dna.config import load_config
-from conch_dna.cycle import open_store, retrain_domain
 from conch_dna.ingest import ingest_bytes
 from conch_dna.report import build_report
+from conch_dna.store import TraceStore
 
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 from typer.testing import CliRunner
 
+from tests.conftest import retrain
 from tests.test_daemon import teacher_traces, write_config
 
 
@@ -29,11 +30,12 @@ def report_dir(tmp_path_factory) -> Path:
     write_config(home, min_heldout=1000)
     with (home / "config.toml").open("a") as f:
         f.write("steps_per_report = 2\n")  # into [kd]: five points per loss curve
-    ingest_bytes(open_store(home, load_config(home)), "\n".join(teacher_traces("memory", 24, seed=2)).encode(), "a")
-    assert retrain_domain(home, "memory", iters=10, force=True).status == "promoted"
-    assert retrain_domain(home, "memory", iters=10).status == "skipped"  # nothing new: no run
-    ingest_bytes(open_store(home, load_config(home)), "\n".join(teacher_traces("memory", 24, seed=3)).encode(), "b")
-    assert retrain_domain(home, "memory", iters=10).status == "rejected"  # too few held-out, no --force
+    store = TraceStore.for_home(home, load_config(home))
+    ingest_bytes(store, "\n".join(teacher_traces("memory", 24, seed=2)).encode(), "a")
+    assert retrain(home, "memory", 10, force=True).status == "promoted"
+    assert retrain(home, "memory", 10).status == "skipped"  # nothing new: no run
+    ingest_bytes(store, "\n".join(teacher_traces("memory", 24, seed=3)).encode(), "b")
+    assert retrain(home, "memory", 10).status == "rejected"  # too few held-out, no --force
 
     result = CliRunner().invoke(app, ["kd", "report", "-o", str(tmp / "out")], env={"CONCH_HOME": str(home)})
     assert result.exit_code == 0, result.output
@@ -109,7 +111,7 @@ window.addEventListener('load', () => {
 def test_report_on_many_runs_lists_every_run_and_plots_the_recent(tmp_path):
     home = tmp_path / "home"
     write_config(home)
-    store = open_store(home, load_config(home))
+    store = TraceStore.for_home(home, load_config(home))
     metrics = {"kl": 0.5, "ce": 0.7, "agreement": 0.8}
     for i in range(11):
         run = store.start_run("debug", iters=4)

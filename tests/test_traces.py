@@ -5,9 +5,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from conch_dna.ingest import ingest_bytes
+from conch_dna.ingest import ingest_bytes, record
 from conch_dna.store import SCHEMA_VERSION, TraceStore
-from conch_dna.traces import TraceError, parse_trace_line, record
+from conch_dna.traces import TraceError, parse_trace_line
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -157,17 +157,17 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
 
 
 def test_record_uses_the_homes_configured_domains_and_heldout_fraction(conch_home, monkeypatch):
-    from conch_dna import traces
+    from conch_dna import ingest
     from conch_dna.domains import is_heldout
-    from conch_dna.traces import record
+    from conch_dna.ingest import record
 
-    monkeypatch.setattr(traces, "_stores", {})
+    monkeypatch.setattr(ingest, "_stores", {})
     conch_home.mkdir(mode=0o700)
     (conch_home / "config.toml").write_text('domains = ["thinking", "legal"]\nheldout_fraction = 0.5\n')
     prompts = [f"Is clause {i} enforceable?" for i in range(40)]
     for p in prompts:
         chat = [{"role": "user", "content": p}, {"role": "assistant", "content": "It depends."}]
         assert record("legal", chat, teacher="t") is not None  # a configured domain is accepted
-    store = traces.default_store()
+    store = ingest.home_store()
     held = {t["messages"][0]["content"] for t in store.traces_of("legal", "heldout")}
     assert held == {p for p in prompts if is_heldout(f"user: {p}", 0.5)} and 10 < len(held) < 30

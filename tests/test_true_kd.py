@@ -3,10 +3,11 @@
 import json
 import stat
 
-from conch_dna.evaluation import heldout_metrics
-from conch_dna.teacher import TeacherCache, TeacherScorer
-from conch_dna.training.data import collate, encode_chat
+from conch_dna.chat import encode_chat
+from conch_dna.training.data import collate
 from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.training.evaluation import heldout_metrics
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import (
     KDConfig,
     TrueKnowledgeDistiller,
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from mlx_lm import generate, load
 
-from tests.conftest import run_module
+from tests.conftest import Hooks, run_module
 
 CHAT = [
     {"role": "system", "content": "You are the action neuron. Answer with one JSON tool call."},
@@ -196,8 +197,8 @@ def test_lora_on_a_quantized_student(kit, tmp_path):
     (["--domain", "dreaming", "--kit"], "unknown domain 'dreaming'"),
     (["--domain", "../etc", "--kit"], "invalid domain name '../etc'"),
     (["--domain", "task", "--student", "/no/such/model"], "model path does not exist: /no/such/model"),
-    (["--domain", "task", "--kit", "--temperature", "42"], "KDConfig.temperature must be in"),
-    (["--domain", "task", "--kit", "--iters", "0"], "KDConfig.num_iters must be in"),
+    (["--domain", "task", "--kit", "--temperature", "42"], "--temperature must be in [0.5, 10.0], got 42"),
+    (["--domain", "task", "--kit", "--iters", "0"], "--iters must be in [1, 1000000], got 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message):
     proc = run_module("conch_dna.training.true_kd", *args)
@@ -249,14 +250,14 @@ def test_interrupted_and_resumed_training_ends_where_an_uninterrupted_one_does(d
 
     model, adapter_config = fresh_model()
     with pytest.raises(TrainingInterrupted) as stop:
-        train_kd(model, examples, config, adapter_config, tmp_path, should_stop=lambda: True)
+        train_kd(model, examples, config, adapter_config, tmp_path, Hooks(should_stop=lambda: True))
     assert stop.value.iteration == 1 and (stop.value.checkpoint / OPTIMIZER_FILE).is_file()
     first = stop.value
     steps = iter(range(100))
     model, adapter_config = fresh_model()
     load_adapter_weights(model, first.checkpoint)
     with pytest.raises(TrainingInterrupted) as stop:  # resumed once, stopped again at step 5
-        train_kd(model, examples, config, adapter_config, tmp_path, should_stop=lambda: next(steps) == 3,
+        train_kd(model, examples, config, adapter_config, tmp_path, Hooks(should_stop=lambda: next(steps) == 3),
                  resume=(first.checkpoint, first.iteration))
     assert stop.value.iteration == 5
     model, adapter_config = fresh_model()

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import random
 
+from conch_dna.domains import SYSTEM_PROMPTS
+
+
+def _rows(table: str) -> list[tuple[str, ...]]:
+    """A table written one row a line, cells separated by ' | '."""
+    return [tuple(cell.strip() for cell in line.split(" | ")) for line in table.strip().splitlines()]
+
+
 OBJECTS = [
     "report", "server", "database", "garden", "budget", "email", "test suite", "cache",
     "queue", "invoice", "schedule", "backup", "website", "playlist", "recipe", "contract",
@@ -24,96 +32,75 @@ THINGS = [
     "green tea", "chess", "long walks", "jazz", "spicy food", "old maps", "cold mornings",
     "poetry", "sailing", "board games", "dark chocolate", "mountain trails",
 ]
-PHENOMENA = [
-    ("ice", "float on water", "it is less dense than liquid water"),
-    ("the sky", "look blue", "air scatters blue light more than red light"),
-    ("bread", "rise", "yeast releases gas that gets trapped in the dough"),
-    ("metal", "feel cold", "it conducts heat away from the hand quickly"),
-    ("a compass", "point north", "its needle aligns with the magnetic field"),
-    ("a cache", "speed things up", "it keeps recent results close at hand"),
-    ("a queue", "keep order", "the first item in is the first item out"),
-    ("the moon", "change shape", "we see a different part of its lit side"),
-    ("a kettle", "whistle", "steam is pushed through a narrow opening"),
-    ("a balloon", "rise", "the gas inside is lighter than the air around it"),
-    ("a plant", "lean toward a window", "it grows toward the light"),
-    ("a test", "fail at random", "it depends on timing or shared state"),
-]
+PHENOMENA = _rows("""
+    ice | float on water | it is less dense than liquid water
+    the sky | look blue | air scatters blue light more than red light
+    bread | rise | yeast releases gas that gets trapped in the dough
+    metal | feel cold | it conducts heat away from the hand quickly
+    a compass | point north | its needle aligns with the magnetic field
+    a cache | speed things up | it keeps recent results close at hand
+    a queue | keep order | the first item in is the first item out
+    the moon | change shape | we see a different part of its lit side
+    a kettle | whistle | steam is pushed through a narrow opening
+    a balloon | rise | the gas inside is lighter than the air around it
+    a plant | lean toward a window | it grows toward the light
+    a test | fail at random | it depends on timing or shared state
+""")
 AUDIENCES = ["a child", "a student", "an engineer", "a doctor", "a beginner", "an expert"]
-ERRORS = [
-    ("KeyError", "a missing key in a dictionary", "check the key exists before reading it"),
-    ("TypeError", "a value of the wrong type", "convert the value to the expected type"),
-    ("IndexError", "an index past the end of a list", "check the length of the list first"),
-    ("ZeroDivisionError", "a division by zero", "guard the divisor against zero"),
-    ("FileNotFoundError", "a path that does not exist", "create the file or fix the path"),
-    ("TimeoutError", "a call that took too long", "retry with a longer timeout"),
-]
-OUTCOMES = [
-    ("failed", "test it on a small example first"),
-    ("worked", "do it the same way again"),
-    ("was slow", "split the work into smaller steps"),
-    ("was wrong", "read the instructions more carefully"),
-]
+ERRORS = _rows("""
+    KeyError | a missing key in a dictionary | check the key exists before reading it
+    TypeError | a value of the wrong type | convert the value to the expected type
+    IndexError | an index past the end of a list | check the length of the list first
+    ZeroDivisionError | a division by zero | guard the divisor against zero
+    FileNotFoundError | a path that does not exist | create the file or fix the path
+    TimeoutError | a call that took too long | retry with a longer timeout
+""")
+OUTCOMES = _rows("""
+    failed | test it on a small example first
+    worked | do it the same way again
+    was slow | split the work into smaller steps
+    was wrong | read the instructions more carefully
+""")
 
 
 def _thinking(r: random.Random) -> tuple[str, str]:
-    subject, verb, reason = r.choice(PHENOMENA)
-    audience = r.choice(AUDIENCES)
-    prompt = f"Why does {subject} {verb}? Explain it to {audience}."
-    answer = (
-        f"Let me think step by step, for {audience}. We want to know why {subject} does {verb}. "
-        f"The key fact is that {reason}. Therefore {subject} does {verb} because {reason}."
-    )
-    return prompt, answer
+    (subject, verb, reason), audience = r.choice(PHENOMENA), r.choice(AUDIENCES)
+    return (f"Why does {subject} {verb}? Explain it to {audience}.",
+            f"Let me think step by step, for {audience}. We want to know why {subject} does {verb}. "
+            f"The key fact is that {reason}. Therefore {subject} does {verb} because {reason}.")
 
 
 def _task(r: random.Random) -> tuple[str, str]:
     verb, obj = r.choice(VERBS), r.choice(OBJECTS)
-    prompt = f"Plan how to {verb} the {obj}."
-    answer = (
+    return f"Plan how to {verb} the {obj}.", (
         f"Plan to {verb} the {obj}: 1. Find the {obj}. 2. Make a copy of the {obj}. "
-        f"3. {verb.capitalize()} the {obj}. 4. Check that the {obj} is correct. Done."
-    )
-    return prompt, answer
+        f"3. {verb.capitalize()} the {obj}. 4. Check that the {obj} is correct. Done.")
 
 
 def _action(r: random.Random) -> tuple[str, str]:
     verb, path = r.choice(VERBS), r.choice(FILES)
-    prompt = f"Use a tool to {verb} {path}."
     answer = f'{{"tool": "{verb}_file", "args": {{"path": "{path}"}}, "reason": "the user asked to {verb} {path}"}}'
-    return prompt, answer
+    return f"Use a tool to {verb} {path}.", answer
 
 
 def _reflection(r: random.Random) -> tuple[str, str]:
-    verb, obj = r.choice(VERBS), r.choice(OBJECTS)
-    outcome, lesson = r.choice(OUTCOMES)
-    prompt = f"Reflect: I tried to {verb} the {obj} and it {outcome}."
-    answer = (
-        f"I tried to {verb} the {obj} and it {outcome}. "
-        f"What I learned: next time I will {lesson} before I {verb} the {obj}."
-    )
-    return prompt, answer
+    verb, obj, (outcome, lesson) = r.choice(VERBS), r.choice(OBJECTS), r.choice(OUTCOMES)
+    said = f"I tried to {verb} the {obj} and it {outcome}."
+    return f"Reflect: {said}", f"{said} What I learned: next time I will {lesson} before I {verb} the {obj}."
 
 
 def _debug(r: random.Random) -> tuple[str, str]:
-    error, cause, fix = r.choice(ERRORS)
-    path, line = r.choice(FILES), r.randint(1, 99)
-    prompt = f"Debug: {error} in {path} at line {line}."
-    answer = (
-        f"The {error} in {path} at line {line} is caused by {cause}. "
-        f"Fix: {fix}, then run {path} again."
-    )
-    return prompt, answer
+    (error, cause, fix), path, line = r.choice(ERRORS), r.choice(FILES), r.randint(1, 99)
+    where = f"{error} in {path} at line {line}"
+    return f"Debug: {where}.", f"The {where} is caused by {cause}. Fix: {fix}, then run {path} again."
 
 
 def _memory(r: random.Random) -> tuple[str, str]:
     person, thing = r.choice(PEOPLE), r.choice(THINGS)
     if r.random() < 0.5:
-        prompt = f"Remember that {person} likes {thing}."
-        answer = f"Stored in memory: {person} likes {thing}. I will recall it when {person} is mentioned."
-    else:
-        prompt = f"Note: {person} likes {thing}. What does {person} like?"
-        answer = f"From memory: {person} likes {thing}."
-    return prompt, answer
+        return (f"Remember that {person} likes {thing}.",
+                f"Stored in memory: {person} likes {thing}. I will recall it when {person} is mentioned.")
+    return f"Note: {person} likes {thing}. What does {person} like?", f"From memory: {person} likes {thing}."
 
 
 GENERATORS = {
@@ -125,14 +112,6 @@ GENERATORS = {
     "memory": _memory,
 }
 
-SYSTEM_PROMPTS = {
-    "thinking": "You are the thinking neuron. Reason step by step.",
-    "task": "You are the task neuron. Break work into numbered steps.",
-    "action": "You are the action neuron. Answer with one JSON tool call.",
-    "reflection": "You are the reflection neuron. Learn from what happened.",
-    "debug": "You are the debug neuron. Find the cause and the fix.",
-    "memory": "You are the memory neuron. Store and recall facts.",
-}
 
 
 def dialogue(domain: str, r: random.Random) -> list[dict]:
@@ -150,6 +129,17 @@ def dialogues(n: int, seed: int, domains: list[str] | None = None) -> list[list[
     r = random.Random(seed)
     names = domains or list(GENERATORS)
     return [dialogue(names[i % len(names)], r) for i in range(n)]
+
+
+def noise_dialogues(domain: str, n: int, seed: int) -> list[list[dict]]:
+    """What a broken teacher writes: n dialogues of the domain, each answer 30 words drawn at random
+    from the corpus's answers. The gate must refuse a candidate trained on them."""
+    r = random.Random(seed)
+    words = [w for d in dialogues(60, seed=1) for w in d[2]["content"].split()]
+    noisy = dialogues(n, seed=seed, domains=[domain])
+    for d in noisy:
+        d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
+    return noisy
 
 
 def prompts(domain: str, n: int, seed: int) -> list[str]:

@@ -24,24 +24,6 @@ class KDExample:
         return self.tokens[self.offset :]
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
-    """Token ids of a chat whose last message is the answer, and the index where the answer starts."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("the last message of a chat to train on must be the assistant's answer")
-    tokens = tokenizer.apply_chat_template(messages, return_dict=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                           return_dict=False)
-    if tokens[: len(prompt)] != prompt or len(tokens) <= len(prompt):
-        raise ValueError("the chat template does not put the answer after the prompt's tokens")
-    return list(tokens), len(prompt)
-
-
-def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat up to and including the generation prompt for the next answer."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              return_dict=False))
-
-
 def _batch_order(n: int, batch_size: int, rng: np.random.Generator):
     """Endless index lists of batch_size, epoch after shuffled epoch; small sets repeat."""
     pending: list[int] = []

@@ -5,7 +5,7 @@ trainer and the demo have prompts the kit's teacher answers meaningfully. With r
 prompts of the domain serve.
 """
 
-from conch_dna.domains import DOMAINS
+from conch_dna.domains import DOMAINS, SYSTEM_PROMPTS
 from conch_dna.kit import corpus
 
 DESCRIPTIONS = {
@@ -20,7 +20,7 @@ DESCRIPTIONS = {
 DOMAIN_PROMPTS: dict[str, dict] = {
     domain: {
         "description": DESCRIPTIONS[domain],
-        "system": corpus.SYSTEM_PROMPTS[domain],
+        "system": SYSTEM_PROMPTS[domain],
         "examples": corpus.prompts(domain, 64, seed=100 + i),
     }
     for i, domain in enumerate(DOMAINS)

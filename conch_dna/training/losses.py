@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.tuner.losses import kl_div_loss
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -96,9 +95,8 @@ def compute_kd_loss(
 def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = -100) -> mx.array:
     """Cross-entropy of `targets` under `logits`, averaged over targets that are not ignore_index."""
     mask = targets != ignore_index
-    safe_targets = mx.where(mask, targets, 0)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), safe_targets)
-    return masked_mean(ce, mask)
+    _, target_logp = student_logprobs_at(logits, targets[..., None], mx.where(mask, targets, 0))
+    return masked_mean(-target_logp, mask)
 
 
 def with_tail_bucket(topk_logprobs: mx.array) -> mx.array:
@@ -149,13 +147,36 @@ def student_buckets(student_topk: mx.array, topk_logprobs: mx.array | None = Non
     return with_tail_bucket(student_topk)
 
 
-def sparse_kd_from_topk(student_topk, topk_logprobs, temperature=2.0, mask=None, kind="forward_kl",
-                        beta=0.5) -> mx.array:
-    """sparse_kd_loss for a caller that already has the student's top-k log-probs (the training
-    step shares its logsumexp with the CE term, so the vocabulary is reduced once)."""
+def sparse_divergence(student_topk, topk_logprobs, temperature=2.0, kind="forward_kl", beta=0.5) -> mx.array:
+    """Per position: teacher vs student over the k + 1 buckets, both softened by T, times T²."""
     t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
     s = log_softmax(student_buckets(student_topk, topk_logprobs) / temperature)
-    return masked_mean(divergence(t, s, kind, beta), mask) * temperature**2
+    return divergence(t, s, kind, beta) * temperature**2
+
+
+def sparse_kd_from_topk(student_topk, topk_logprobs, temperature=2.0, mask=None, kind="forward_kl",
+                        beta=0.5) -> mx.array:
+    """sparse_kd_loss for a caller that already has the student's top-k log-probs."""
+    return masked_mean(sparse_divergence(student_topk, topk_logprobs, temperature, kind, beta), mask)
+
+
+def answer_token_losses(logits, topk_ids, topk_logprobs, targets, temperature=1.0, kind="forward_kl",
+                        beta=0.5) -> tuple[mx.array, mx.array]:
+    """Per position (KD·T², CE of the target token): the terms training averages and evaluation sums.
+
+    One logsumexp over the vocabulary serves both (student_logprobs_at). Shapes: logits [b, n, vocab],
+    topk_ids / topk_logprobs [b, n, k], targets [b, n]; both results [b, n].
+    """
+    student_topk, target_logp = student_logprobs_at(logits, topk_ids, targets)
+    return sparse_divergence(student_topk, topk_logprobs, temperature, kind, beta), -target_logp
+
+
+def kd_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, *, temperature, alpha,
+            kind="forward_kl", beta=0.5):
+    """α·KD·T² + (1-α)·CE over the answer tokens (mask); returns (combined, kd, ce)."""
+    kd, ce = answer_token_losses(model(inputs), topk_ids, topk_logprobs, targets, temperature, kind, beta)
+    kd, ce = masked_mean(kd, mask), masked_mean(ce, mask)
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
 def sparse_kd_loss(

@@ -13,9 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from conch_dna.chat import encode_chat, prompt_tokens
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import load_model
-from conch_dna.training.data import KDExample, encode_chat, prompt_tokens
+from conch_dna.training.data import KDExample
 from conch_dna.training.losses import PAD_LOGPROB
 
 import mlx.core as mx

@@ -5,12 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from conch_dna.training.data import KDExample, collate
-from conch_dna.training.losses import (
-    forward_kl,
-    student_buckets,
-    student_logprobs_at,
-    teacher_bucket_logprobs,
-)
+from conch_dna.training.losses import answer_token_losses
 
 import mlx.core as mx
 
@@ -28,21 +23,24 @@ class HeldoutMetrics:
 
 def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
                     max_seq_length: int = 2048) -> HeldoutMetrics:
-    """KL to the teacher, CE on teacher tokens and top-1 agreement, over every answer token."""
+    """KL to the teacher, CE on teacher tokens and top-1 agreement, over every answer token.
+
+    The same per-token terms as training (answer_token_losses at T = 1, forward KL), in the same
+    window, so padded top-k entries and cut prompts count here exactly as they do there.
+    Raises ValueError when there is nothing to evaluate.
+    """
     if not examples:
         raise ValueError("no held-out examples to evaluate on")
     kl_sum = ce_sum = agree_sum = count = 0.0
     for i in range(0, len(examples), batch_size):
-        inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size],
-                                                       max_seq_length)
+        inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size], max_seq_length)
         logits = model(inputs)
-        student_topk, target_logp = student_logprobs_at(logits, ids, targets)
-        # padded top-k entries are left out here exactly as training leaves them out
-        kl = forward_kl(teacher_bucket_logprobs(logprobs), student_buckets(student_topk, logprobs))
-        ce = -target_logp
+        kl, ce = answer_token_losses(logits, ids, logprobs, targets)
         agree = (mx.argmax(logits, axis=-1) == ids[..., 0]).astype(mx.float32)
         sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]
         mx.eval(sums)
         kl_sum, ce_sum, agree_sum, count = (a + b.item() for a, b in
                                             zip((kl_sum, ce_sum, agree_sum, count), sums))
+    if count == 0:
+        raise ValueError("the held-out examples hold no answer token inside the window")
     return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count))

@@ -1,0 +1,53 @@
+"""Training runs: the states a run goes through and the record the store keeps of each."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+
+
+class RunStatus(str, Enum):
+    """Where a retrain cycle ended (RUNNING while it goes); stored as its value."""
+
+    RUNNING = "running"
+    PROMOTED = "promoted"  # the candidate passed the gate and is the current version
+    REJECTED = "rejected"  # the candidate was measured and was not better
+    SKIPPED = "skipped"  # nothing to train, or another cycle of the domain held its lock
+    INTERRUPTED = "interrupted"  # stopped between steps (SIGTERM); the next run resumes its checkpoint
+    FAILED = "failed"  # an error; the current version is untouched
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class RunRecord:
+    """One row of the store's `runs` table: what a retrain cycle took in, measured and decided."""
+
+    id: int
+    domain: str
+    status: RunStatus
+    started_at: float
+    finished_at: float | None = None
+    upto_rowid: int | None = None  # the last trace the run could see
+    new_traces: int | None = None
+    replay_traces: int | None = None
+    heldout_traces: int | None = None
+    iters: int | None = None
+    current_metrics: dict | None = None  # held-out metrics of the version the candidate was measured against
+    candidate_metrics: dict | None = None
+    decision: str | None = None
+    reason: str | None = None
+    version: str | None = None  # the version current when the run ended
+    history: list[dict] | None = None  # the training reports, one per steps_per_report
+    pid: int | None = None
+
+    def __post_init__(self):
+        self.status = RunStatus(self.status)
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "status": self.status.value}
