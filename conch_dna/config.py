@@ -53,6 +53,8 @@ class Config(BaseModel):
     check_minutes: float = Field(default=10.0, gt=0)
     retrain_threshold: int = Field(default=32, ge=1)
     replay_count: int = Field(default=32, ge=0)  # older train traces mixed into each retrain
+    # a backlog (a long pause, a bulk import) is trained in runs of at most this many new traces
+    max_traces_per_run: int = Field(default=2000, ge=1)
     promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)

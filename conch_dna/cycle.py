@@ -197,7 +197,10 @@ class _Cycle:
         mark = self.store.trained_upto(self.domain)
         state = self._resume_state()
         upto = state["upto_rowid"] if state else self.store.max_rowid(self.domain)
-        new = self.store.traces_of(self.domain, "train", since_rowid=mark, upto_rowid=upto)
+        cap = self.config.max_traces_per_run
+        new = self.store.traces_of(self.domain, "train", since_rowid=mark, upto_rowid=upto, limit=cap)
+        if len(new) == cap:  # a backlog: this run takes the oldest `cap`, the next check the rest
+            upto = new[-1]["rowid"]
         replay = (self.store.traces_of(self.domain, "train", upto_rowid=mark, sample=self.config.replay_count)
                   if mark else [])
         held = self.store.traces_of(self.domain, "heldout", upto_rowid=upto)

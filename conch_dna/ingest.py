@@ -7,15 +7,19 @@ import errno
 import hashlib
 import json
 import os
+import reprlib
 import stat
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from conch_dna.config import load_config
 from conch_dna.home import DB_FILE, conch_home
 from conch_dna.store import TraceStore
-from conch_dna.traces import TraceError, parse_trace_line
+from conch_dna.traces import MAX_LINE_BYTES, TraceError, parse_trace_line
 
 
 @dataclass
@@ -24,11 +28,22 @@ class IngestReport:
     stored: int = 0
     duplicates: int = 0
     quarantined: int = 0
-    outcomes: list[str] = field(default_factory=list)  # per line: stored / duplicate / quarantined
+    lines: int = 0
+    # per line (stored / duplicate / quarantined), kept only when asked for (ingest_bytes): a file
+    # streamed from disk may hold millions of lines
+    outcomes: list[str] | None = None
 
-    @property
-    def lines(self) -> int:
-        return len(self.outcomes)
+    def count(self, outcome: str) -> None:
+        self.lines += 1
+        field = _COUNTER[outcome]
+        setattr(self, field, getattr(self, field) + 1)
+        if self.outcomes is not None:
+            self.outcomes.append(outcome)
+
+
+_COUNTER = {"stored": "stored", "duplicate": "duplicates", "quarantined": "quarantined"}
+CHUNK_LINES = 1000  # lines per transaction: a crash loses none, re-ingesting stores none twice
+QUARANTINE_HEAD_BYTES = 1024  # an oversized line is kept by its first KB
 
 
 def split_lines(data: bytes) -> list[bytes]:
@@ -39,37 +54,76 @@ def split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def ingest_bytes(store: TraceStore, data: bytes, source: str) -> IngestReport:
-    """Ingest one file's content in one transaction: all of it lands, or none of it does.
+def read_lines(f: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes, int]]:
+    """(line, its full length) for each line of a binary file, holding at most `limit` + 1 bytes of a
+    line: a longer one comes back cut to its first QUARANTINE_HEAD_BYTES, its length telling why."""
+    while chunk := f.readline(limit + 1):
+        if len(chunk) > limit and not chunk.endswith(b"\n"):
+            head, length = chunk[:QUARANTINE_HEAD_BYTES], len(chunk)
+            while not chunk.endswith(b"\n") and (chunk := f.readline(limit + 1)):
+                length += len(chunk)
+            yield head, length - chunk.endswith(b"\n")
+            continue
+        line = chunk[:-1] if chunk.endswith(b"\n") else chunk
+        line = line[:-1] if line.endswith(b"\r") else line
+        yield line, len(line)
 
-    Re-ingesting the same content is harmless: traces are keyed by content and quarantined
-    lines by (file hash, line number), so a crash between commit and cleanup stores nothing twice.
+
+def prepare_line(store: TraceStore, raw: bytes, length: int | None = None) -> tuple[tuple | None, str | None]:
+    """(the row to store, None), or (None, the reason to quarantine it): never raises for a line's content."""
+    if length is not None and length > MAX_LINE_BYTES:
+        return None, f"line of {length} bytes is over the {MAX_LINE_BYTES}-byte limit (its first KB is kept)"
+    try:
+        return store.row(parse_trace_line(raw, store.domains)), None
+    except TraceError as exc:
+        return None, str(exc)
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - whatever a line does, it is kept, with why
+        return None, f"cannot be stored: {type(exc).__name__}: {exc}"[:2000]
+
+
+def ingest_lines(store: TraceStore, lines: Iterable[tuple[bytes, int]], source: str, source_hash: str,
+                 report: IngestReport) -> IngestReport:
+    """Store or quarantine every line, CHUNK_LINES per transaction.
+
+    Re-ingesting the same content is harmless: traces are keyed by content and quarantined lines
+    by (file hash, line number), so a crash between chunks, or between commit and cleanup, stores
+    nothing twice and loses nothing.
     """
-    source_hash = hashlib.sha256(data).hexdigest()
-    report = IngestReport(source)
-    traces, kinds, bad = [], [], []
-    for number, raw in enumerate(split_lines(data), start=1):
-        try:
-            traces.append(parse_trace_line(raw, store.domains))
-            kinds.append(None)
-        except TraceError as exc:
-            bad.append((number, str(exc), raw))
+    rows, kinds, bad = [], [], []
+
+    def commit():
+        with store.write() as conn:
+            fresh = iter(store.add_rows(rows, source, conn))
+            store.quarantine(bad, source, source_hash, conn)
+        for kind in kinds:
+            report.count(kind or ("stored" if next(fresh) else "duplicate"))
+        rows.clear(), kinds.clear(), bad.clear()
+
+    for number, (raw, length) in enumerate(lines, start=1):
+        row, reason = prepare_line(store, raw, length)
+        if row is None:
+            bad.append((number, reason, raw[:QUARANTINE_HEAD_BYTES] if length > MAX_LINE_BYTES else raw))
             kinds.append("quarantined")
-    with store.write() as conn:
-        fresh = iter(store.add(traces, source, conn))
-        store.quarantine(bad, source, source_hash, conn)
-    for kind in kinds:
-        outcome = kind or ("stored" if next(fresh) else "duplicate")
-        report.outcomes.append(outcome)
-    report.stored = report.outcomes.count("stored")
-    report.duplicates = report.outcomes.count("duplicate")
-    report.quarantined = report.outcomes.count("quarantined")
+        else:
+            rows.append(row)
+            kinds.append(None)
+        if len(kinds) >= CHUNK_LINES:
+            commit()
+    if kinds:
+        commit()
     return report
 
 
-def read_regular_file(path: str | Path, follow_links: bool = False) -> bytes:
-    """A regular file's bytes; a FIFO, folder or device (or a link, unless follow_links) raises
-    ValueError without being read.
+def ingest_bytes(store: TraceStore, data: bytes, source: str) -> IngestReport:
+    """Ingest a file's content held in memory; the report has every line's outcome."""
+    lines = ((line, len(line)) for line in split_lines(data))
+    return ingest_lines(store, lines, source, hashlib.sha256(data).hexdigest(), IngestReport(source, outcomes=[]))
+
+
+@contextmanager
+def open_regular_file(path: str | Path, follow_links: bool = False) -> Iterator[BinaryIO]:
+    """A regular file opened for reading; a FIFO, folder or device (or a link, unless follow_links)
+    raises ValueError without being read.
 
     O_NOFOLLOW and O_NONBLOCK make the open itself safe (no link followed, no wait for a FIFO's
     writer), and fstat checks what was opened, not what the name pointed to a moment before.
@@ -83,14 +137,24 @@ def read_regular_file(path: str | Path, follow_links: bool = False) -> bytes:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path} is not a regular file; only regular files are ingested")
-        return f.read()
+        yield f
 
 
 def ingest_file(store: TraceStore, path: str | Path, source: str | None = None,
                 follow_links: bool = False) -> IngestReport:
-    """Ingest a regular file (see read_regular_file); the inbox never follows links, a person may."""
+    """Ingest a regular file (see open_regular_file), streamed: memory stays bounded whatever its size.
+
+    It is read twice: once for its hash (what its quarantined lines are keyed by), once to ingest.
+    The inbox never follows links, a person may.
+    """
     path = Path(path)
-    return ingest_bytes(store, read_regular_file(path, follow_links), source or path.name)
+    with open_regular_file(path, follow_links) as f:
+        digest = hashlib.sha256()
+        while block := f.read(1 << 20):
+            digest.update(block)
+        f.seek(0)
+        return ingest_lines(store, read_lines(f), source or path.name, digest.hexdigest(),
+                            IngestReport(source or path.name))
 
 
 _stores: dict[str, TraceStore] = {}
@@ -119,13 +183,18 @@ def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = 
     reason (never silently dropped) and the agent carries on.
     """
     store = store or home_store()
-    data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk,
-            "meta": meta or {}}
-    raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk, "meta": meta or {}}
     try:
-        trace = parse_trace_line(raw, store.domains)
-    except TraceError as exc:
-        store.quarantine([(0, str(exc), raw)], "record()", hashlib.sha256(raw).hexdigest())
+        raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - e.g. a circular meta: kept as text, with why
+        raw = reprlib.repr(data).encode("utf-8", "backslashreplace")
+        store.quarantine([(0, f"not JSON-serialisable: {type(exc).__name__}: {exc}", raw)], "record()",
+                         hashlib.sha256(raw).hexdigest())
         return None
-    store.add([trace], "record()")
-    return trace.trace_id()
+    row, reason = prepare_line(store, raw, len(raw))
+    if row is None:
+        head = raw[:QUARANTINE_HEAD_BYTES] if len(raw) > MAX_LINE_BYTES else raw
+        store.quarantine([(0, reason, head)], "record()", hashlib.sha256(raw).hexdigest())
+        return None
+    store.add_rows([row], "record()")
+    return row[0]

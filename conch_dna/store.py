@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -22,8 +24,10 @@ from conch_dna.traces import Trace
 import numpy as np
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+log = logging.getLogger("conch.store")
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
+WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
@@ -51,7 +55,12 @@ def _add_runs_v2(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["domain", "started_at"])
 
 
-MIGRATIONS = {1: _create_v1, 2: _add_runs_v2}  # version -> function that brings version - 1 up to it
+def _add_settings_v3(db: sqlite_utils.Database) -> None:
+    db["settings"].create({"key": str, "value": str}, pk="key")
+
+
+# version -> the function that brings version - 1 up to it
+MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3}
 
 
 @dataclass
@@ -68,6 +77,8 @@ def _encode_topk(trace: Trace):
         return None, None, None, None
     ids = np.asarray(trace.topk.token_ids, np.int32)
     lps = np.asarray(trace.topk.logprobs, np.float16)
+    if ids.ndim != 2 or ids.shape != lps.shape or ids.shape[1] == 0 or not np.isfinite(lps).all():
+        raise ValueError(f"topk of shape {ids.shape} cannot be stored as [tokens, k]")
     return ids.tobytes(), lps.tobytes(), ids.shape[1], trace.topk.tokenizer
 
 
@@ -88,6 +99,7 @@ class TraceStore:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._local = threading.local()
         self._migrate()
+        self.heldout_fraction = self._pin_heldout_fraction(heldout_fraction)
 
     @classmethod
     def for_home(cls, home: str | Path, config) -> TraceStore:
@@ -103,7 +115,13 @@ class TraceStore:
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # FULL: a commit is on disk before it returns, so an inbox file deleted after its commit
+            # is never lost to a power cut; macOS needs F_FULLFSYNC for that (fullfsync).
+            conn.execute("PRAGMA synchronous = FULL")
+            if sys.platform == "darwin":
+                conn.execute("PRAGMA fullfsync = ON")
+                conn.execute("PRAGMA checkpoint_fullfsync = ON")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
             # trace ids are random hashes: their index wants more than the default 2 MB of cache
             conn.execute("PRAGMA cache_size = -65536")
             db = self._local.db = sqlite_utils.Database(conn)
@@ -145,39 +163,62 @@ class TraceStore:
                 MIGRATIONS[v](self.db)
                 conn.execute(f"PRAGMA user_version = {v}")
 
+    def _pin_heldout_fraction(self, requested: float) -> float:
+        """The held-out fraction the store was created with; it travels with the data, so that a
+        config changed later cannot put one prompt on both sides of the split."""
+        query = "SELECT value FROM settings WHERE key = 'heldout_fraction'"
+        row = self.db.conn.execute(query).fetchone()
+        if row is None:
+            with self.write() as conn:  # the first opener writes it; a racing one reads the winner's
+                conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES ('heldout_fraction', ?)",
+                             (repr(float(requested)),))
+                row = conn.execute(query).fetchone()
+        pinned = float(row[0])
+        if pinned != requested:
+            log.warning("%s keeps heldout_fraction = %s, the fraction its traces were split with (asked: %s)",
+                        self.path, pinned, requested)
+        return pinned
+
     def schema_version(self) -> int:
         return self.db.conn.execute("PRAGMA user_version").fetchone()[0]
 
     # -- writing -------------------------------------------------------------------------------
+
+    def row(self, trace: Trace) -> tuple:
+        """The row a trace is stored as, id first; raises for a trace that cannot be stored, so a
+        caller can quarantine that one trace instead of failing a whole batch."""
+        return (trace.trace_id(), trace.domain, trace.split(self.heldout_fraction), trace.teacher,
+                trace.chat_json, *_encode_topk(trace), trace.created_at.isoformat() if trace.created_at else None,
+                json.dumps(trace.meta, ensure_ascii=False) if trace.meta else "{}")
 
     def add(self, traces: Iterable[Trace], source: str, conn: sqlite3.Connection | None = None) -> list[bool]:
         """Store traces; for each, True if it is new, False if the same trace is already stored.
 
         Pass `conn` to take part in a transaction the caller holds (see write()).
         """
-        traces = list(traces)
+        return self.add_rows([self.row(t) for t in traces], source, conn)
+
+    def add_rows(self, rows: list[tuple], source: str, conn: sqlite3.Connection | None = None) -> list[bool]:
+        """add() for rows made by row(): for each, True if it is new, False if already stored."""
         if conn is None:
             with self.write() as own:
-                return self.add(traces, source, own)
-        ids = [t.trace_id() for t in traces]
+                return self.add_rows(rows, source, own)
+        ids = [r[0] for r in rows]
         known: set[str] = set()
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             known.update(r[0] for r in conn.execute(
                 f"SELECT id FROM traces WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-        now, rows, fresh = time.time(), [], []
-        for trace, trace_id in zip(traces, ids):
-            is_new = trace_id not in known
+        now, new_rows, fresh = time.time(), [], []
+        for row in rows:
+            is_new = row[0] not in known
             fresh.append(is_new)
             if is_new:
-                known.add(trace_id)
-                rows.append((trace_id, trace.domain, trace.split(self.heldout_fraction), trace.teacher,
-                             trace.chat_json, *_encode_topk(trace),
-                             trace.created_at.isoformat() if trace.created_at else None, now, source,
-                             json.dumps(trace.meta, ensure_ascii=False) if trace.meta else "{}"))
+                known.add(row[0])
+                new_rows.append((*row[:-1], now, source, row[-1]))
         conn.executemany(
             "INSERT INTO traces (id, domain, split, teacher, messages, topk_ids, topk_logprobs, topk_k,"
-            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", new_rows)
         return fresh
 
     def quarantine(self, items: Iterable[tuple[int, str, bytes]], source: str, source_hash: str,
@@ -276,17 +317,17 @@ class TraceStore:
         return records
 
     def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
-                  sample: int | None = None) -> list[dict]:
-        """Trace rows (chat + top-k) of a domain's split; `sample` draws that many at random."""
+                  sample: int | None = None, limit: int | None = None) -> list[dict]:
+        """Trace rows (chat + top-k) of a domain's split, oldest first; `sample` draws that many at
+        random instead; `limit` keeps the first that many."""
         sql = "SELECT rowid, messages, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
               "WHERE domain = ? AND split = ? AND rowid > ?"
         args: list = [domain, split, since_rowid]
         if upto_rowid is not None:
             sql += " AND rowid <= ?"
             args.append(upto_rowid)
-        sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid"
-        if sample is not None:
-            args.append(sample)
+        sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid LIMIT ?"
+        args.append(sample if sample is not None else (limit if limit is not None else -1))
         out = []
         for rowid, messages, ids, lps, k, tok in self.db.conn.execute(sql, args):
             topk = None

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from typing_extensions import NotRequired, TypedDict
 
 MAX_LINE_BYTES = 1 << 20  # a trace line over 1 MiB is quarantined, not parsed
+# Top-k is stored as int32 ids and float16 log-probs: a value is checked against what it becomes there.
+MAX_TOKEN_ID = 2**31 - 1
+MIN_STORED_LOGPROB = -65504.0  # float16's lowest finite value; below it a log-prob would be stored as -inf
 
 
 class Message(TypedDict):
@@ -41,13 +44,22 @@ class TopK(BaseModel):
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"topk has {len(self.token_ids)} rows of token_ids but "
                              f"{len(self.logprobs)} rows of logprobs")
+        if not self.token_ids:
+            raise ValueError("topk has no rows; leave topk out when there is none")
+        width = len(self.token_ids[0])
         for i, (ids, lps) in enumerate(zip(self.token_ids, self.logprobs)):
             if len(ids) != len(lps) or not ids:
                 raise ValueError(f"topk row {i} has {len(ids)} ids and {len(lps)} logprobs")
-            if any(t < 0 for t in ids):
-                raise ValueError(f"topk row {i} has a negative token id")
+            if len(ids) != width:
+                raise ValueError(f"topk row {i} has {len(ids)} entries where row 0 has {width}: rows must be "
+                                 "equally wide")
+            if any(t < 0 or t > MAX_TOKEN_ID for t in ids):
+                raise ValueError(f"topk row {i} has a token id outside 0..{MAX_TOKEN_ID}")
             if any(not math.isfinite(v) or v > 1e-4 for v in lps):
                 raise ValueError(f"topk row {i} has a logprob that is not a finite value <= 0")
+            if any(v < MIN_STORED_LOGPROB for v in lps):
+                raise ValueError(f"topk row {i} has a logprob below {MIN_STORED_LOGPROB:g}, which float16 "
+                                 "storage would turn into -inf")
         return self
 
 

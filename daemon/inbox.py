@@ -1,9 +1,11 @@
 """The inbox: a watchdog observer on $CONCH_HOME/inbox that ingests dropped *.jsonl files.
 
-Producers write a file under a temporary name and rename it to *.jsonl. A file to ingest is first
-claimed by renaming it into inbox/.processing/, then ingested in one transaction, then removed.
-A crash at any point loses nothing: a claimed file that is still there is ingested again at the
-next start, and ingesting the same content twice stores nothing twice. Filesystem events can be
+Producers write a file under a temporary name and rename it to *.jsonl (a file written in place is
+claimed only once its size and mtime have stayed the same for the debounce time). A file to ingest is
+first claimed by renaming it into inbox/.processing/, then ingested, streamed, a chunk of lines per
+transaction, then removed. A crash at any point loses nothing: a claimed file that is still there is
+ingested again at the next start, and ingesting the same content twice stores nothing twice. A file
+that fails FAILURE_LIMIT times is set aside in corrupt/ with its reason. Filesystem events can be
 lost, so a reconcile sweep runs at start and every `sweep_seconds`.
 """
 
@@ -15,7 +17,6 @@ import stat
 import threading
 import time
 from collections import deque
-from dataclasses import replace
 from pathlib import Path
 
 from conch_dna.fsutil import private_dir
@@ -27,12 +28,22 @@ log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"
 RECENT_REPORTS = 100
 REJECTED = "rejected"  # what is not a regular file (a FIFO, a folder, a link, a device), set aside unread
+CORRUPT = "corrupt"  # a file whose ingest failed FAILURE_LIMIT times, set aside so the queue moves on
+FAILURE_LIMIT = 3
 
 
 def is_candidate(path: Path) -> bool:
     """A finished trace file: *.jsonl, not hidden, not a temporary or partial name."""
     name = path.name
     return name.endswith(".jsonl") and not name.startswith(".") and not name.endswith((".tmp", ".part"))
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _kind(mode: int) -> str:
@@ -52,7 +63,8 @@ class Inbox:
         self.debounce_seconds = debounce_seconds
         self.sweep_seconds = sweep_seconds
         self.on_report = on_report
-        self._pending: dict[Path, float] = {}
+        self._pending: dict[Path, tuple[float, tuple | None]] = {}  # path -> (last change seen, size and mtime)
+        self._failures: dict[str, int] = {}  # claimed file -> failed ingests; bounded by the files present
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -63,10 +75,11 @@ class Inbox:
         self.reports: deque[IngestReport] = deque(maxlen=RECENT_REPORTS)
 
     def notice(self, path: Path) -> None:
-        """A filesystem event for `path`: ingest it once it has been quiet for the debounce time."""
+        """A filesystem event for `path`: ingest it once it has been quiet for the debounce time and
+        its size and mtime are what they were then (a producer writing in place is not cut short)."""
         if path.parent == self.directory and is_candidate(path):
             with self._lock:
-                self._pending[path] = time.monotonic()
+                self._pending[path] = (time.monotonic(), _signature(path))
             self._wake.set()
 
     def claim_and_ingest(self, path: Path) -> IngestReport | None:
@@ -86,18 +99,32 @@ class Inbox:
                 os.rename(path, claimed)
             except FileNotFoundError:
                 return None  # someone else claimed it, or it was a transient name
-        report = ingest_file(self.store, claimed, source=path.name)
+        try:
+            report = ingest_file(self.store, claimed, source=path.name)
+        except Exception as exc:
+            self._failed(claimed, exc)
+            raise
+        self._failures.pop(claimed.name, None)
         claimed.unlink()
-        self.reports.append(replace(report, outcomes=[]))
+        self.reports.append(report)
         log.info("ingested %s: %d stored, %d duplicates, %d quarantined", path.name, report.stored,
                  report.duplicates, report.quarantined)
         if self.on_report:
             self.on_report(report)
         return report
 
-    def set_aside(self, path: Path, reason: str) -> None:
-        """Move `path` (the entry itself, never what a link points to) to rejected/ with its reason."""
-        rejected = private_dir(self.directory / REJECTED)
+    def _failed(self, claimed: Path, exc: Exception) -> None:
+        """Count a failed ingest; the FAILURE_LIMIT-th sets the file aside in corrupt/ (its lines
+        stored so far stay stored: ingest is idempotent), so the files behind it are reached."""
+        failures = self._failures[claimed.name] = self._failures.get(claimed.name, 0) + 1
+        if failures >= FAILURE_LIMIT:
+            del self._failures[claimed.name]
+            self.set_aside(claimed, f"ingest failed {failures} times; last: {type(exc).__name__}: {exc}", CORRUPT)
+
+    def set_aside(self, path: Path, reason: str, folder: str = REJECTED) -> None:
+        """Move `path` (the entry itself, never what a link points to) to rejected/ (or `folder`) with
+        its reason."""
+        rejected = private_dir(self.directory / folder)
         target = rejected / f"{path.name}.{time.time_ns()}"
         os.rename(path, target)
         (rejected / f"{target.name}.reason.txt").write_text(reason + "\n")
@@ -109,7 +136,7 @@ class Inbox:
         reports = []
         for path in sorted(self.processing.glob("*.jsonl")) + sorted(
                 p for p in self.directory.iterdir() if is_candidate(p)):
-            report = self.claim_and_ingest(path)
+            report = self._safely(self.claim_and_ingest, path)  # one failing file never stops the rest
             if report:
                 reports.append(report)
         return reports
@@ -121,8 +148,14 @@ class Inbox:
             self._wake.clear()
             now = time.monotonic()
             with self._lock:
-                due = [p for p, t in self._pending.items() if now - t >= self.debounce_seconds]
-                for p in due:
+                due = []
+                for p, (seen, signature) in list(self._pending.items()):
+                    if now - seen < self.debounce_seconds:
+                        continue
+                    if _signature(p) != signature:  # still being written: wait for it to be quiet again
+                        self._pending[p] = (now, _signature(p))
+                        continue
+                    due.append(p)
                     del self._pending[p]
                 if self._pending:
                     self._wake.set()

@@ -16,7 +16,7 @@ from pathlib import Path
 from conch_dna.chat import encode_chat, prompt_tokens
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import load_model
-from conch_dna.training.data import KDExample
+from conch_dna.training.data import KDExample, fit_window
 from conch_dna.training.losses import PAD_LOGPROB
 
 import mlx.core as mx
@@ -100,12 +100,13 @@ class TeacherScorer:
     """Loads the teacher on first use; `release()` frees it before the student trains."""
 
     def __init__(self, teacher_model_id: str, cache: TeacherCache, top_k: int = 64,
-                 vocab_limit: int | None = None, max_answer_tokens: int = 256):
+                 vocab_limit: int | None = None, max_answer_tokens: int = 256, max_seq_length: int | None = None):
         self.teacher_model_id = teacher_model_id
         self.cache = cache
         self.top_k = top_k
         self.vocab_limit = vocab_limit
         self.max_answer_tokens = max_answer_tokens
+        self.max_seq_length = max_seq_length  # the training window: a longer prompt is cut from the left
         self.forward_passes = 0
         self.generated_answers = 0
         self._model = None
@@ -168,11 +169,15 @@ class TeacherScorer:
         (`fingerprint`) and covers every answer token; otherwise the teacher scores the chat.
         """
         tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
+        if self.max_seq_length:  # the teacher sees what the student will: its memory stays bounded too
+            cut = fit_window(KDExample(np.asarray(tokens, np.int32), offset, None, None), self.max_seq_length)
+            tokens, offset = cut.tokens.tolist(), cut.offset
         captured = _fit_topk(topk, fingerprint, tokens[offset:], self.top_k, self.vocab_limit)
         if captured:  # a capture cut short by max_tokens covers a prefix: the example ends with it
             ids, logprobs = captured
             tokens = tokens[: offset + len(ids)]
-        else:
+        else:  # answer tokens past the window would never be trained on: the teacher skips them too
+            tokens = tokens[: self.max_seq_length + 1] if self.max_seq_length else tokens
             ids, logprobs = self.targets(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
 

@@ -208,7 +208,8 @@ class TrueKnowledgeDistiller:
         self.output_dir = Path(output_dir or conch_home())
         cache = TeacherCache(cache_dir or self.output_dir / TEACHER_CACHE_DIR)
         self.scorer = TeacherScorer(teacher_model_id, cache, self.config.top_k,
-                                    max_answer_tokens=self.config.max_answer_tokens)
+                                    max_answer_tokens=self.config.max_answer_tokens,
+                                    max_seq_length=self.config.max_seq_length)
         self.callbacks = callbacks or KDCallback()
         self._vocab_checked = False
 
