@@ -177,7 +177,7 @@ class _Cycle:
             measured_against = current_version(self.home, self.domain)
             result = self.train(picked, candidate)
             promoted, reason = self.gate(picked, result)
-            version, reason = self.promote(candidate, measured_against, reason) if promoted else (None, reason)
+            version, reason = self.publish(candidate, measured_against, reason) if promoted else (None, reason)
             if version is None:
                 discard(candidate)
             return self.record(run_id, picked, result, version, reason)
@@ -229,7 +229,7 @@ class _Cycle:
         return decide(result.heldout_before, result.heldout_after, len(picked.held), self.config, self.domain,
                       self.force, established)
 
-    def promote(self, candidate: Path, measured_against: str | None, reason: str) -> tuple[str | None, str]:
+    def publish(self, candidate: Path, measured_against: str | None, reason: str) -> tuple[str | None, str]:
         """(the new version, reason), or (None, why not) when the current version changed while
         this run measured the candidate against it."""
         for checkpoint in candidate.glob("checkpoint_*"):  # a version is an adapter, not a training run

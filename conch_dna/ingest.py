@@ -69,6 +69,11 @@ def read_lines(f: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes
         yield line, len(line)
 
 
+def kept_bytes(raw: bytes, length: int) -> bytes:
+    """What the quarantine keeps of a line: all of it, or the first KB of an oversized one."""
+    return raw[:QUARANTINE_HEAD_BYTES] if length > MAX_LINE_BYTES else raw
+
+
 def prepare_line(store: TraceStore, raw: bytes, length: int | None = None) -> tuple[tuple | None, str | None]:
     """(the row to store, None), or (None, the reason to quarantine it): never raises for a line's content."""
     if length is not None and length > MAX_LINE_BYTES:
@@ -102,7 +107,7 @@ def ingest_lines(store: TraceStore, lines: Iterable[tuple[bytes, int]], source: 
     for number, (raw, length) in enumerate(lines, start=1):
         row, reason = prepare_line(store, raw, length)
         if row is None:
-            bad.append((number, reason, raw[:QUARANTINE_HEAD_BYTES] if length > MAX_LINE_BYTES else raw))
+            bad.append((number, reason, kept_bytes(raw, length)))
             kinds.append("quarantined")
         else:
             rows.append(row)
@@ -193,8 +198,7 @@ def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = 
         return None
     row, reason = prepare_line(store, raw, len(raw))
     if row is None:
-        head = raw[:QUARANTINE_HEAD_BYTES] if len(raw) > MAX_LINE_BYTES else raw
-        store.quarantine([(0, reason, head)], "record()", hashlib.sha256(raw).hexdigest())
+        store.quarantine([(0, reason, kept_bytes(raw, len(raw)))], "record()", hashlib.sha256(raw).hexdigest())
         return None
     store.add_rows([row], "record()")
     return row[0]

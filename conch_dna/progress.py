@@ -9,10 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 
 class RichProgress(KDCallback):
-    """Draws the engine's callbacks on `console`; `stop` (a callable) may ask the run to stop."""
+    """Draws the engine's callbacks on `console`."""
 
-    def __init__(self, console: Console, stop=None):
-        self.console, self.stop = console, stop
+    def __init__(self, console: Console):
+        self.console = console
         self.bar: Progress | None = None
         self.task = None
         self.domain = ""
@@ -34,9 +34,6 @@ class RichProgress(KDCallback):
             self.bar.update(self.task, completed=report["iteration"],
                             description=f"{self.domain} KD loss {report['combined']:.3f} "
                                         f"(kd {report['kd']:.3f} ce {report['ce']:.3f})")
-
-    def should_stop(self) -> bool:
-        return bool(self.stop and self.stop())
 
     def _close_bar(self) -> None:
         if self.bar is not None:

@@ -152,8 +152,9 @@ class Inbox:
                 for p, (seen, signature) in list(self._pending.items()):
                     if now - seen < self.debounce_seconds:
                         continue
-                    if _signature(p) != signature:  # still being written: wait for it to be quiet again
-                        self._pending[p] = (now, _signature(p))
+                    current = _signature(p)
+                    if current != signature:  # still being written: wait for it to be quiet again
+                        self._pending[p] = (now, current)
                         continue
                     due.append(p)
                     del self._pending[p]

@@ -2,7 +2,6 @@
 quarantined with a reason, and one bad file never stops the others."""
 
 import json
-import os
 import threading
 import time
 
@@ -117,7 +116,6 @@ def test_the_split_fraction_travels_with_the_data(tmp_path):
     first = TraceStore(tmp_path / "conch.db", heldout_fraction=0.1)
     again = TraceStore(tmp_path / "conch.db", heldout_fraction=0.5)  # a config changed later
     assert first.heldout_fraction == again.heldout_fraction == 0.1
-    os.remove(tmp_path / "conch.db")
 
 
 def test_a_prompt_longer_than_the_window_is_cut_for_the_teacher_too(tmp_path, kit):

@@ -34,14 +34,20 @@ def _batch_order(n: int, batch_size: int, rng: np.random.Generator):
         pending = pending[batch_size:]
 
 
+def window_cut(n_tokens: int, offset: int, max_seq_length: int) -> int:
+    """How many tokens to cut from the left of a prompt so that its answer fits in max_seq_length inputs
+    (0 when it fits); a prompt is never cut to nothing, since its last token predicts the answer's first."""
+    return max(0, min(n_tokens - 1 - max_seq_length, offset - 1))
+
+
 def fit_window(example: KDExample, max_seq_length: int) -> KDExample:
     """The example cut from the left of its prompt so that its answer fits in max_seq_length inputs.
 
     An answer longer than the window itself keeps its start (collate cuts the rest); a prompt is never
     cut to nothing, since its last token predicts the answer's first.
     """
-    cut = min(len(example.tokens) - 1 - max_seq_length, example.offset - 1)
-    if cut <= 0:
+    cut = window_cut(len(example.tokens), example.offset, max_seq_length)
+    if cut == 0:
         return example
     return KDExample(example.tokens[cut:], example.offset - cut, example.topk_ids, example.topk_logprobs)
 

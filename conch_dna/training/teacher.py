@@ -16,7 +16,7 @@ from pathlib import Path
 from conch_dna.chat import encode_chat, prompt_tokens
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import load_model
-from conch_dna.training.data import KDExample, fit_window
+from conch_dna.training.data import KDExample, window_cut
 from conch_dna.training.losses import PAD_LOGPROB
 
 import mlx.core as mx
@@ -170,8 +170,8 @@ class TeacherScorer:
         """
         tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
         if self.max_seq_length:  # the teacher sees what the student will: its memory stays bounded too
-            cut = fit_window(KDExample(np.asarray(tokens, np.int32), offset, None, None), self.max_seq_length)
-            tokens, offset = cut.tokens.tolist(), cut.offset
+            cut = window_cut(len(tokens), offset, self.max_seq_length)
+            tokens, offset = tokens[cut:], offset - cut
         captured = _fit_topk(topk, fingerprint, tokens[offset:], self.top_k, self.vocab_limit)
         if captured:  # a capture cut short by max_tokens covers a prefix: the example ends with it
             ids, logprobs = captured
