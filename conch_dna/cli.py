@@ -120,6 +120,19 @@ def traces_quarantine(as_json: bool = typer.Option(False, "--json"),
     console.print(table)
 
 
+@traces_app.command("purge-quarantine")
+def traces_purge_quarantine(older_than: float = typer.Option(..., "--older-than", help="days; 0 forgets them all"),
+                            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Forget quarantined lines kept longer than --older-than days (they hold private trace text)."""
+    if older_than < 0:
+        _fail(f"--older-than must be 0 or more days, got {older_than}")
+    purged = _store().purge_quarantine(time.time() - older_than * 86400)
+    if as_json:
+        _print_json({"purged": purged})
+        return
+    console.print(f"forgot {purged} quarantined line(s) older than {older_than:g} day(s)")
+
+
 @traces_app.command("export")
 def traces_export(domain: str = typer.Option(..., help="the domain to export"),
                   split: str = typer.Option("train", help="train or heldout"),
@@ -182,6 +195,14 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
                       d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
                       f"{last['status']}: {last['reason'] or ''}"[:60] if last else "-")
     console.print(table)
+    for d in data["domains"]:
+        if d["failures_in_a_row"]:
+            nxt = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["retry_at"]))
+            console.print(f"{d['domain']}: {d['failures_in_a_row']} failed run(s) in a row; the daemon tries "
+                          f"again at {nxt} (`conch kd retrain --domain {d['domain']}` now)", soft_wrap=True)
+        if d["set_aside_traces"]:
+            console.print(f"{d['domain']}: {d['set_aside_traces']} train trace(s) set aside; last: "
+                          f"{d['last_set_aside']['reason']}", soft_wrap=True)
     daemon = data["daemon"]
     if daemon["running"]:
         nxt = time.strftime("%H:%M:%S", time.localtime(daemon["next_check"])) if daemon["next_check"] else "-"
@@ -273,6 +294,20 @@ def kd_rollback(domain: str = typer.Option(...), to: str = typer.Option(None, he
     except (ValueError, RuntimeError) as exc:  # RuntimeError: DomainBusy, a retrain of it is running
         _fail(str(exc))
     console.print(f"{domain}: {version} is current again")
+
+
+@kd_app.command("pin")
+def kd_pin(domain: str = typer.Option(...), version: str = typer.Option(..., help="e.g. v0002"),
+           unpin: bool = typer.Option(False, "--unpin", help="let pruning delete it again")) -> None:
+    """Keep a version however many newer ones come (only the newest keep_versions are kept)."""
+    from conch_dna.versions import pin
+
+    home, config = _home_and_config()
+    try:
+        pinned = pin(home, _checked_domain(domain, config), version, pinned=not unpin)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: DomainBusy, a retrain of it is running
+        _fail(str(exc))
+    console.print(f"{domain}: pinned: {', '.join(pinned) or 'none'}")
 
 
 @daemon_app.command("run")

@@ -59,6 +59,11 @@ class Config(BaseModel):
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)
     train_on_battery: bool = False
+    keep_versions: int = Field(default=5, ge=1)  # per domain, besides the current and pinned ones
+    teacher_cache_max_mb: float = Field(default=4096, gt=0)  # least recently used targets go first
+    # a domain whose runs fail is retried after check_minutes, then twice as long each time, up to this
+    max_backoff_minutes: float = Field(default=24 * 60, gt=0)
+    failure_limit: int = Field(default=3, ge=1)  # failed runs in a row on one batch before it is set aside
     kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 

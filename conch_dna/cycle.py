@@ -12,14 +12,17 @@ from pathlib import Path
 
 from conch_dna.config import Config, load_config
 from conch_dna.domains import check_domain
+from conch_dna.failures import set_aside_if_stuck
 from conch_dna.fsutil import atomic_write_json
 from conch_dna.home import TEACHER_CACHE_DIR
 from conch_dna.runs import RunStatus
 from conch_dna.store import TraceStore
 from conch_dna.training.callbacks import KDCallback
+from conch_dna.training.teacher import TeacherCache
 from conch_dna.training.true_kd import DistillOptions, DistillResult, TrainingInterrupted, TrueKnowledgeDistiller
 from conch_dna.versions import (
     DomainBusy,
+    ManifestError,
     StaleCandidate,
     current_adapter_path,
     current_version,
@@ -27,6 +30,7 @@ from conch_dna.versions import (
     domain_dir,
     domain_lock,
     promote,
+    prune_versions,
 )
 
 RESUME_FILE = ".resume.json"
@@ -185,17 +189,26 @@ class _Cycle:
             return self.interrupted(run_id, picked, candidate, stop)
         except BaseException as exc:
             discard(candidate)
-            reason = f"{type(exc).__name__}: {exc}".strip()
-            self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason[:2000])
+            reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason)
             if isinstance(exc, Exception):
                 traceback.print_exc()
-                return CycleResult(run_id, self.domain, RunStatus.FAILED, reason)
+                set_aside = set_aside_if_stuck(self.store, self.domain, self.config)
+                return CycleResult(run_id, self.domain, RunStatus.FAILED, f"{reason}; {set_aside}" if set_aside
+                                   else reason)
             raise
 
     def select(self) -> Selection:
         """New train traces since the last run, a replay sample of older ones, the held-out set."""
+        try:
+            current_version(self.home, self.domain)
+        except ManifestError as exc:  # not the traces' fault: no run, nothing consumed
+            raise _Skip(f"{exc}; repair it with `conch kd rollback --domain {self.domain} --to vNNNN`") from None
         mark = self.store.trained_upto(self.domain)
         state = self._resume_state()
+        if state and state["upto_rowid"] <= mark:  # a checkpoint of traces already consumed or set aside
+            _drop_resume(self.folder)
+            state = None
         upto = state["upto_rowid"] if state else self.store.max_rowid(self.domain)
         cap = self.config.max_traces_per_run
         new = self.store.traces_of(self.domain, "train", since_rowid=mark, upto_rowid=upto, limit=cap)
@@ -209,7 +222,7 @@ class _Cycle:
         if not new + replay:
             raise _Skip("no train traces at all")
         resume = None
-        if state and state["iters"] == self.kd.num_iters:
+        if state and state.get("iters") == self.kd.num_iters:
             resume = (self.folder / RESUME_DIR, state["iteration"])
         return Selection(mark, upto, new, replay, held, resume)
 
@@ -222,7 +235,10 @@ class _Cycle:
         groups = {"established": established} if established and len(established) < len(picked.held) else None
         options = DistillOptions(warm_start=current_adapter_path(self.home, self.domain), adapter_dir=candidate,
                                  resume=picked.resume, heldout_groups=groups)
-        return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
+        try:
+            return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
+        finally:
+            TeacherCache(self.home / TEACHER_CACHE_DIR).evict(int(self.config.teacher_cache_max_mb * 2**20))
 
     def gate(self, picked: Selection, result: DistillResult) -> tuple[bool, str]:
         established = (result.heldout_groups or {}).get("established")
@@ -235,15 +251,17 @@ class _Cycle:
         for checkpoint in candidate.glob("checkpoint_*"):  # a version is an adapter, not a training run
             discard(checkpoint)
         try:
-            return promote(self.home, self.domain, candidate, reason, expected_current=measured_against), reason
+            version = promote(self.home, self.domain, candidate, reason, expected_current=measured_against)
         except StaleCandidate as exc:
             return None, str(exc)
+        prune_versions(self.home, self.domain, self.config.keep_versions)
+        return version, reason
 
     def record(self, run_id: int, picked: Selection, result: DistillResult, version: str | None,
                reason: str) -> CycleResult:
         status = RunStatus.PROMOTED if version else RunStatus.REJECTED
         self.store.mark_trained(self.domain, picked.upto)
-        self._drop_resume()
+        _drop_resume(self.folder)
         established = (result.heldout_groups or {}).get("established")
         current = _with_established(result.heldout_before, established, "before")
         candidate = _with_established(result.heldout_after, established, "after")
@@ -269,10 +287,13 @@ class _Cycle:
 
     def _resume_state(self) -> dict | None:
         try:
-            return json.loads((self.folder / RESUME_FILE).read_text())
-        except (FileNotFoundError, ValueError):
+            state = json.loads((self.folder / RESUME_FILE).read_text())
+            return state if isinstance(state.get("upto_rowid"), int) and isinstance(state.get("iteration"), int) \
+                else None
+        except (OSError, ValueError, AttributeError):
             return None
 
-    def _drop_resume(self) -> None:
-        (self.folder / RESUME_FILE).unlink(missing_ok=True)
-        discard(self.folder / RESUME_DIR)
+
+def _drop_resume(folder: Path) -> None:
+    (folder / RESUME_FILE).unlink(missing_ok=True)
+    discard(folder / RESUME_DIR)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,3 +56,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def rotate(path: str | Path, max_bytes: int, keep: int = 3) -> bool:
+    """Once `path` outgrows max_bytes, move its contents to path.1 (path.1 to path.2, ... up to
+    path.<keep>) and empty it. Copy, then truncate (logrotate's copytruncate): a writer that holds
+    the file open in append mode (launchd's StandardErrorPath) goes on writing at its new end.
+    Returns whether it rotated."""
+    path = Path(path)
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.chmod(path.with_name(f"{path.name}.1"), 0o600)
+    os.truncate(path, 0)
+    return True

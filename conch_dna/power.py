@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+POWER_SUPPLY = Path("/sys/class/power_supply")
 
-def on_battery(power_supply: Path = Path("/sys/class/power_supply")) -> bool:
+
+def on_battery(power_supply: Path = POWER_SUPPLY) -> bool:
     """True only when a battery is present and no mains adapter is online."""
     if sys.platform == "darwin":
         try:

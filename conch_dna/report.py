@@ -17,7 +17,7 @@ from conch_dna.config import Config
 from conch_dna.fsutil import atomic_write, atomic_write_text, private_dir
 from conch_dna.runs import RunRecord, RunStatus
 from conch_dna.store import TraceStore
-from conch_dna.versions import current_version
+from conch_dna.versions import version_label
 
 RECENT_RUNS = 8  # more runs on one axis are unreadable; the table below the plots lists every run
 
@@ -85,7 +85,7 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
     for domain in config.domains:
         runs = store.runs(domain, limit=200)
         counts = store.counts(domain)
-        head = (f"<h2>{html.escape(domain)}</h2><p>current version: <b>{current_version(home, domain) or 'base'}"
+        head = (f"<h2>{html.escape(domain)}</h2><p>current version: <b>{html.escape(version_label(home, domain))}"
                 f"</b> · traces: {counts.train} train, {counts.heldout} held-out, {counts.new_train} new</p>")
         if not runs:
             sections.append(head + "<p>no training run yet</p>")

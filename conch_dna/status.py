@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from conch_dna.adapters import KD_METRICS_FILE
+from conch_dna.failures import retry_at
 from conch_dna.store import TraceStore
-from conch_dna.versions import current_adapter_path, current_version
+from conch_dna.versions import domain_dir, version_label
 
 STATE_FILE = "daemon.json"
 LOCK_FILE = "daemon.lock"  # held (flock, exclusive) by the running daemon for its whole life
@@ -59,16 +60,22 @@ def kd_status_data(home, config) -> dict:
     state = read_state(home)
     domains = []
     for c in store.stats():
-        path = current_adapter_path(home, c.domain)
+        version = version_label(home, c.domain)
+        metrics_file = domain_dir(home, c.domain) / version / KD_METRICS_FILE
         metrics = None
-        if path and (path / KD_METRICS_FILE).exists():
-            metrics = json.loads((path / KD_METRICS_FILE).read_text()).get("heldout_after")
+        if version.startswith("v") and metrics_file.exists():
+            metrics = json.loads(metrics_file.read_text()).get("heldout_after")
         runs = store.runs(c.domain, limit=1)
         last = runs[0] if runs else None
+        set_aside = store.set_asides(c.domain)
         domains.append({
             "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
-            "threshold": config.threshold(c.domain), "version": current_version(home, c.domain) or "base",
+            "threshold": config.threshold(c.domain), "version": version,
             "metrics": metrics,
+            "failures_in_a_row": len(store.failure_streak(c.domain)),
+            "retry_at": retry_at(store, c.domain, config),
+            "set_aside_traces": sum(b["traces"] for b in set_aside),
+            "last_set_aside": set_aside[0] if set_aside else None,
             "last_run": {k: last.as_dict()[k] for k in ("id", "status", "reason", "started_at", "finished_at",
                                                         "version")} if last else None,
         })

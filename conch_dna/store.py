@@ -25,7 +25,7 @@ import numpy as np
 import sqlite_utils
 
 log = logging.getLogger("conch.store")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
@@ -59,8 +59,13 @@ def _add_settings_v3(db: sqlite_utils.Database) -> None:
     db["settings"].create({"key": str, "value": str}, pk="key")
 
 
+def _add_set_aside_v4(db: sqlite_utils.Database) -> None:
+    db["set_aside"].create({"id": int, "domain": str, "after_rowid": int, "upto_rowid": int, "traces": int,
+                            "reason": str, "at": float}, pk="id")
+
+
 # version -> the function that brings version - 1 up to it
-MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3}
+MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4}
 
 
 @dataclass
@@ -245,6 +250,31 @@ class TraceStore:
                          "ON CONFLICT(domain) DO UPDATE SET last_rowid = excluded.last_rowid, at = excluded.at",
                          (domain, upto_rowid, time.time()))
 
+    def set_aside(self, domain: str, after_rowid: int, upto_rowid: int, reason: str) -> int:
+        """Move a domain past the train traces (after_rowid, upto_rowid] that its runs keep failing
+        on, and record why; the traces stay stored (export them with `conch traces export`).
+        Returns how many train traces were set aside."""
+        with self.write() as conn:
+            traces = conn.execute("SELECT count(*) FROM traces WHERE domain = ? AND split = 'train' AND rowid > ?"
+                                  " AND rowid <= ?", (domain, after_rowid, upto_rowid)).fetchone()[0]
+            conn.execute("INSERT INTO set_aside (domain, after_rowid, upto_rowid, traces, reason, at)"
+                         " VALUES (?,?,?,?,?,?)", (domain, after_rowid, upto_rowid, traces, reason, time.time()))
+            conn.execute("INSERT INTO training_marks (domain, last_rowid, at) VALUES (?,?,?) ON CONFLICT(domain)"
+                         " DO UPDATE SET last_rowid = max(last_rowid, excluded.last_rowid), at = excluded.at",
+                         (domain, upto_rowid, time.time()))
+        return traces
+
+    def set_asides(self, domain: str) -> list[dict]:
+        """The batches set aside for a domain, newest first."""
+        rows = self.db.conn.execute("SELECT after_rowid, upto_rowid, traces, reason, at FROM set_aside"
+                                    " WHERE domain = ? ORDER BY id DESC", (domain,))
+        return [dict(zip(("after_rowid", "upto_rowid", "traces", "reason", "at"), r)) for r in rows]
+
+    def purge_quarantine(self, before: float) -> int:
+        """Forget quarantined lines kept before `before` (a timestamp); returns how many."""
+        with self.write() as conn:
+            return conn.execute("DELETE FROM quarantine WHERE quarantined_at < ?", (before,)).rowcount
+
     # -- reading -------------------------------------------------------------------------------
 
     def counts(self, domain: str) -> DomainCounts:
@@ -304,6 +334,17 @@ class TraceStore:
             self.finish_run(run_id, RunStatus.FAILED, reason=reason)
         return len(stale)
 
+    def failure_streak(self, domain: str) -> list[RunRecord]:
+        """The domain's finished runs since its last one that did not fail, newest first."""
+        streak = []
+        for run in self.runs(domain, limit=64):
+            if run.status is RunStatus.RUNNING:
+                continue
+            if run.status is not RunStatus.FAILED:
+                break
+            streak.append(run)
+        return streak
+
     def runs(self, domain: str | None = None, limit: int = 20) -> list[RunRecord]:
         """The newest runs first, of one domain or all."""
         sql = (f"SELECT {', '.join(RunRecord.columns())} FROM runs" + (" WHERE domain = ?" if domain else "")
@@ -336,6 +377,11 @@ class TraceStore:
                         "logprobs": np.frombuffer(lps, np.float16).reshape(-1, k), "tokenizer": tok}
             out.append({"rowid": rowid, "messages": json.loads(messages), "topk": topk})
         return out
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database where no reader needs it (the file then shrinks to
+        journal_size_limit); a reader that holds it open only delays this to the next call."""
+        self.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -37,6 +37,11 @@ class StaleCandidate(RuntimeError):
     """The current version changed while the candidate was measured against it: not promoted."""
 
 
+class ManifestError(ValueError):
+    """A domain's manifest.json is unreadable or names something that is not a version; the
+    message names the file and the problem. `conch kd rollback --to vNNNN` rewrites it."""
+
+
 @contextmanager
 def domain_lock(home: str | Path, domain: str) -> Iterator[None]:
     """One retrain cycle or rollback of a domain at a time (flock: released if the holder dies)."""
@@ -64,16 +69,40 @@ def list_versions(home: str | Path, domain: str) -> list[str]:
 
 
 def read_manifest(home: str | Path, domain: str) -> dict | None:
+    """The domain's manifest, or None before its first promotion; ManifestError when it is not
+    one this module wrote (bad JSON, no `current`, a path in place of a version name)."""
     path = domain_dir(home, domain) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
+    current = manifest.get("current")
+    if not isinstance(current, str) or not _VERSION.match(current):
+        raise ManifestError(f"{path}: 'current' must name a version like v0001, got {current!r}")
+    if not isinstance(manifest.get("history"), list):
+        raise ManifestError(f"{path}: 'history' must be a list")
+    pinned = manifest.get("pinned", [])
+    if not isinstance(pinned, list) or not all(isinstance(v, str) and _VERSION.match(v) for v in pinned):
+        raise ManifestError(f"{path}: 'pinned' must be a list of versions like v0001")
+    return manifest
 
 
 def current_version(home: str | Path, domain: str) -> str | None:
+    """The current version's name (None: the bare student); ManifestError for a broken manifest."""
     manifest = read_manifest(home, domain)
     return manifest["current"] if manifest else None
+
+
+def version_label(home: str | Path, domain: str) -> str:
+    """The current version for a person: its name, "base", or what is wrong with the manifest."""
+    try:
+        return current_version(home, domain) or "base"
+    except ManifestError as exc:
+        return f"broken manifest ({exc})"
 
 
 def current_adapter_path(home: str | Path, domain: str) -> Path | None:
@@ -98,9 +127,12 @@ def write_version(home: str | Path, domain: str, candidate_dir: str | Path) -> s
 
 def set_current(home: str | Path, domain: str, version: str, reason: str) -> dict:
     """Make `version` current by replacing the manifest atomically; the history is kept."""
-    if not (domain_dir(home, domain) / version / "adapters.safetensors").is_file():
+    if not _VERSION.match(version) or not (domain_dir(home, domain) / version / "adapters.safetensors").is_file():
         raise FileNotFoundError(f"{domain}: version {version} does not exist")
-    manifest = read_manifest(home, domain) or {"domain": domain, "history": []}
+    try:
+        manifest = read_manifest(home, domain) or {"domain": domain, "history": []}
+    except ManifestError as exc:  # setting a version is how a broken manifest is repaired
+        manifest = {"domain": domain, "history": [{"version": None, "at": time.time(), "reason": str(exc)}]}
     manifest["history"].append({"version": version, "at": time.time(), "reason": reason})
     manifest.update(current=version, updated_at=time.time())
     atomic_write_json(domain_dir(home, domain) / MANIFEST, manifest)
@@ -130,18 +162,57 @@ def rollback(home: str | Path, domain: str, to: str | None = None) -> str:
 
 
 def _rollback(home: str | Path, domain: str, to: str | None) -> str:
-    manifest = read_manifest(home, domain)
+    """With `to`, also the repair of a broken manifest; without, the newest earlier version still kept."""
+    existing = list_versions(home, domain)
+    if to is not None and (not _VERSION.match(to) or to not in existing):
+        raise ValueError(f"{domain}: no version {to!r}; versions: {', '.join(existing) or 'none'}")
+    try:
+        manifest = read_manifest(home, domain)
+    except ManifestError:
+        if to is None:
+            raise
+        manifest = {"current": "a broken manifest"}
     if not manifest:
         raise ValueError(f"{domain}: no version has been promoted, nothing to roll back")
     if to is None:
-        earlier = [h["version"] for h in manifest["history"] if h["version"] != manifest["current"]]
+        earlier = [h.get("version") for h in manifest["history"] if isinstance(h, dict)]
+        earlier = [v for v in earlier if v != manifest["current"] and v in existing]
         if not earlier:
-            raise ValueError(f"{domain}: {manifest['current']} is the only version ever promoted")
+            raise ValueError(f"{domain}: no version before {manifest['current']} is kept")
         to = earlier[-1]
-    if not _VERSION.match(to) or to not in list_versions(home, domain):
-        raise ValueError(f"{domain}: no version {to!r}; versions: {', '.join(list_versions(home, domain))}")
     set_current(home, domain, to, f"rollback from {manifest['current']}")
     return to
+
+
+def pin(home: str | Path, domain: str, version: str, pinned: bool = True) -> list[str]:
+    """Keep `version` through pruning (pinned=False: no longer); returns the pinned versions."""
+    with domain_lock(home, domain):
+        manifest = read_manifest(home, domain)
+        if not manifest:
+            raise ValueError(f"{domain}: no version has been promoted, nothing to pin")
+        if version not in list_versions(home, domain):
+            raise ValueError(f"{domain}: no version {version!r}; versions: {', '.join(list_versions(home, domain))}")
+        names = [v for v in manifest.get("pinned", []) if v != version] + ([version] if pinned else [])
+        manifest["pinned"] = sorted(names, key=lambda n: int(n[1:]))
+        atomic_write_json(domain_dir(home, domain) / MANIFEST, manifest)
+        return manifest["pinned"]
+
+
+def prune_versions(home: str | Path, domain: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions, never the current or a pinned one; returns those
+    deleted. Call it holding the domain's lock. With a broken manifest it deletes nothing."""
+    try:
+        manifest = read_manifest(home, domain)
+    except ManifestError:
+        return []
+    if not manifest:
+        return []
+    versions = list_versions(home, domain)
+    kept = {manifest["current"], *versions[-keep:], *manifest.get("pinned", [])}
+    gone = [v for v in versions if v not in kept]
+    for version in gone:
+        discard(domain_dir(home, domain) / version)
+    return gone
 
 
 def discard(candidate_dir: str | Path) -> None:

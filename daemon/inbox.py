@@ -132,14 +132,22 @@ class Inbox:
         log.warning("inbox: set %s aside: %s", path.name, reason)
 
     def sweep(self) -> list[IngestReport]:
-        """Ingest what a crash left claimed, then every finished file in the inbox."""
+        """Ingest what a crash left claimed, then every finished file in the inbox that has been
+        quiet for the debounce time (one written to now is left to the debounce)."""
         reports = []
         for path in sorted(self.processing.glob("*.jsonl")) + sorted(
                 p for p in self.directory.iterdir() if is_candidate(p)):
+            if path.parent == self.directory and not self._quiet(path):
+                self.notice(path)
+                continue
             report = self._safely(self.claim_and_ingest, path)  # one failing file never stops the rest
             if report:
                 reports.append(report)
         return reports
+
+    def _quiet(self, path: Path) -> bool:
+        signature = _signature(path)
+        return signature is None or time.time_ns() - signature[1] >= self.debounce_seconds * 1e9
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.sweep_seconds

@@ -29,13 +29,14 @@ from pathlib import Path
 from conch_dna.config import Config, load_config
 from conch_dna.cycle import pending
 from conch_dna.domains import check_domain
-from conch_dna.fsutil import atomic_write_json, open_private, private_dir
+from conch_dna.failures import retry_at, set_aside_if_stuck
+from conch_dna.fsutil import atomic_write_json, open_private, private_dir, rotate
 from conch_dna.home import INBOX_DIR, LOGS_DIR, REQUESTS_DIR
-from conch_dna.power import on_battery
+from conch_dna.power import POWER_SUPPLY, on_battery
 from conch_dna.runs import RunStatus
 from conch_dna.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
 from conch_dna.store import TraceStore
-from conch_dna.versions import discard, domain_dir
+from conch_dna.versions import DomainBusy, discard, domain_dir, domain_lock
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
@@ -45,6 +46,7 @@ from daemon.inbox import Inbox
 
 log = logging.getLogger("conch.daemon")
 CHECK_JOB = "conch-check"
+LOG_MAX_BYTES = 8 << 20  # each log in logs/ is rotated past this, keeping three old ones
 REQUESTS_JOB = "conch-requests"
 
 
@@ -66,8 +68,11 @@ def request_retrain(home: str | Path, domain: str, iters: int | None, force: boo
 
 
 class Daemon:
-    def __init__(self, home: str | Path, config: Config | None = None):
+    """`power_supply`: where Linux lists batteries and adapters (macOS asks pmset)."""
+
+    def __init__(self, home: str | Path, config: Config | None = None, power_supply: Path = POWER_SUPPLY):
         self.home = private_dir(home)
+        self.power_supply = power_supply
         self.config = config or load_config(self.home)
         self.store = TraceStore.for_home(self.home, self.config)
         self.inbox = Inbox(self.store, self.home / INBOX_DIR)
@@ -79,6 +84,7 @@ class Daemon:
         self._worker: subprocess.Popen | None = None
         self._running: dict | None = None
         self._lock_file = None
+        self._told_backoff: dict[str, float] = {}  # domain -> the retry time last logged
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -137,15 +143,30 @@ class Daemon:
 
     # -- work ----------------------------------------------------------------------------------
 
+    def tidy(self) -> None:
+        """Keep what grows bounded: the logs (launchd's included) and the store's WAL file."""
+        for path in (self.home / LOGS_DIR).glob("*.log"):
+            if rotate(path, LOG_MAX_BYTES):
+                log.info("rotated %s", path.name)
+        self.store.checkpoint()
+
     def check(self) -> list[str]:
         """Retrain every domain whose new train traces reached its threshold; returns those run."""
+        self.tidy()
         ran = []
         for domain in self.config.domains:
             if self._stopping.is_set():
                 break
             if pending(self.store, domain) < self.config.threshold(domain):
                 continue
-            if on_battery() and not self.config.train_on_battery:
+            due = retry_at(self.store, domain, self.config)
+            if due is not None and time.time() < due:
+                if self._told_backoff.get(domain) != due:
+                    self._told_backoff[domain] = due
+                    log.warning("%s: its last runs failed; next try at %s", domain, time.strftime(
+                        "%Y-%m-%d %H:%M", time.localtime(due)))
+                continue
+            if on_battery(self.power_supply) and not self.config.train_on_battery:
                 log.info("%s is due but the machine is on battery; waiting", domain)
                 break
             self.run_worker(domain)
@@ -212,6 +233,14 @@ class Daemon:
             self.store.fail_stale_runs(f"the worker was killed by signal {-code}", pid_alive)
             self._clean_candidates()
             result = {"status": RunStatus.FAILED.value, "reason": f"worker killed by signal {-code}", "domain": domain}
+            if not self._stopping.is_set():  # killed again and again on the same traces (OOM): set them aside
+                try:
+                    with domain_lock(self.home, domain):
+                        set_aside = set_aside_if_stuck(self.store, domain, self.config)
+                except DomainBusy:
+                    set_aside = None
+                if set_aside:
+                    result["reason"] += f"; {set_aside}"
         log.info("%s: %s (%s)", domain, result.get("status", result.get("event")), result.get("reason"))
         self._write_state()
         return result

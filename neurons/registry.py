@@ -8,8 +8,9 @@ weights change) and generating on exactly the weights it bound.
 
 Hot-swap: a watchdog observer on $CONCH_HOME/adapters_kd, with a polling fallback, notices a
 domain's manifest change. The new version's weights are read with numpy off the serving path and
-checked against the model's LoRA parameters (names and shapes); a version that fails is refused,
-logged, and the old one keeps serving. Accepted weights are swapped in at the next call.
+checked against the model's LoRA parameters (names, shapes, dtype, finiteness) and the LoRA it was
+trained with; a version that fails is refused, logged, and the old one keeps serving, as it does
+through a broken manifest. Accepted weights are swapped in at the next call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from conch_dna.fsutil import private_dir
 from conch_dna.home import conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
-from conch_dna.versions import MANIFEST, current_version, domain_dir
+from conch_dna.versions import MANIFEST, ManifestError, current_version, domain_dir
 from conch_dna.watching import stop_watching, watch
 
 import mlx.core as mx
@@ -95,6 +96,7 @@ class NeuronRegistry:
         self.mlx.call(self._load, student or self.config.student)
         self.swapped_at: dict[tuple[str, str], float] = {}
         self.refused: dict[tuple[str, str], str] = {}
+        self.broken_manifests: dict[str, str] = {}  # domain -> what is wrong with its manifest now
         self._stop = threading.Event()
         self._observer = None
         self._poller = None
@@ -112,6 +114,7 @@ class NeuronRegistry:
         self.model.eval()
         own = adapter_weights(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in own.items()}
+        self.dtypes = {k: str(v.dtype).rpartition(".")[2] for k, v in own.items()}
         self._base = {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in own.items()}
         mx.eval(self._base)
         self._serving: dict[str, tuple[str, dict]] = {d: (BASE, self._base) for d in self.domains}
@@ -138,6 +141,7 @@ class NeuronRegistry:
         """A version's adapter weights as numpy arrays, checked against the model's LoRA layers."""
         from safetensors.numpy import load_file
 
+        self._check_inside_home(domain, version)
         self._check_lora_config(domain, version)
         path = domain_dir(self.home, domain) / version / "adapters.safetensors"
         try:
@@ -151,9 +155,23 @@ class NeuronRegistry:
             what = (missing and f"missing {missing[0]}") or (extra and f"unknown {extra[0]}") or \
                 f"{wrong[0]} has shape {weights[wrong[0]].shape}, the model wants {self.shapes[wrong[0]]}"
             raise VersionRefused(f"{domain} {version}: does not fit the serving model ({what})")
+        # another dtype would be cast silently on binding: not the weights the gate measured
+        cast = [k for k in self.dtypes if weights[k].dtype.name != self.dtypes[k]]
+        if cast:
+            raise VersionRefused(f"{domain} {version}: {cast[0]} is {weights[cast[0]].dtype.name}, "
+                                 f"the model's LoRA layers are {self.dtypes[cast[0]]}")
         if not all(np.isfinite(w).all() for w in weights.values()):
             raise VersionRefused(f"{domain} {version}: weights hold NaN or infinity")
         return weights
+
+    def _check_inside_home(self, domain: str, version: str) -> None:
+        """A version's files are real files in its own folder: a link cannot make the registry
+        serve (or read) a file from outside the home."""
+        folder = domain_dir(self.home, domain)
+        for name in ("", "adapter_config.json", "adapters.safetensors"):
+            path = folder / version / name if name else folder / version
+            if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+                raise VersionRefused(f"{domain} {version}: {path.name} is a link; versions are plain folders")
 
     def _check_lora_config(self, domain: str, version: str) -> None:
         """A version is served only with the LoRA it was trained with: same layers, rank and scale
@@ -170,9 +188,17 @@ class NeuronRegistry:
                                  f"the registry serves {ours}: set [kd] in config.toml to match")
 
     def refresh(self, domain: str | None = None) -> None:
-        """Stage the current version of each domain whose manifest names a version not yet serving."""
+        """Stage the current version of each domain whose manifest names a version not yet serving.
+        A broken manifest changes nothing: the domain keeps serving what it served (logged once)."""
         for d in [domain] if domain else self.domains:
-            version = current_version(self.home, d) or BASE
+            try:
+                version = current_version(self.home, d) or BASE
+            except ManifestError as exc:
+                if self.broken_manifests.get(d) != str(exc):
+                    self.broken_manifests[d] = str(exc)
+                    log.error("%s; %s keeps serving %s", exc, d, self.next_version(d))
+                continue
+            self.broken_manifests.pop(d, None)
             with self._state_lock:
                 known = {self.next_version(d)}
             if version in known or (d, version) in self.refused:

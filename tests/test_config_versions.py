@@ -115,6 +115,68 @@ def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one(
         assert not decide({"kl": 1.0, "agreement": 0.8}, good, 10, c, "task", False, established)[0]
 
 
+def test_gate_edges():
+    from conch_dna.config import Config, DomainSettings
+    from conch_dna.cycle import decide
+
+    half = Config(min_heldout=0, promote_margin=0.5)
+    cur = {"kl": 1.0, "agreement": 0.8}
+    assert decide(cur, {"kl": 0.5, "agreement": 0.8}, 10, half, "task", False)[0] is True  # exactly the margin
+    assert decide(cur, {"kl": 0.5001, "agreement": 0.8}, 10, half, "task", False)[0] is False
+    # a current KL of 0 cannot be beaten: no division by zero, no promotion
+    ok, why = decide({"kl": 0.0, "agreement": 1.0}, {"kl": 0.0, "agreement": 1.0}, 10, Config(), "task", False)
+    assert not ok and "KL must fall by at least 2%" in why
+    # min_heldout = 0 and no held-out traces at all: no metrics, promoted only when forced
+    assert decide(None, None, 0, half, "task", False) == (False, "no held-out metrics")
+    assert decide(None, None, 0, half, "task", True) == (True, "forced without held-out metrics")
+    # the established set may get worse by the margin itself, not more
+    c = Config(min_heldout=0, promote_margin=0.1)
+    better = {"kl": 0.5, "agreement": 0.8}
+    edge = {"before": {"kl": 0.2, "tokens": 50}, "after": {"kl": 0.2 * 1.1, "tokens": 50}}
+    assert decide(cur, better, 10, c, "task", False, edge)[0] is True
+    edge["after"]["kl"] = 0.2 * 1.1 + 1e-6
+    assert decide(cur, better, 10, c, "task", False, edge)[0] is False
+    # a domain's own min_heldout, 0 included, rules over the top-level one
+    per = Config(min_heldout=4, domain={"debug": DomainSettings(min_heldout=20),
+                                        "memory": DomainSettings(min_heldout=0)})
+    assert "the gate needs 20" in decide(cur, better, 10, per, "debug", False)[1]
+    assert decide(cur, better, 10, per, "task", False)[0] is True
+    assert decide(cur, better, 0, per, "memory", False)[0] is True
+    assert "the gate needs 4" in decide(cur, better, 0, per, "task", False)[1]
+
+
+def test_a_cycle_measures_current_on_the_current_version_not_the_bare_student(tmp_path, kit):
+    """The gate's "current" metrics come from the warm start: the promoted version's weights."""
+    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.config import parse_config
+    from conch_dna.cycle import retrain_domain
+    from conch_dna.ingest import record
+    from conch_dna.kit import corpus
+    from conch_dna.models import load_model
+    from conch_dna.store import TraceStore
+
+    import mlx.core as mx
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n'
+                          "heldout_fraction = 0.3\n[kd]\nnum_iters = 2\nlora_rank = 4\nlora_layers = 2\n")
+    store = TraceStore.for_home(home, config)
+    for chat in corpus.dialogues(20, seed=4, domains=["task"]):
+        record("task", chat, teacher=kit["teacher"], store=store)
+    bare = retrain_domain(home, "task", config, force=True)
+    assert bare.current_metrics and bare.current_metrics["tokens"] > 0
+    model, _ = load_model(kit["student"])
+    lora = apply_lora(model, 2, 4, 20.0, 0.0)
+    mx.random.seed(3)
+    weights = {k: mx.random.normal(v.shape) * 0.5 for k, v in adapter_weights(model).items()}
+    save_adapter(tmp_path / "far", weights, {"model": kit["student"], **lora})
+    promote(home, "task", tmp_path / "far", "a version far from the bare student")
+    again = retrain_domain(home, "task", config, force=True)  # the same held-out traces, no new ones
+    assert again.current_metrics["tokens"] == bare.current_metrics["tokens"]
+    assert abs(again.current_metrics["kl"] - bare.current_metrics["kl"]) > 0.05
+
+
 def test_a_log_prob_stored_as_minus_infinity_is_padding_not_a_nan(student):
     """float16 stores a log-prob below -65504 as -inf; training and evaluation must stay finite."""
     from conch_dna.training.data import KDExample, collate

@@ -10,6 +10,7 @@ from conch_dna.store import TraceStore
 from conch_dna.traces import MAX_LINE_BYTES
 
 import pytest
+from hypothesis import strategies as st
 
 import daemon.inbox as inbox_module
 from daemon.inbox import CORRUPT, Inbox
@@ -81,7 +82,7 @@ def test_a_file_that_keeps_failing_is_set_aside_and_the_files_behind_it_are_inge
 
     monkeypatch.setattr(inbox_module, "ingest_file", disk_error_on_a)
     store = TraceStore(tmp_path / "conch.db")
-    inbox = Inbox(store, tmp_path / "inbox")
+    inbox = Inbox(store, tmp_path / "inbox", debounce_seconds=0)  # swept at once
     for name, i in (("a.jsonl", 0), ("b.jsonl", 1)):
         (inbox.directory / name).write_text(trace_line(i) + "\n")
     for _ in range(inbox_module.FAILURE_LIMIT):
@@ -94,14 +95,16 @@ def test_a_file_that_keeps_failing_is_set_aside_and_the_files_behind_it_are_inge
 
 def test_a_file_written_in_place_is_claimed_only_once_it_is_quiet(tmp_path):
     store = TraceStore(tmp_path / "conch.db")
-    inbox = Inbox(store, tmp_path / "inbox", debounce_seconds=0.4, sweep_seconds=3600).start()
+    # the writes span 2.5 s, more than twice the debounce, and sweeps run all the while: a claim
+    # that does not wait for the file to be quiet loses lines
+    inbox = Inbox(store, tmp_path / "inbox", debounce_seconds=1.0, sweep_seconds=0.3).start()
     try:
         def producer():  # no temporary name: appends line by line, pausing less than the debounce
             with open(inbox.directory / "live.jsonl", "w") as f:
                 for i in range(25):
                     f.write(trace_line(i) + "\n")
                     f.flush()
-                    time.sleep(0.05)
+                    time.sleep(0.1)
 
         writer = threading.Thread(target=producer)
         writer.start()
@@ -144,3 +147,95 @@ def test_a_backlog_is_trained_in_capped_runs(tmp_path):
     store.mark_trained("task", picked.upto)
     following = _Cycle(tmp_path, "task", config, False, KDCallback()).select()
     assert [t["rowid"] for t in following.new] == list(range(11, 21))
+
+
+# -- mixes of good and bad lines through a running inbox and record() ------------------------------
+
+def _topk_of(kind: str, n: int) -> dict:
+    ok = {"token_ids": [[1, 2]] * n, "logprobs": [[-0.1, -2.0]] * n, "tokenizer": "t"}
+    return {**ok, **STORED_BADLY[kind]} if kind in STORED_BADLY else ok
+
+
+_good_chat = st.builds(lambda p, a: [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+                       st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20).filter(str.strip))
+_deep = "[" * 3000 + "]" * 3000
+HAND_WRITTEN_BAD = [
+    b"", b"   ", b"\x00\x01\x02", b"\xff\xfe not utf-8", b"{", b"[]", b"null", b'"a string"', _deep.encode(),
+    json.dumps({"domain": "../etc", "teacher": "t", "messages": []}).encode(),
+    json.dumps({"domain": "dreaming", "teacher": "t", "messages": [{"role": "user", "content": "x"}]}).encode(),
+    json.dumps({"domain": "task", "teacher": "t",
+                "messages": [{"role": "assistant", "content": "no prompt"}]}).encode(),
+    json.dumps({"domain": "task", "teacher": "t", "messages": "not a list"}).encode(),
+    json.dumps({"domain": "task", "teacher": 7, "messages": [{"role": "user", "content": "x"},
+                                                           {"role": "assistant", "content": "y"}]}).encode(),
+]
+
+
+@st.composite
+def inbox_lines(draw):
+    kind = draw(st.sampled_from(["good", "topk", "hand", "noise"]))
+    if kind == "hand":
+        return draw(st.sampled_from(HAND_WRITTEN_BAD))
+    if kind == "noise":
+        return draw(st.binary(max_size=40)).replace(b"\n", b"")
+    chat = draw(_good_chat)
+    data = {"domain": draw(st.sampled_from(["task", "debug"])), "teacher": "t", "messages": chat}
+    if kind == "topk":
+        data["topk"] = _topk_of(draw(st.sampled_from([*STORED_BADLY, "ok"])), 1)
+    return json.dumps(data).encode()
+
+
+@st.composite
+def record_calls(draw):
+    """(messages, topk, meta) an agent might pass to record()."""
+    bad = draw(st.sampled_from(["none", "messages", "topk", "meta"]))
+    messages = draw(_good_chat) if bad != "messages" else draw(st.sampled_from(
+        ["a string", [], [{"role": "assistant", "content": "x"}], [{"role": 3}], None]))
+    topk = _topk_of(draw(st.sampled_from(list(STORED_BADLY))), 1) if bad == "topk" else None
+    meta: dict = {}
+    if bad == "meta":
+        meta["self"] = meta  # circular
+    return messages, topk, meta
+
+
+def test_mixes_of_good_and_bad_lines_are_each_accounted_for_and_the_inbox_goes_on(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+
+    store = TraceStore(tmp_path / "conch.db")
+    inbox = Inbox(store, tmp_path / "inbox", debounce_seconds=0.05, sweep_seconds=5).start()
+    counts = lambda: (store.db.conn.execute("SELECT count(*) FROM traces").fetchone()[0],  # noqa: E731
+                      store.quarantine_count())
+    files = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(inbox_lines(), max_size=12), st.lists(record_calls(), max_size=4), st.data())
+    def one_mix(lines, calls, data):
+        if lines:  # some lines again: duplicates
+            lines = lines + data.draw(st.lists(st.sampled_from(lines), max_size=3))
+        n = next(files)
+        traces_before, quarantined_before = counts()
+        tmp = inbox.directory / f".mix{n}.tmp"
+        tmp.write_bytes(b"".join(line + b"\n" for line in lines))
+        tmp.rename(inbox.directory / f"mix{n}.jsonl")
+        assert wait_for(lambda: any(r.source == f"mix{n}.jsonl" for r in inbox.reports))
+        (report,) = [r for r in inbox.reports if r.source == f"mix{n}.jsonl"]
+        assert report.lines == len(lines) == report.stored + report.duplicates + report.quarantined
+        assert counts() == (traces_before + report.stored, quarantined_before + report.quarantined)
+        for messages, topk, meta in calls:
+            traces_before, quarantined_before = counts()
+            meta["nonce"] = n * 100 + len(meta)  # a bad call is kept once per call, not merged with an earlier one
+            trace_id = record("task", messages, "t", topk=topk, meta=meta, store=store)
+            if trace_id is None:
+                assert counts() == (traces_before, quarantined_before + 1)
+            else:
+                assert store.db.conn.execute("SELECT 1 FROM traces WHERE id = ?", (trace_id,)).fetchone()
+                assert counts()[1] == quarantined_before and counts()[0] - traces_before in (0, 1)
+
+    try:
+        one_mix()
+        # and the inbox still ingests the next plain file, with nothing left claimed or waiting
+        (inbox.directory / "after.jsonl").write_text(trace_line(10**6) + "\n")
+        assert wait_for(lambda: any(r.source == "after.jsonl" and r.stored == 1 for r in inbox.reports))
+        assert not list(inbox.processing.iterdir()) and not list(inbox.directory.glob("*.jsonl"))
+    finally:
+        inbox.stop()

@@ -144,6 +144,18 @@ def test_true_kd_lowers_heldout_kl_clearly(distilled):
     assert result.history[-1]["kd"] < result.history[0]["kd"]
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_the_other_divergences_train_end_to_end_and_lower_heldout_kl(kit, tmp_path, divergence):
+    train, held = split_prompts(DOMAIN_PROMPTS["action"]["examples"], 0.15)
+    config = KDConfig(num_iters=30, learning_rate=1e-3, lora_rank=8, max_answer_tokens=64, divergence=divergence)
+    result = TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path).distill_domain(
+        "action", train, held)
+    assert result.heldout_after["kl"] < 0.9 * result.heldout_before["kl"]
+    assert result.history[-1]["kd"] < result.history[0]["kd"]
+    written = json.loads((get_kd_adapter_path("action", tmp_path) / "adapter_config.json").read_text())
+    assert written["kd"]["divergence"] == divergence
+
+
 def test_adapter_is_mlx_lm_loadable_and_changes_generation(distilled, kit):
     _, result, out, _ = distilled
     path = get_kd_adapter_path("action", out)
@@ -163,11 +175,15 @@ def test_adapter_is_mlx_lm_loadable_and_changes_generation(distilled, kit):
         generate(tuned, tokenizer, prompt, max_tokens=24)
 
 
-def test_second_run_costs_no_teacher_pass(distilled):
+def test_second_run_costs_no_teacher_pass(distilled, tmp_path):
+    from dataclasses import replace
+
     distiller, _, _, held = distilled
-    distiller.config.num_iters = 2
-    again = distiller.distill_domain("action", held[:2])
-    assert again.teacher_forward_passes == 0
+    # another output folder, the same teacher cache: the shared fixture's adapter stays as it is
+    again = TrueKnowledgeDistiller(distiller.teacher_model_id, distiller.student_model_id,
+                                   replace(distiller.config, num_iters=2), output_dir=tmp_path,
+                                   cache_dir=distiller.scorer.cache.root).distill_domain("action", held[:2])
+    assert again.teacher_forward_passes == 0 and again.num_examples == 2
 
 
 def test_lora_on_a_quantized_student(kit, tmp_path):

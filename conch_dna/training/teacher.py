@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from conch_dna.chat import encode_chat, prompt_tokens
@@ -55,6 +56,7 @@ class TeacherCache:
         except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, not a crash
             path.unlink(missing_ok=True)
             return None
+        _touch(path)
         return data["ids"], data["logprobs"]
 
     def put(self, key: str, ids: np.ndarray, logprobs: np.ndarray, meta: dict[str, str]) -> None:
@@ -68,16 +70,52 @@ class TeacherCache:
 
     def get_answer(self, key: str) -> str | None:
         try:
-            return json.loads(self.answer_path(key).read_text())["answer"]
-        except (FileNotFoundError, ValueError, KeyError):
+            answer = json.loads(self.answer_path(key).read_text())["answer"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
+        _touch(self.answer_path(key))
+        return answer
 
     def put_answer(self, key: str, answer: str) -> None:
         private_dir(self.answer_path(key).parent)
         atomic_write_json(self.answer_path(key), {"answer": answer})
 
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last used, size, path) of every cached file."""
+        out = []
+        for path in self.root.rglob("*"):
+            if path.suffix in (".safetensors", ".json") and not path.name.startswith("."):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # evicted by another process meanwhile
+                    continue
+                out.append((st.st_mtime, st.st_size, path))
+        return out
+
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, max_bytes: int) -> int:
+        """Delete the least recently used entries until the cache holds at most max_bytes; returns
+        how many it deleted. An evicted target only costs a teacher pass again, if ever needed."""
+        entries = sorted(self.entries(), key=lambda e: e[0])
+        total = sum(size for _, size, _ in entries)
+        deleted = 0
+        for _, size, path in entries:
+            if total <= max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            deleted += 1
+        return deleted
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache entry as just used (its mtime orders eviction: atime is often not kept)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def topk_logprobs(logits: mx.array, k: int, vocab_limit: int | None = None):

@@ -1,0 +1,163 @@
+"""Faults in time: runs that keep failing back off and set their traces aside; the daemon's lock,
+battery deferral and stale runs; a broken manifest or resume file never stops a domain."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from conch_dna.config import load_config
+from conch_dna.cycle import RESUME_FILE, pending, retrain_domain
+from conch_dna.failures import retry_at
+from conch_dna.kit import TEACHER_PATH, corpus
+from conch_dna.runs import RunStatus
+from conch_dna.store import TraceStore
+from conch_dna.versions import domain_dir
+
+import pytest
+
+from daemon.service import Daemon
+from tests.test_daemon import write_config
+
+MISSING_STUDENT = "/nowhere/student"  # loading it fails at once: a run that fails the same way every time
+
+
+def failing_home(tmp_path, n=24, **extra):
+    home = tmp_path / "home"
+    write_config(home, student=MISSING_STUDENT, retrain_threshold=8, **extra)
+    store = TraceStore.for_home(home, load_config(home))
+    add_traces(store, n, seed=1)
+    return home, store
+
+
+def add_traces(store, n, seed):
+    from conch_dna.traces import Trace
+
+    traces = [Trace.model_validate({"domain": "debug", "teacher": TEACHER_PATH, "messages": d})
+              for d in corpus.dialogues(n, seed=seed, domains=["debug"])]
+    store.add(traces, "test")
+
+
+def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_new_traces_train_again(tmp_path):
+    home, store = failing_home(tmp_path, failure_limit=3)
+    config = load_config(home)
+    batch = pending(store, "debug")
+    assert batch > 0
+    for attempt in (1, 2):
+        result = retrain_domain(home, "debug", config)
+        assert result.status is RunStatus.FAILED and "set aside" not in result.reason
+        assert pending(store, "debug") == batch and len(store.failure_streak("debug")) == attempt
+    third = retrain_domain(home, "debug", config)
+    assert third.status is RunStatus.FAILED and f"set aside {batch} train traces" in third.reason
+    assert MISSING_STUDENT in third.reason  # the last error travels with the batch
+    [aside] = store.set_asides("debug")
+    assert aside["traces"] == batch and aside["after_rowid"] == 0 and "3 runs in a row" in aside["reason"]
+    assert pending(store, "debug") == 0  # the domain is past them; they are still stored
+    assert store.counts("debug").train == batch
+
+    add_traces(store, 24, seed=2)  # new traces: trained again, and one failure sets nothing aside
+    fresh = pending(store, "debug")
+    assert fresh > 0
+    assert "set aside" not in retrain_domain(home, "debug", config).reason
+    assert pending(store, "debug") == fresh and len(store.set_asides("debug")) == 1
+
+
+def test_failures_on_different_batches_are_not_one_batch(tmp_path):
+    home, store = failing_home(tmp_path, failure_limit=2)
+    config = load_config(home)
+    retrain_domain(home, "debug", config)
+    add_traces(store, 24, seed=3)  # the next run sees more traces: another batch
+    assert "set aside" not in retrain_domain(home, "debug", config).reason
+    assert "set aside" in retrain_domain(home, "debug", config).reason  # two on this one
+
+
+def test_the_wait_doubles_after_each_failure_up_to_its_cap(tmp_path):
+    home, store = failing_home(tmp_path, check_minutes=10, max_backoff_minutes=35)
+    config = load_config(home)
+    assert retry_at(store, "debug", config) is None
+    waits = []
+    for _ in range(4):
+        retrain_domain(home, "debug", config)
+        last = store.runs("debug", limit=1)[0]
+        waits.append(round((retry_at(store, "debug", config) - last.finished_at) / 60, 6))
+    assert waits == [10, 20, 35, 35]
+    # a run that does not fail ends the streak
+    with store.write() as conn:
+        conn.execute("UPDATE runs SET status = ? WHERE id = (SELECT max(id) FROM runs)", (RunStatus.REJECTED.value,))
+    assert retry_at(store, "debug", config) is None
+
+
+def laptop(root, mains_online: bool):
+    for name, kind, online in (("BAT0", "Battery", None), ("AC", "Mains", int(mains_online))):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "type").write_text(kind + "\n")
+        if online is not None:
+            (d / "online").write_text(f"{online}\n")
+    return root
+
+
+def test_the_daemon_waits_on_battery_then_backs_off_a_failing_domain(tmp_path, caplog):
+    home, store = failing_home(tmp_path)
+    caplog.set_level(logging.INFO, "conch.daemon")
+    power = laptop(tmp_path / "power", mains_online=False)
+    daemon = Daemon(home, power_supply=power)
+    assert daemon.check() == [] and store.runs("debug") == []
+    assert "on battery" in caplog.text
+
+    laptop(power, mains_online=True)
+    assert daemon.check() == ["debug"]  # a real worker process, which fails to load the student
+    [run] = store.runs("debug")
+    assert run.status is RunStatus.FAILED and MISSING_STUDENT in run.reason
+    assert daemon.check() == [] and daemon.check() == []  # backing off: no model loaded again
+    assert len(store.runs("debug")) == 1
+    assert caplog.text.count("next try at") == 1  # said once, not at every check
+    with store.write() as conn:  # the wait passes
+        conn.execute("UPDATE runs SET finished_at = finished_at - 3600")
+    assert daemon.check() == ["debug"] and len(store.runs("debug")) == 2
+
+
+def test_a_second_daemon_is_refused_and_stale_runs_are_failed_at_start(tmp_path):
+    home, store = failing_home(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = store.start_run("debug", upto_rowid=3)
+    with store.write() as conn:
+        conn.execute("UPDATE runs SET pid = ? WHERE id = ?", (dead.pid, stale))
+    ours = store.start_run("memory")  # a run of this very process is alive: left alone
+    first = Daemon(home, load_config(home).model_copy(update={"check_minutes": 600})).start()
+    try:
+        runs = {r.id: r for r in store.runs()}
+        assert runs[stale].status is RunStatus.FAILED and "died" in runs[stale].reason
+        assert runs[ours].status is RunStatus.RUNNING
+        with pytest.raises(RuntimeError, match=f"another conch daemon already runs on .*pid {os.getpid()}"):
+            Daemon(home).start()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("state", ['{"iteration": 3, "upto_rowid": 4, "iters": 40}', "{broken", '["a list"]'])
+def test_a_stale_or_broken_resume_file_never_blocks_a_domain(tmp_path, state):
+    home, store = failing_home(tmp_path)
+    store.mark_trained("debug", 10)  # the resume file's traces were consumed since
+    folder = domain_dir(home, "debug")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RESUME_FILE).write_text(state)
+    result = retrain_domain(home, "debug", load_config(home))
+    assert result.status is RunStatus.FAILED and MISSING_STUDENT in result.reason  # it ran: it got to the model
+    [run] = store.runs("debug")
+    assert run.upto_rowid == store.max_rowid("debug")  # on the traces after the mark, not the stale ones
+    if state.startswith('{"'):
+        assert not (folder / RESUME_FILE).exists()
+
+
+def test_a_broken_manifest_skips_the_cycle_and_consumes_nothing(tmp_path):
+    home, store = failing_home(tmp_path)
+    folder = domain_dir(home, "debug")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"current": "../../elsewhere", "history": []}))
+    before = pending(store, "debug")
+    result = retrain_domain(home, "debug", load_config(home))
+    assert result.status is RunStatus.SKIPPED and "conch kd rollback --domain debug" in result.reason
+    assert pending(store, "debug") == before and store.runs("debug") == []
