@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean system-packages
+.PHONY: demo test lint mutate clean system-packages
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,10 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# Mutation testing (mutmut) of the gate, the losses, evaluation and ingest; the survivors are listed at the end.
+mutate: $(VENV)/.installed
+	$(PY) -m pip install -q 'mutmut>=3.3'
+	cd $(CURDIR) && $(VENV)/bin/mutmut run; $(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) demo-home
+	rm -rf $(VENV) demo-home mutants

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +32,26 @@ def open_private(path: str | Path, mode: str = "a"):
     return os.fdopen(fd, mode)
 
 
+def sync(fd: int) -> None:
+    """Put a file's data on disk; macOS's fsync stops at the drive's cache, F_FULLFSYNC does not."""
+    if sys.platform == "darwin":
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
+def sync_dir(path: str | Path) -> None:
+    """Put a folder's entries on disk, so that a rename into it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
+    """Call write(tmp) on a temporary file beside `path`, sync it, rename it over `path`, and sync
+    the folder: after a power cut `path` is the old file or the new one, never an empty one.
 
     The temporary name keeps the real suffix, since some writers (mx.save_safetensors) append one.
     """
@@ -42,8 +62,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o600)
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+            sync(f.fileno())
         os.replace(tmp, path)
+        sync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

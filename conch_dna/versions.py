@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conch_dna.domains import validate_domain_name
-from conch_dna.fsutil import atomic_write_json, private_dir
+from conch_dna.fsutil import atomic_write_json, private_dir, sync_dir
 
 MANIFEST = "manifest.json"
 CYCLE_LOCK = ".cycle.lock"  # held for a whole retrain cycle or a rollback of the domain
@@ -118,6 +118,7 @@ def write_version(home: str | Path, domain: str, candidate_dir: str | Path) -> s
         name = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
         try:
             os.rename(candidate_dir, d / name)  # fails if the name was taken meanwhile
+            sync_dir(d)
             return name
         except OSError:
             if (d / name).exists():

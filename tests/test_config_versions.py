@@ -73,7 +73,7 @@ def test_promote_writes_immutable_versions_and_switches_the_manifest(tmp_path):
 
 def test_gate_rules():
     from conch_dna.config import Config
-    from conch_dna.cycle import decide
+    from conch_dna.gate import decide
 
     c = Config(min_heldout=4)
     cur, better = {"kl": 1.0, "agreement": 0.8}, {"kl": 0.9, "agreement": 0.8}
@@ -102,7 +102,7 @@ def test_gate_rules():
 
 def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one():
     from conch_dna.config import Config
-    from conch_dna.cycle import decide
+    from conch_dna.gate import decide
 
     c = Config(min_heldout=4)
     good = {"kl": 0.9, "agreement": 0.8}
@@ -117,7 +117,7 @@ def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one(
 
 def test_gate_edges():
     from conch_dna.config import Config, DomainSettings
-    from conch_dna.cycle import decide
+    from conch_dna.gate import decide
 
     half = Config(min_heldout=0, promote_margin=0.5)
     cur = {"kl": 1.0, "agreement": 0.8}

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conch_dna.config import load_config
 from conch_dna.cycle import RESUME_FILE, pending, retrain_domain
@@ -161,3 +162,60 @@ def test_a_broken_manifest_skips_the_cycle_and_consumes_nothing(tmp_path):
     result = retrain_domain(home, "debug", load_config(home))
     assert result.status is RunStatus.SKIPPED and "conch kd rollback --domain debug" in result.reason
     assert pending(store, "debug") == before and store.runs("debug") == []
+
+
+# -- what survives a full disk and a power cut ------------------------------------------------------
+
+FULL_DISK_INGEST = """
+import resource, signal, sys
+from pathlib import Path
+from conch_dna.store import TraceStore
+from daemon.inbox import Inbox
+home, limit = Path(sys.argv[1]), int(sys.argv[2])
+store = TraceStore(home / "conch.db")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+inbox = Inbox(store, home / "inbox", debounce_seconds=0)
+inbox.sweep()
+print(store.counts("task").total)
+"""
+
+
+def test_a_full_disk_fails_the_ingest_and_the_next_sweep_stores_every_line_once(tmp_path):
+    from daemon.inbox import Inbox
+    from tests.test_inbox import trace_line
+
+    home = tmp_path / "home"
+    store = TraceStore(home / "conch.db")
+    inbox = Inbox(store, home / "inbox", debounce_seconds=0)
+    (inbox.directory / "big.jsonl").write_text("".join(trace_line(i) + "\n" for i in range(3000)))
+    limit = (home / "conch.db").stat().st_size + 200_000  # room for part of the file only
+    full = subprocess.run([sys.executable, "-c", FULL_DISK_INGEST, str(home), str(limit)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert full.returncode == 0, full.stderr
+    assert "full" in full.stderr or "File too large" in full.stderr or "disk I/O" in full.stderr, full.stderr
+    stored_while_full = int(full.stdout)
+    assert stored_while_full < 3000  # it really ran out of room
+    assert list(inbox.processing.glob("*.jsonl")) or list(inbox.directory.glob("*.jsonl"))  # the file is kept
+    inbox.sweep()  # room again
+    assert store.counts("task").total == 3000 and store.quarantine_count() == 0
+    assert not list(inbox.processing.iterdir()) and not list(inbox.directory.glob("*.jsonl"))
+
+
+def test_commits_and_renames_are_on_disk_before_they_count(tmp_path, monkeypatch):
+    """What a power cut needs: SQLite commits with synchronous=FULL; a state file's data is synced
+    before its rename and its folder after it."""
+    from conch_dna.fsutil import atomic_write_text
+
+    store = TraceStore(tmp_path / "conch.db")
+    assert store.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the synced files")
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    target = tmp_path / "state" / "daemon.json"
+    target.parent.mkdir()
+    atomic_write_text(target, "{}")
+    assert len(synced) == 2 and Path(synced[0]).parent == target.parent and synced[0] != str(target)
+    assert synced[1] == str(target.parent)  # the rename itself, after the data

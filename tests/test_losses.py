@@ -19,6 +19,13 @@ import pytest
 rng = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws the same numbers whatever ran before it (pytest-randomly shuffles)."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def np_softmax(x, t=1.0):
     z = x / t - (x / t).max(-1, keepdims=True)
     e = np.exp(z)
@@ -67,7 +74,7 @@ def test_ce_loss_ignores_ignore_index():
 
 def np_sparse_reference(teacher_logits, student_logits, k, temperature):
     """Build the k+1-bucket distributions by hand: top-k of the teacher, then 'the rest'."""
-    pt, ps = np_softmax(teacher_logits), np_softmax(student_logits)
+    pt, ps = np_softmax(teacher_logits.astype(np.float64)), np_softmax(student_logits.astype(np.float64))
     ids = np.argsort(-pt, axis=-1)[..., :k]
     t_top = np.take_along_axis(pt, ids, -1)
     s_top = np.take_along_axis(ps, ids, -1)
@@ -82,7 +89,8 @@ def test_sparse_kd_keeps_tail_bucket(k, temperature):
     t, s = logits(3, 6, 16), logits(3, 6, 16)
     ids, lp, expected = np_sparse_reference(t, s, k, temperature)
     got = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), temperature).item()
-    assert got == pytest.approx(expected, rel=1e-3)
+    # float32 against a float64 reference: with 15 of 16 ids the tail is 1 minus nearly 1
+    assert got == pytest.approx(expected, rel=3e-3)
 
 
 def test_sparse_kd_differs_from_renormalised_top_k():
