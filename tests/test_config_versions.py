@@ -145,25 +145,32 @@ def test_gate_edges():
     assert "the gate needs 4" in decide(cur, better, 0, per, "task", False)[1]
 
 
-def test_a_cycle_measures_current_on_the_current_version_not_the_bare_student(tmp_path, kit):
-    """The gate's "current" metrics come from the warm start: the promoted version's weights."""
-    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+def kit_home(tmp_path, kit, top: str, kd: str, traces: int, seed: int):
+    """A home on the kit (LoRA rank 4 on 2 layers, no held-out minimum) with `task` traces recorded."""
     from conch_dna.config import parse_config
-    from conch_dna.cycle import retrain_domain
     from conch_dna.ingest import record
     from conch_dna.kit import corpus
-    from conch_dna.models import load_model
     from conch_dna.store import TraceStore
-
-    import mlx.core as mx
 
     home = tmp_path / "home"
     home.mkdir()
-    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n'
-                          "heldout_fraction = 0.3\n[kd]\nnum_iters = 2\nlora_rank = 4\nlora_layers = 2\n")
+    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n{top}\n'
+                          f"[kd]\n{kd}\nlora_rank = 4\nlora_layers = 2\n")
     store = TraceStore.for_home(home, config)
-    for chat in corpus.dialogues(20, seed=4, domains=["task"]):
+    for chat in corpus.dialogues(traces, seed=seed, domains=["task"]):
         record("task", chat, teacher=kit["teacher"], store=store)
+    return home, config
+
+
+def test_a_cycle_measures_current_on_the_current_version_not_the_bare_student(tmp_path, kit):
+    """The gate's "current" metrics come from the warm start: the promoted version's weights."""
+    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.cycle import retrain_domain
+    from conch_dna.models import load_model
+
+    import mlx.core as mx
+
+    home, config = kit_home(tmp_path, kit, "heldout_fraction = 0.3", "num_iters = 2", traces=20, seed=4)
     bare = retrain_domain(home, "task", config, force=True)
     assert bare.current_metrics and bare.current_metrics["tokens"] > 0
     model, _ = load_model(kit["student"])
@@ -239,21 +246,11 @@ def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_again
 
 def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path, kit):
     from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
-    from conch_dna.config import parse_config
     from conch_dna.cycle import retrain_domain
-    from conch_dna.ingest import record
-    from conch_dna.kit import corpus
     from conch_dna.models import load_model
-    from conch_dna.store import TraceStore
     from conch_dna.versions import current_version, promote
 
-    home = tmp_path / "home"
-    home.mkdir()
-    config = parse_config(f'teacher = "{kit["teacher"]}"\nstudent = "{kit["student"]}"\nmin_heldout = 0\n'
-                          "[kd]\nnum_iters = 3\nsteps_per_report = 1\nlora_rank = 4\nlora_layers = 2\n")
-    store = TraceStore.for_home(home, config)
-    for chat in corpus.dialogues(12, seed=3, domains=["task"]):
-        record("task", chat, teacher=kit["teacher"], store=store)
+    home, config = kit_home(tmp_path, kit, "", "num_iters = 3\nsteps_per_report = 1", traces=12, seed=3)
     model, _ = load_model(kit["student"])
     other = tmp_path / "other"
     save_adapter(other, adapter_weights(model), {"model": kit["student"], **apply_lora(model, 2, 4, 20.0, 0.0)})

@@ -93,6 +93,17 @@ def test_sparse_kd_keeps_tail_bucket(k, temperature):
     assert got == pytest.approx(expected, rel=3e-3)
 
 
+def test_sparse_kd_with_a_mask_averages_the_unmasked_tokens_only():
+    t, s = logits(2, 5, 16), logits(2, 5, 16)
+    mask = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], np.float32)
+    ids, lp, _ = np_sparse_reference(t, s, 4, 2.0)
+    per_token = [np_sparse_reference(t[b, i][None], s[b, i][None], 4, 2.0)[2] for b, i in zip(*np.nonzero(mask))]
+    got = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 2.0, mx.array(mask)).item()
+    assert got == pytest.approx(np.mean(per_token), rel=1e-3)
+    unmasked = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 2.0).item()
+    assert abs(unmasked - got) > 1e-3  # the masked tokens would change it
+
+
 def test_sparse_kd_differs_from_renormalised_top_k():
     # A flat teacher: its top-4 hold little mass. Renormalising would pretend they hold it all.
     t, s = logits(2, 32, scale=0.1), logits(2, 32)
@@ -163,6 +174,18 @@ def test_check_shared_vocab_accepts_padded_family_and_rejects_permuted_ids():
     shuffled = {f"t{i}": (i * 7) % 100 for i in range(100)}
     with pytest.raises(VocabMismatchError, match="do not share token ids"):
         check_shared_vocab(Tok(base), Tok(shuffled))
+
+
+def test_check_shared_vocab_tolerates_up_to_one_percent_of_unknown_student_tokens():
+    student = {f"t{i}": i for i in range(300)}
+    check_shared_vocab(Tok({f"t{i}": i for i in range(297)}), Tok(student))  # 3 of 300 unknown: 1%, allowed
+    with pytest.raises(VocabMismatchError) as err:
+        check_shared_vocab(Tok({f"t{i}": i for i in range(296)}), Tok(student))  # 4: more than 1%
+    assert "0 tokens have different ids, 4 student tokens are unknown to the teacher; e.g. 't296'" in str(err.value)
+    moved = {**{f"t{i}": i for i in range(300)}, "t5": 500, "t9": 501}
+    with pytest.raises(VocabMismatchError, match="2 tokens have different ids, 0 student tokens are unknown to the "
+                                                 "teacher; e.g. 't5'"):
+        check_shared_vocab(Tok(moved), Tok(student))
 
 
 def test_token_map_strategy_gathers_teacher_logits_by_token_string():

@@ -171,18 +171,23 @@ def test_unknown_domain_fails_on_its_name_before_any_model_loads(tmp_path, monke
     assert neurons._registry is None
 
 
-def test_a_version_trained_with_another_lora_scale_is_refused(tmp_path):
-    """Same shapes, another scale: the weights fit, but served at our scale they would answer wrong."""
+def registry_and_a_copy_of_v0001(tmp_path):
+    """A home with one promoted task version, a registry serving it, and a copy of it to spoil."""
     import shutil
-
-    from conch_dna.versions import promote
 
     home = make_home(tmp_path)
     assert promote_versions(home, 1, 0).wait(timeout=120) == 0
-    registry = NeuronRegistry(home, watch=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(home / "adapters_kd" / "task" / "v0001", copy)
+    return home, NeuronRegistry(home, watch=False), copy
+
+
+def test_a_version_trained_with_another_lora_scale_is_refused(tmp_path):
+    """Same shapes, another scale: the weights fit, but served at our scale they would answer wrong."""
+    from conch_dna.versions import promote
+
+    home, registry, other = registry_and_a_copy_of_v0001(tmp_path)
     try:
-        other = tmp_path / "other-scale"
-        shutil.copytree(home / "adapters_kd" / "task" / "v0001", other)
         config = json.loads((other / "adapter_config.json").read_text())
         config["lora_parameters"]["scale"] = 10.0
         (other / "adapter_config.json").write_text(json.dumps(config))
@@ -247,16 +252,10 @@ def _broken(version_dir, how):
 
 @pytest.mark.parametrize("how", ["nan", "shape", "dtype", "link"])
 def test_a_version_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(tmp_path, how):
-    import shutil
-
     from conch_dna.versions import promote
 
-    home = make_home(tmp_path)
-    assert promote_versions(home, 1, 0).wait(timeout=120) == 0
-    registry = NeuronRegistry(home, watch=False)
+    home, registry, copy = registry_and_a_copy_of_v0001(tmp_path)
     try:
-        copy = tmp_path / "copy"
-        shutil.copytree(home / "adapters_kd" / "task" / "v0001", copy)
         words = _broken(copy, how)
         promote(home, "task", copy, f"broken: {how}")
         registry.refresh("task")

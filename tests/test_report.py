@@ -126,3 +126,20 @@ def test_report_on_many_runs_lists_every_run_and_plots_the_recent(tmp_path):
     assert len(re.findall(r"<tr><td>\d+</td>", page)) == 11
     assert "worker killed by SIGKILL" in page and "reason 10" in page
     assert (tmp_path / "out" / "debug-loss.png").stat().st_size > 1000
+
+
+def test_what_a_trace_or_a_file_can_carry_is_escaped(tmp_path):
+    """A run's reason quotes errors (trace text, paths) and a broken manifest quotes its file."""
+    from conch_dna.config import Config
+    from conch_dna.runs import RunStatus
+
+    home = tmp_path / "home"
+    config = Config(domains=["task"])
+    store = TraceStore.for_home(home, config)
+    run = store.start_run("task")
+    store.finish_run(run, RunStatus.FAILED, reason='ValueError: <script>alert("reason")</script>')
+    (home / "adapters_kd" / "task").mkdir(parents=True)
+    (home / "adapters_kd" / "task" / "manifest.json").write_text('{"current": "<img src=x onerror=alert(1)>"}')
+    page = build_report(home, config, tmp_path / "out").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;reason&quot;)" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
