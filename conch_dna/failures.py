@@ -3,6 +3,8 @@ setting aside the traces they keep failing on."""
 
 from __future__ import annotations
 
+from itertools import takewhile
+
 from conch_dna.config import Config
 from conch_dna.store import TraceStore
 
@@ -18,7 +20,7 @@ def retry_at(store: TraceStore, domain: str, config: Config) -> float | None:
     if not streak:
         return None
     wait = min(config.check_minutes * 2 ** (len(streak) - 1), config.max_backoff_minutes)
-    return (streak[0].finished_at or streak[0].started_at) + wait * 60
+    return streak[0].finished_at + wait * 60
 
 
 def set_aside_if_stuck(store: TraceStore, domain: str, config: Config) -> str | None:
@@ -27,10 +29,10 @@ def set_aside_if_stuck(store: TraceStore, domain: str, config: Config) -> str | 
     Returns the reason recorded, or None. Call it holding the domain's lock (a checkpoint of the
     traces set aside is dropped by the next cycle, which finds them consumed)."""
     streak = store.failure_streak(domain)
-    upto = streak[0].upto_rowid if streak else None
-    same = 0
-    while same < len(streak) and streak[same].upto_rowid == upto:
-        same += 1
+    if not streak:
+        return None
+    upto = streak[0].upto_rowid
+    same = len(list(takewhile(lambda run: run.upto_rowid == upto, streak)))
     mark = store.trained_upto(domain)
     if upto is None or same < config.failure_limit or upto <= mark:
         return None

@@ -129,6 +129,16 @@ def test_gate_edges():
     # min_heldout = 0 and no held-out traces at all: no metrics, promoted only when forced
     assert decide(None, None, 0, half, "task", False) == (False, "no held-out metrics")
     assert decide(None, None, 0, half, "task", True) == (True, "forced without held-out metrics")
+    assert decide(cur, None, 10, half, "task", False) == (False, "no held-out metrics")  # one side missing
+    assert decide(None, cur, 10, half, "task", False) == (False, "no held-out metrics")
+    # the gain is relative: 2.0 -> 1.0 is a 50% fall
+    ok, why = decide({"kl": 2.0, "agreement": 0.8}, {"kl": 1.0, "agreement": 0.8}, 10, half, "task", False)
+    assert ok and "(-50.0%)" in why
+    # top-1 may fall by exactly the allowed drop, not more
+    drop = Config(min_heldout=0, max_agreement_drop=0.25)
+    top1 = {"kl": 1.0, "agreement": 0.75}
+    assert decide(top1, {"kl": 0.5, "agreement": 0.5}, 10, drop, "task", False)[0] is True
+    assert decide(top1, {"kl": 0.5, "agreement": 0.49}, 10, drop, "task", False)[0] is False
     # the established set may get worse by the margin itself, not more
     c = Config(min_heldout=0, promote_margin=0.1)
     better = {"kl": 0.5, "agreement": 0.8}

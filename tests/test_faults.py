@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conch_dna.config import load_config
 from conch_dna.cycle import RESUME_FILE, pending, retrain_domain
-from conch_dna.failures import retry_at
+from conch_dna.failures import retry_at, set_aside_if_stuck
 from conch_dna.kit import TEACHER_PATH, corpus
 from conch_dna.runs import RunStatus
 from conch_dna.store import TraceStore
@@ -44,24 +44,34 @@ def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_ne
     home, store = failing_home(tmp_path, failure_limit=3)
     config = load_config(home)
     batch = pending(store, "debug")
-    assert batch > 0
+    assert batch > 0 and set_aside_if_stuck(store, "debug", config) is None  # no failure yet
     for attempt in (1, 2):
         result = retrain_domain(home, "debug", config)
         assert result.status is RunStatus.FAILED and "set aside" not in result.reason
         assert pending(store, "debug") == batch and len(store.failure_streak("debug")) == attempt
-    third = retrain_domain(home, "debug", config)
+        other = store.start_run("memory")  # another domain's runs are not this one's streak
+        store.finish_run(other, RunStatus.REJECTED)
+    elsewhere = config.model_copy(update={"student": "/nowhere/else"})  # the third fails another way
+    third = retrain_domain(home, "debug", elsewhere)
     assert third.status is RunStatus.FAILED and f"set aside {batch} train traces" in third.reason
-    assert MISSING_STUDENT in third.reason  # the last error travels with the batch
     [aside] = store.set_asides("debug")
     assert aside["traces"] == batch and aside["after_rowid"] == 0 and "3 runs in a row" in aside["reason"]
+    assert "/nowhere/else" in aside["reason"]  # the last error travels with the batch
     assert pending(store, "debug") == 0  # the domain is past them; they are still stored
     assert store.counts("debug").train == batch
+    for _ in range(3):  # forced runs on traces already set aside set nothing more aside
+        retrain_domain(home, "debug", config, force=True)
+    assert len(store.set_asides("debug")) == 1
 
-    add_traces(store, 24, seed=2)  # new traces: trained again, and one failure sets nothing aside
+    add_traces(store, 24, seed=2)  # new traces: trained again, and set aside only after three more failures
     fresh = pending(store, "debug")
     assert fresh > 0
-    assert "set aside" not in retrain_domain(home, "debug", config).reason
+    for _ in range(2):
+        assert "set aside" not in retrain_domain(home, "debug", config).reason
     assert pending(store, "debug") == fresh and len(store.set_asides("debug")) == 1
+    assert f"set aside {fresh} train traces" in retrain_domain(home, "debug", config).reason
+    latest = store.set_asides("debug")[0]
+    assert latest["after_rowid"] == aside["upto_rowid"] and latest["traces"] == fresh
 
 
 def test_failures_on_different_batches_are_not_one_batch(tmp_path):
@@ -83,9 +93,13 @@ def test_the_wait_doubles_after_each_failure_up_to_its_cap(tmp_path):
         last = store.runs("debug", limit=1)[0]
         waits.append(round((retry_at(store, "debug", config) - last.finished_at) / 60, 6))
     assert waits == [10, 20, 35, 35]
+    other = store.start_run("memory")  # another domain's run ends no streak of this one
+    store.finish_run(other, RunStatus.REJECTED)
+    assert round((retry_at(store, "debug", config) - last.finished_at) / 60, 6) == 35
     # a run that does not fail ends the streak
     with store.write() as conn:
-        conn.execute("UPDATE runs SET status = ? WHERE id = (SELECT max(id) FROM runs)", (RunStatus.REJECTED.value,))
+        conn.execute("UPDATE runs SET status = ? WHERE id = (SELECT max(id) FROM runs WHERE domain = 'debug')",
+                     (RunStatus.REJECTED.value,))
     assert retry_at(store, "debug", config) is None
 
 
