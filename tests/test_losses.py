@@ -8,6 +8,7 @@ from conch_dna.training.losses import (
     compute_ce_loss,
     compute_kd_loss,
     divergence,
+    generalized_jsd,
     sparse_kd_loss,
     token_string_map,
 )
@@ -60,6 +61,7 @@ def test_kd_loss_truncates_padded_teacher_vocab():
     t, s = logits(4, 20), logits(4, 16)
     expected = np_kl(np_softmax(t[:, :16], 2.0), np_softmax(s, 2.0)).mean() * 4
     assert compute_kd_loss(mx.array(t), mx.array(s), 2.0).item() == pytest.approx(expected, rel=1e-4)
+    assert compute_kd_loss(mx.array(t), mx.array(s)).item() == pytest.approx(expected, rel=1e-4)  # T = 2 by default
 
 
 def test_ce_loss_ignores_ignore_index():
@@ -140,13 +142,19 @@ def test_sparse_kd_with_full_k_equals_dense():
 
 
 def test_reverse_kl_and_jsd_match_definitions():
-    p, q = np_softmax(logits(5, 7)), np_softmax(logits(5, 7))
+    p, q = np_softmax(logits(3, 5, 7)), np_softmax(logits(3, 5, 7))  # [batch, tokens, vocab]
     lp, lq = mx.array(np.log(p)), mx.array(np.log(q))
-    assert np.allclose(divergence(lp, lq, "reverse_kl"), np_kl(q, p), rtol=1e-4)
+    reverse = divergence(lp, lq, "reverse_kl")
+    assert reverse.shape == (3, 5) and np.allclose(reverse, np_kl(q, p), rtol=1e-4)
     for beta in (0.1, 0.5, 0.9):
         m = beta * p + (1 - beta) * q
         expected = beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
         assert np.allclose(divergence(lp, lq, "jsd", beta), expected, rtol=1e-4, atol=1e-6)
+    m = (p + q) / 2  # the default β is the symmetric JSD
+    assert np.allclose(generalized_jsd(lp, lq), (np_kl(p, m) + np_kl(q, m)) / 2, rtol=1e-4, atol=1e-6)
+    for beta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"jsd beta must be in \(0, 1\), got {beta}"):
+            generalized_jsd(lp, lq, beta)
     with pytest.raises(ValueError, match="unknown divergence 'bogus'"):
         divergence(lp, lq, "bogus")
 
@@ -192,13 +200,21 @@ def test_token_map_strategy_gathers_teacher_logits_by_token_string():
     teacher = Tok({"a": 0, "b": 1, "c": 2})
     student = Tok({"c": 0, "a": 1, "z": 2})
     mapping = token_string_map(teacher, student)
-    assert mapping.tolist() == [2, 0, -1]
+    assert mapping.tolist() == [2, 0, -1] and mapping.dtype == mx.int32
+    assert token_string_map(teacher, Tok({"a": 0, "c": 2})).tolist() == [0, -1, 2]  # an unused id maps nowhere
     t = mx.array([[1.0, 2.0, 3.0]])
     aligned, _ = align_vocab_sizes(t, mx.zeros((1, 3)), "token_map", mapping)
     assert aligned[0, :2].tolist() == [3.0, 1.0]
     assert aligned[0, 2].item() < -20
-    with pytest.raises(ValueError, match="unknown strategy 'project'"):
+    with pytest.raises(ValueError, match="unknown strategy 'project'; choose one of truncate, token_map"):
         align_vocab_sizes(t, t, "project")
+    with pytest.raises(ValueError, match=r"align_vocab_sizes\(strategy='token_map'\) needs a token_map"):
+        align_vocab_sizes(t, t, "token_map")
+    with pytest.raises(ValueError, match="token_map has 3 entries but the student vocabulary has 5"):
+        align_vocab_sizes(t, mx.zeros((1, 5)), "token_map", mapping)
+    batch = mx.array(np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3))  # [batch, tokens, vocab]
+    aligned, _ = align_vocab_sizes(batch, mx.zeros((2, 4, 3)), "token_map", mapping)
+    assert aligned.shape == (2, 4, 3) and aligned[1, 3, :2].tolist() == [23.0, 21.0]
 
 
 def test_training_loss_is_the_alpha_mix_of_sparse_kd_and_ce_on_answer_tokens():
@@ -212,12 +228,19 @@ def test_training_loss_is_the_alpha_mix_of_sparse_kd_and_ce_on_answer_tokens():
     lps = mx.array(np.take_along_axis(np.log(np_softmax(t)), order, axis=-1))
     targets = mx.array(rng.integers(0, 40, (2, 6)).astype(np.int32))
     mask = mx.array(np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.float32))
-    combined, kd, ce = kd_loss(lambda _: s, None, targets, mask, ids, lps, temperature=2.0, alpha=0.3)
+    inputs = mx.array(rng.integers(0, 40, (2, 6)).astype(np.int32))
+    model = lambda x: s if x is inputs else None  # noqa: E731 - the student sees the batch's inputs
+    combined, kd, ce = kd_loss(model, inputs, targets, mask, ids, lps, temperature=2.0, alpha=0.3)
     want_kd = sparse_kd_loss(s, ids, lps, 2.0, mask)
     want_ce = compute_ce_loss(s, mx.where(mask > 0, targets, -100))
     np.testing.assert_allclose(kd.item(), want_kd.item(), rtol=1e-5)
     np.testing.assert_allclose(ce.item(), want_ce.item(), rtol=1e-5)
     np.testing.assert_allclose(combined.item(), 0.3 * want_kd.item() + 0.7 * want_ce.item(), rtol=1e-5)
+    # the divergence and its β reach the sparse loss; β defaults to the symmetric 0.5
+    _, jsd, _ = kd_loss(model, inputs, targets, mask, ids, lps, temperature=2.0, alpha=0.3, kind="jsd", beta=0.2)
+    np.testing.assert_allclose(jsd.item(), sparse_kd_loss(s, ids, lps, 2.0, mask, "jsd", 0.2).item(), rtol=1e-5)
+    _, half, _ = kd_loss(model, inputs, targets, mask, ids, lps, temperature=2.0, alpha=0.3, kind="jsd")
+    np.testing.assert_allclose(half.item(), sparse_kd_loss(s, ids, lps, 2.0, mask, "jsd", 0.5).item(), rtol=1e-5)
 
 
 def test_heldout_metrics_against_a_numpy_reference():
