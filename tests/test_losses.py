@@ -254,7 +254,9 @@ def test_heldout_metrics_against_a_numpy_reference():
     examples, ref = [], []
     for n, offset in ((9, 4), (6, 2)):
         tokens = rng.integers(0, vocab, n).astype(np.int32)
-        t_logp = np.log(np_softmax(logits(n - offset, vocab)))
+        # the first example's teacher shares the student's top-1 (agreement 1), the second's does not
+        t_raw = 2 * table[tokens[offset - 1 : n - 1]] if n == 9 else logits(n - offset, vocab)
+        t_logp = np.log(np_softmax(t_raw))
         ids = np.argsort(-t_logp, axis=-1)[:, :k].astype(np.int32)
         lps = np.take_along_axis(t_logp, ids, axis=-1)
         lps[0, -1], ids[0, -1] = PAD_LOGPROB, 0  # a padded entry: counted on neither side
@@ -270,3 +272,19 @@ def test_heldout_metrics_against_a_numpy_reference():
     kl, ce, agree = (np.mean([r[i] for r in ref]) for i in range(3))
     assert m.tokens == len(ref)
     np.testing.assert_allclose([m.kl, m.ce, m.agreement], [kl, ce, agree], rtol=2e-3, atol=1e-5)
+    assert agree > 0.3  # a wrong top-1 or a wrong average would show
+
+
+def test_heldout_metrics_name_what_they_cannot_measure_and_take_a_single_token():
+    from conch_dna.training.data import KDExample
+    from conch_dna.training.evaluation import heldout_metrics
+
+    table = logits(30, 30)
+    model = lambda inputs: mx.array(table)[inputs]  # noqa: E731
+    with pytest.raises(ValueError, match="no held-out examples to evaluate on"):
+        heldout_metrics(model, [])
+    ids, lps = np.zeros((1, 4), np.int32), np.full((1, 4), -1.5, np.float16)
+    one = KDExample(np.array([3, 4, 5], np.int32), 2, ids, lps)  # one answer token
+    assert heldout_metrics(model, [one]).tokens == 1
+    with pytest.raises(ValueError, match="hold no answer token inside the window"):  # an empty answer
+        heldout_metrics(model, [KDExample(np.array([3, 4, 5], np.int32), 3, ids[:0], lps[:0])])
