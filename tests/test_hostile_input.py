@@ -1,6 +1,7 @@
 """Hostile input on real files, a real inbox and real SQLite: every line is stored, a duplicate, or
 quarantined with a reason, and one bad file never stops the others."""
 
+import io
 import json
 import threading
 import time
@@ -241,3 +242,44 @@ def test_mixes_of_good_and_bad_lines_are_each_accounted_for_and_the_inbox_goes_o
         assert not list(inbox.processing.iterdir()) and not list(inbox.directory.glob("*.jsonl"))
     finally:
         inbox.stop()
+
+
+class _BoundedReader(io.BytesIO):
+    """A file that checks read_lines never asks for more than limit + 1 bytes of a line."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = limit
+
+    def readline(self, size=-1):
+        assert size is not None and 0 < size <= self.limit + 1, size
+        return super().readline(size)
+
+
+def test_read_lines_strips_line_ends_and_holds_at_most_the_limit_of_a_line():
+    from conch_dna.ingest import read_lines
+
+    limit = 2 * QUARANTINE_HEAD_BYTES
+    data = (b"a\n" + b"b\r\n" + b"x" * (limit + 500) + b"\n" + b"y" * limit + b"\n" + b"" + b"\n"
+            + b"z" * limit)  # the last line: exactly the limit, no final newline
+    got = list(read_lines(_BoundedReader(data, limit), limit))
+    assert got == [(b"a", 1), (b"b", 1), (b"x" * QUARANTINE_HEAD_BYTES, limit + 500), (b"y" * limit, limit),
+                   (b"", 0), (b"z" * limit, limit)]
+    assert list(read_lines(_BoundedReader(b"c\r", limit), limit)) == [(b"c", 1)]
+
+
+def test_ingest_file_names_its_source_keys_the_quarantine_by_the_files_hash_and_never_follows_a_link(tmp_path):
+    import hashlib
+
+    store = TraceStore(tmp_path / "conch.db")
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(f"{trace_line(0)}\nnot json\n".encode())
+    report = ingest_file(store, path)
+    assert report.source == "f.jsonl" and (report.stored, report.quarantined) == (1, 1)
+    (row,) = store.db.conn.execute("SELECT source, source_hash FROM quarantine").fetchall()
+    assert row == ("f.jsonl", hashlib.sha256(path.read_bytes()).hexdigest())
+    assert ingest_file(store, path, source="named.jsonl").source == "named.jsonl"
+    (tmp_path / "link.jsonl").symlink_to(path)
+    with pytest.raises(ValueError, match="link"):
+        ingest_file(store, tmp_path / "link.jsonl")
+    assert ingest_file(store, tmp_path / "link.jsonl", follow_links=True).duplicates == 1  # a person may
