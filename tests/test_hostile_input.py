@@ -283,3 +283,25 @@ def test_ingest_file_names_its_source_keys_the_quarantine_by_the_files_hash_and_
     with pytest.raises(ValueError, match="link"):
         ingest_file(store, tmp_path / "link.jsonl")
     assert ingest_file(store, tmp_path / "link.jsonl", follow_links=True).duplicates == 1  # a person may
+
+
+def test_record_keeps_what_it_was_given_as_it_was_and_says_where_it_came_from(tmp_path):
+    import datetime
+    import hashlib
+
+    store = TraceStore(tmp_path / "conch.db")
+    chat = [{"role": "user", "content": "Plan the café."}, {"role": "assistant", "content": "1. Open."}]
+    trace_id = record("task", chat, "t", meta={"at": datetime.date(2026, 1, 2)}, store=store)  # str() of a date
+    assert store.db.conn.execute("SELECT source, meta FROM traces WHERE id = ?", (trace_id,)).fetchone() == (
+        "record()", '{"at": "2026-01-02"}')
+    assert record("task", [{"role": "user", "content": "é"}], "t", store=store) is None  # no answer
+    (bad,) = store.db.conn.execute("SELECT source, source_hash, line, raw FROM quarantine").fetchall()
+    assert bad[0] == "record()" and bad[2] == 0 and "é".encode() in bad[3]  # kept as UTF-8, not \\u escapes
+    assert bad[1] == hashlib.sha256(bad[3]).hexdigest()
+    huge = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y" * (MAX_LINE_BYTES + 1)}]
+    assert record("task", huge, "t", store=store) is None
+    assert "over the" in store.quarantined(1)[0]["reason"]
+    circular: dict = {"text": "\ud800"}  # a lone surrogate cannot even be encoded
+    circular["self"] = circular
+    assert record("task", chat, "t", meta=circular, store=store) is None
+    assert "not JSON-serialisable: ValueError" in store.quarantined(1)[0]["reason"]

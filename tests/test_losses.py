@@ -104,6 +104,11 @@ def test_sparse_kd_with_a_mask_averages_the_unmasked_tokens_only():
     assert got == pytest.approx(np.mean(per_token), rel=1e-3)
     unmasked = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 2.0).item()
     assert abs(unmasked - got) > 1e-3  # the masked tokens would change it
+    one = np.zeros_like(mask)
+    one[1, 2] = 1  # a single answer token: its own loss
+    alone = sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 2.0, mx.array(one)).item()
+    assert alone == pytest.approx(np_sparse_reference(t[1, 2][None], s[1, 2][None], 4, 2.0)[2], rel=1e-3)
+    assert sparse_kd_loss(mx.array(s), mx.array(ids), mx.array(lp), 2.0, mx.zeros((2, 5))).item() == 0.0
 
 
 def test_sparse_kd_differs_from_renormalised_top_k():

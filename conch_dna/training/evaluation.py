@@ -35,7 +35,8 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     for i in range(0, len(examples), batch_size):
         inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size], max_seq_length)
         logits = model(inputs)
-        kl, ce = answer_token_losses(logits, ids, logprobs, targets)
+        # the held-out metric is KL(teacher ‖ student) at T = 1, whatever divergence training used
+        kl, ce = answer_token_losses(logits, ids, logprobs, targets, 1.0, "forward_kl", 0.5)
         agree = (mx.argmax(logits, axis=-1) == ids[..., 0]).astype(mx.float32)
         sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]
         mx.eval(sums)

@@ -147,21 +147,20 @@ def student_buckets(student_topk: mx.array, topk_logprobs: mx.array | None = Non
     return with_tail_bucket(student_topk)
 
 
-def sparse_divergence(student_topk, topk_logprobs, temperature=2.0, kind="forward_kl", beta=0.5) -> mx.array:
+def sparse_divergence(student_topk, topk_logprobs, temperature, kind, beta) -> mx.array:
     """Per position: teacher vs student over the k + 1 buckets, both softened by T, times T²."""
     t = log_softmax(teacher_bucket_logprobs(topk_logprobs) / temperature)
     s = log_softmax(student_buckets(student_topk, topk_logprobs) / temperature)
     return divergence(t, s, kind, beta) * temperature**2
 
 
-def sparse_kd_from_topk(student_topk, topk_logprobs, temperature=2.0, mask=None, kind="forward_kl",
-                        beta=0.5) -> mx.array:
+def sparse_kd_from_topk(student_topk, topk_logprobs, temperature, mask, kind, beta) -> mx.array:
     """sparse_kd_loss for a caller that already has the student's top-k log-probs."""
     return masked_mean(sparse_divergence(student_topk, topk_logprobs, temperature, kind, beta), mask)
 
 
-def answer_token_losses(logits, topk_ids, topk_logprobs, targets, temperature=1.0, kind="forward_kl",
-                        beta=0.5) -> tuple[mx.array, mx.array]:
+def answer_token_losses(logits, topk_ids, topk_logprobs, targets, temperature, kind,
+                        beta) -> tuple[mx.array, mx.array]:
     """Per position (KD·T², CE of the target token): the terms training averages and evaluation sums.
 
     One logsumexp over the vocabulary serves both (student_logprobs_at). Shapes: logits [b, n, vocab],
