@@ -278,6 +278,7 @@ def test_ingest_file_names_its_source_keys_the_quarantine_by_the_files_hash_and_
     assert report.source == "f.jsonl" and (report.stored, report.quarantined) == (1, 1)
     (row,) = store.db.conn.execute("SELECT source, source_hash FROM quarantine").fetchall()
     assert row == ("f.jsonl", hashlib.sha256(path.read_bytes()).hexdigest())
+    assert store.db.conn.execute("SELECT source FROM traces").fetchall() == [("f.jsonl",)]
     assert ingest_file(store, path, source="named.jsonl").source == "named.jsonl"
     (tmp_path / "link.jsonl").symlink_to(path)
     with pytest.raises(ValueError, match="link"):
@@ -305,3 +306,23 @@ def test_record_keeps_what_it_was_given_as_it_was_and_says_where_it_came_from(tm
     circular["self"] = circular
     assert record("task", chat, "t", meta=circular, store=store) is None
     assert "not JSON-serialisable: ValueError" in store.quarantined(1)[0]["reason"]
+
+
+def test_line_ends_and_the_size_limit_at_its_edge(tmp_path):
+    store = TraceStore(tmp_path / "conch.db")
+    at_limit = b"{" * MAX_LINE_BYTES  # exactly the limit: parsed (and refused as JSON), kept whole
+    report = ingest_bytes(store, b"not json\r\n" + at_limit + b"\n", "edge.jsonl")
+    assert report.source == "edge.jsonl" and report.quarantined == 2
+    rows = store.db.conn.execute("SELECT source, raw, reason FROM quarantine ORDER BY line").fetchall()
+    assert rows[0][:2] == ("edge.jsonl", b"not json")  # the CR of a CRLF file is not part of the line
+    assert rows[1][1] == at_limit and "over the" not in rows[1][2]
+
+
+def test_each_home_has_its_own_store(tmp_path, monkeypatch):
+    from conch_dna.ingest import home_store
+
+    monkeypatch.setenv("CONCH_HOME", str(tmp_path / "a"))
+    first = home_store()
+    assert home_store() is first  # one per home, reused
+    monkeypatch.setenv("CONCH_HOME", str(tmp_path / "b"))
+    assert home_store().path == tmp_path / "b" / "conch.db"
