@@ -359,7 +359,7 @@ def daemon_uninstall() -> None:
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Check this machine: MLX backend, BLAS speed, memory, models, disk, daemon; hints for problems."""
+    """Check this machine: MLX backend, BLAS speed, memory, models, disk, daemon, serving; hints for problems."""
     from conch_dna.doctor import run_checks
     from conch_dna.status import read_state
 

@@ -9,6 +9,9 @@
     temperature = 2.0
     num_iters = 200
 
+    [neurons]
+    max_batch_size = 8              # calls decoded together by the neuron registry
+
     [domain.debug]                  # per-domain overrides
     retrain_threshold = 16
 """
@@ -44,6 +47,14 @@ class DomainSettings(BaseModel):
     min_heldout: int | None = Field(default=None, ge=0)
 
 
+class NeuronSettings(BaseModel):
+    """How the neuron registry batches calls ([neurons] in config.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(default=8, ge=1, le=256)  # rows decoded together; later calls queue
+    prefill_step_size: int = Field(default=512, ge=1)  # prompt tokens prefilled between decode steps
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str = DEFAULT_TEACHER
@@ -64,6 +75,7 @@ class Config(BaseModel):
     # a domain whose runs fail is retried after check_minutes, then twice as long each time, up to this
     max_backoff_minutes: float = Field(default=24 * 60, gt=0)
     failure_limit: int = Field(default=3, ge=1)  # failed runs in a row on one batch before it is set aside
+    neurons: NeuronSettings = Field(default_factory=NeuronSettings)
     kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 

@@ -5,6 +5,7 @@ Each check gives a value and, for a problem, a plain hint. `conch doctor [--json
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from conch_dna.blas import INSTALL_HINT, matmul_gflops, sgemm_provider, use_fast_blas
+from conch_dna.home import NEURONS_DIR
 
 # Below this a CPU-only machine trains even the kit slowly: the reference BLAS gives ~6 GFLOP/s.
 MIN_CPU_GFLOPS = 30.0
@@ -125,7 +127,33 @@ def check_daemon(state: dict | None) -> Check:
                  "start it with `conch daemon run` (foreground) or `conch daemon install` (service)")
 
 
+def serving_registries(home: Path) -> list[dict]:
+    """The figures each live neuron registry of this home last wrote (neurons/<pid>.json)."""
+    found = []
+    for path in sorted((Path(home) / NEURONS_DIR).glob("*.json")):
+        try:
+            stats = json.loads(path.read_text())
+            os.kill(int(stats["pid"]), 0)  # a registry that died without closing left its file
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(stats)
+    return found
+
+
+def check_neurons(home: Path, config) -> Check:
+    """Not a problem either way: whether agents are being served here, and how fast."""
+    live = serving_registries(home)
+    if not live:
+        return Check("neurons", True, f"no registry serving (batches of up to {config.neurons.max_batch_size})",
+                     None, {"registries": []})
+    value = "; ".join(f"pid {s['pid']}: {s['running']} running, {s['queued']} queued, {s['tokens_per_s']} tokens/s, "
+                      f"time to first token p50 {s['ttft_p50_ms']} ms, batches of up to {s['max_batch_size']}"
+                      for s in live)
+    return Check("neurons", True, value, None, {"registries": live})
+
+
 def run_checks(home: Path, config, daemon_state: dict | None) -> list[Check]:
     """Every check, in the order a person reads them."""
     return [check_backend(), check_blas(), check_memory(), check_model("teacher", config.teacher),
-            check_model("student", config.student), check_disk(Path(home)), check_daemon(daemon_state)]
+            check_model("student", config.student), check_disk(Path(home)), check_daemon(daemon_state),
+            check_neurons(Path(home), config)]

@@ -12,6 +12,7 @@ TEACHER_CACHE_DIR = "teacher_cache"
 ADAPTERS_DIR = "adapters_kd"  # <domain>/v0001/..., the manifest naming the current one
 LOGS_DIR = "logs"
 REQUESTS_DIR = "requests"  # `conch kd retrain` asking a running daemon
+NEURONS_DIR = "neurons"  # <pid>.json: each serving registry's figures, for `conch doctor`
 MODELS_DIR = "models"  # models conch builds itself (`conch models pair`)
 
 

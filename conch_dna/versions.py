@@ -97,6 +97,11 @@ def current_version(home: str | Path, domain: str) -> str | None:
     return manifest["current"] if manifest else None
 
 
+def is_version_name(name) -> bool:
+    """Whether `name` is a version folder's name (v0001, v0002, ...), so never a path."""
+    return isinstance(name, str) and bool(_VERSION.match(name))
+
+
 def version_label(home: str | Path, domain: str) -> str:
     """The current version for a person: its name, "base", or what is wrong with the manifest."""
     try:

@@ -47,7 +47,8 @@ def get(domain: str) -> Neuron:
     return registry().get(domain)
 
 
-def pinned(domain: str):
-    """A context manager: a neuron that keeps one version for a multi-call task."""
+def pinned(domain: str, version: str | None = None):
+    """A context manager: a neuron that keeps one version (the current one, or `version`) for a
+    multi-call task."""
     _check_before_loading(domain)
-    return registry().pinned(domain)
+    return registry().pinned(domain, version)

@@ -1,46 +1,52 @@
-"""The neuron registry: one shared student base, per-domain LoRA weights, hot-swapped between calls.
+"""The neuron registry: one shared student base, per-domain LoRA versions, hot-swapped, served in batches.
 
 How calls are served: MLX is not thread-safe (and its arrays belong to the thread that made them),
-so the registry owns one MLX thread that loads the model and runs every call. Agent threads put
-their calls on its queue and read the answer's chunks back; calls are served one at a time, each
-binding its domain's lora_a / lora_b into the model's LoRA layers (they stay in place; only their
-weights change) and generating on exactly the weights it bound.
+so the registry owns one MLX thread that loads the model and runs every call. Agent threads
+submit calls and read their text back; on the MLX thread the calls decode together in one
+continuously batched step, each row through its own version's adapter (neurons.batching,
+neurons.multi_lora), so calls of different domains, or a pinned call beside a swapped one, share
+every forward pass.
 
 Hot-swap: a watchdog observer on $CONCH_HOME/adapters_kd, with a polling fallback, notices a
 domain's manifest change. The new version's weights are read with numpy off the serving path and
 checked against the model's LoRA parameters (names, shapes, dtype, finiteness) and the LoRA it was
 trained with; a version that fails is refused, logged, and the old one keeps serving, as it does
-through a broken manifest. Accepted weights are swapped in at the next call.
+through a broken manifest. A call runs entirely on the version that served its domain when it was
+submitted; calls submitted after a swap get the new one. A version no call, pin or domain holds
+any more is freed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conch_dna.adapters import adapter_weights, apply_lora
+from conch_dna.adapters import apply_lora
 from conch_dna.chat import prompt_tokens, to_messages
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
-from conch_dna.fsutil import private_dir
-from conch_dna.home import conch_home
+from conch_dna.fsutil import atomic_write_json, private_dir
+from conch_dna.home import NEURONS_DIR, conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
-from conch_dna.versions import MANIFEST, ManifestError, current_version, domain_dir
+from conch_dna.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
 from conch_dna.watching import stop_watching, watch
 
-import mlx.core as mx
 import numpy as np
+
+from neurons.batching import BatchEngine, Call, EngineClosed
+from neurons.multi_lora import Adapter, RowAdapters, lora_shapes
 
 log = logging.getLogger("conch.neurons")
 BASE = "base"
-_END = object()
+STATS_EVERY_S = 2.0  # how often a serving registry writes its figures for `conch doctor`
+SAMPLING = ("sampler", "logits_processors", "temperature", "temp", "top_p", "top_k", "min_p", "stop")
 
 
 class VersionRefused(ValueError):
@@ -48,9 +54,9 @@ class VersionRefused(ValueError):
 
 
 class Neuron:
-    """A domain's student: generate() / stream() on its current (or pinned) version."""
+    """A domain's student: generate() / stream() / submit() on its current (or pinned) version."""
 
-    def __init__(self, registry: NeuronRegistry, domain: str, pin: tuple[str, dict] | None = None):
+    def __init__(self, registry: NeuronRegistry, domain: str, pin: Adapter | None = None):
         self.registry = registry
         self.domain = domain
         self._pin = pin
@@ -59,29 +65,53 @@ class Neuron:
     @property
     def version(self) -> str:
         """The version the next call runs on."""
-        return self._pin[0] if self._pin else self.registry.next_version(self.domain)
+        return self._pin.version if self._pin else self.registry.next_version(self.domain)
 
-    def generate(self, prompt_or_messages, max_tokens: int = 128, **kwargs) -> str:
+    def generate(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> str:
         """The student's answer. A string prompt gets the domain's system prompt, as in training
-        (conch_dna.chat.to_messages); a list of chat messages is used as it is. `kwargs` go to
-        mlx_lm.stream_generate (a sampler, for example)."""
-        return "".join(self.stream(prompt_or_messages, max_tokens=max_tokens, **kwargs))
+        (conch_dna.chat.to_messages); a list of chat messages is used as it is. `sampling`:
+        temperature (or temp), top_p, top_k, min_p, stop (strings), or mlx-lm's sampler and
+        logits_processors; none of them means greedy decoding."""
+        return "".join(self.stream(prompt_or_messages, max_tokens=max_tokens, **sampling))
 
-    def stream(self, prompt_or_messages, max_tokens: int = 128, **kwargs) -> Iterator[str]:
-        chunks: queue.Queue = queue.Queue()
-        self.registry.mlx.submit(self.registry._generate, self, prompt_or_messages, max_tokens, kwargs, chunks)
-        while (item := chunks.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def stream(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> Iterator[str]:
+        """The answer in chunks as it decodes; closing (or dropping) the stream cancels the call."""
+        yield from self.submit(prompt_or_messages, max_tokens=max_tokens, **sampling)
+
+    def submit(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> Call:
+        """Start a call and return it: iterate it for text; its finish_reason and token counts
+        are set when it ends; call.cancel() frees its row."""
+        call = self.registry.submit(self.domain, prompt_or_messages, max_tokens, self._pin, **sampling)
+        self.served_version = call.version
+        return call
+
+
+def sampling_settings(sampling: dict) -> dict:
+    """A call's sampler, logits processors and stop strings from generate()'s keywords."""
+    from mlx_lm.sample_utils import make_sampler
+
+    unknown = sorted(set(sampling) - set(SAMPLING))
+    if unknown:
+        raise TypeError(f"unknown generation setting {unknown[0]!r}; known: {', '.join(SAMPLING)}")
+    temperature = sampling.get("temperature", sampling.get("temp", 0.0))
+    knobs = {k: sampling[k] for k in ("top_p", "top_k", "min_p") if sampling.get(k) is not None}
+    sampler = sampling.get("sampler")
+    if sampler is None and (temperature or knobs):
+        if not temperature or temperature < 0:
+            raise ValueError(f"top_p, top_k and min_p need a temperature above 0, got {temperature}")
+        sampler = make_sampler(temp=temperature, **knobs)
+    stop = sampling.get("stop") or ()
+    return {"sampler": sampler, "logits_processors": sampling.get("logits_processors"),
+            "stop": (stop,) if isinstance(stop, str) else tuple(stop)}
 
 
 class NeuronRegistry:
-    """Every domain's newest validated adapter over one student base, hot-swapped between calls.
+    """Every domain's newest validated adapter over one student base, hot-swapped, served in batches.
 
-    `home` defaults to $CONCH_HOME; `student` to the config's. Manifests are watched (events, and a
-    poll every `poll_seconds` since events can be lost); a new version is loaded off the serving
-    path and bound before the next call. Raises UnknownDomainError from get() for a domain the
+    `home` defaults to $CONCH_HOME; `student` to the config's; `[neurons]` in config.toml sets the
+    batch (max_batch_size, prefill_step_size). Manifests are watched (events, and a poll every
+    `poll_seconds` since events can be lost); a new version is loaded off the serving path and
+    serves the calls submitted after it. Raises UnknownDomainError from get() for a domain the
     config does not have, before any weights load.
     """
 
@@ -91,56 +121,59 @@ class NeuronRegistry:
         self.config = load_config(self.home)
         self.domains = tuple(self.config.domains)
         self.mlx = MLXThread("conch-neurons")
-        self._staged: dict[str, tuple[str, dict]] = {}  # loaded off the serving path, not yet bound
         self._state_lock = threading.Lock()
+        self._closed = False
         self.mlx.call(self._load, student or self.config.student)
+        self._serving: dict[str, Adapter] = {d: self._base for d in self.domains}
         self.swapped_at: dict[tuple[str, str], float] = {}
         self.refused: dict[tuple[str, str], str] = {}
         self.broken_manifests: dict[str, str] = {}  # domain -> what is wrong with its manifest now
         self._stop = threading.Event()
         self._observer = None
         self._poller = None
+        self.stats_path = self.home / NEURONS_DIR / f"{os.getpid()}.json"
         self.refresh()
-        self._apply_staged()
         if watch:
             self._start_watching(poll_seconds)
 
-    # -- the MLX thread: everything that touches MLX runs here --------------------------------
-
     def _load(self, student: str) -> None:
+        """On the MLX thread: the model, its LoRA layers made per-row, the batch engine."""
         self.model, self.tokenizer = load_model(student)
         kd = self.config.kd
         self.lora = apply_lora(self.model, kd.lora_layers, kd.lora_rank, kd.lora_scale, 0.0)
         self.model.eval()
-        own = adapter_weights(self.model)
-        self.shapes = {k: tuple(v.shape) for k, v in own.items()}
-        self.dtypes = {k: str(v.dtype).rpartition(".")[2] for k, v in own.items()}
-        self._base = {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in own.items()}
-        mx.eval(self._base)
-        self._serving: dict[str, tuple[str, dict]] = {d: (BASE, self._base) for d in self.domains}
+        own = lora_shapes(self.model)
+        self.shapes = {k: shape for k, (shape, _) in own.items()}
+        self.dtypes = {k: dtype for k, (_, dtype) in own.items()}
+        self._base = Adapter(BASE, {k: np.zeros(shape, dtype) for k, (shape, dtype) in own.items()})
+        self.engine = BatchEngine(self.model, self.tokenizer, RowAdapters(self.model), self.config.neurons)
+        self.mlx.step = self.engine.step
 
-    def _generate(self, neuron: Neuron, prompt_or_messages, max_tokens: int, kwargs: dict, chunks) -> None:
-        from mlx_lm import stream_generate
+    # -- calls ---------------------------------------------------------------------------------
 
-        try:
-            self._apply_staged()
-            version, weights = neuron._pin or self._serving[neuron.domain]
-            self.bind(weights)
-            neuron.served_version = version
-            prompt = prompt_tokens(self.tokenizer, to_messages(neuron.domain, prompt_or_messages))
-            for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, **kwargs):
-                chunks.put(response.text)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            chunks.put(exc)
-        finally:
-            chunks.put(_END)
+    def submit(self, domain: str, prompt_or_messages, max_tokens: int = 128, pin: Adapter | None = None,
+               **sampling) -> Call:
+        """Queue a call of `domain` (on `pin`, or the version serving it now) and return it."""
+        check_domain(domain, self.domains)
+        if self._closed:
+            raise EngineClosed("the neuron registry is closed")
+        settings = sampling_settings(sampling)
+        tokens = prompt_tokens(self.tokenizer, to_messages(domain, prompt_or_messages))
+        call = Call(tokens, pin or self._current(domain), max_tokens, **settings)
+        self.mlx.submit(self.engine.add, call)
+        return call
+
+    def stats(self) -> dict:
+        """The batch, the queue, tokens/s and time to first token of this registry, now."""
+        return {"pid": os.getpid(), "student": self.config.student, **self.engine.stats()}
 
     # -- loading versions, off the serving path ------------------------------------------------
-
     def load_version(self, domain: str, version: str) -> dict[str, np.ndarray]:
         """A version's adapter weights as numpy arrays, checked against the model's LoRA layers."""
         from safetensors.numpy import load_file
 
+        if not is_version_name(version):
+            raise VersionRefused(f"{domain}: {version!r} is not a version name (v0001, v0002, ...)")
         self._check_inside_home(domain, version)
         self._check_lora_config(domain, version)
         path = domain_dir(self.home, domain) / version / "adapters.safetensors"
@@ -188,7 +221,7 @@ class NeuronRegistry:
                                  f"the registry serves {ours}: set [kd] in config.toml to match")
 
     def refresh(self, domain: str | None = None) -> None:
-        """Stage the current version of each domain whose manifest names a version not yet serving.
+        """Serve the current version of each domain whose manifest names a version not yet serving.
         A broken manifest changes nothing: the domain keeps serving what it served (logged once)."""
         for d in [domain] if domain else self.domains:
             try:
@@ -199,45 +232,36 @@ class NeuronRegistry:
                     log.error("%s; %s keeps serving %s", exc, d, self.next_version(d))
                 continue
             self.broken_manifests.pop(d, None)
-            with self._state_lock:
-                known = {self.next_version(d)}
-            if version in known or (d, version) in self.refused:
+            if version == self.next_version(d) or (d, version) in self.refused:
                 continue
             if version == BASE:
-                weights = None
+                adapter = self._base
             else:
                 try:
-                    weights = self.load_version(d, version)
+                    adapter = Adapter(version, self.load_version(d, version))
                 except VersionRefused as exc:
                     self.refused[(d, version)] = str(exc)
-                    log.error("refused %s; %s keeps serving", exc, self._serving[d][0])
+                    log.error("refused %s; %s keeps serving %s", exc, d, self.next_version(d))
                     continue
             with self._state_lock:
-                self._staged[d] = (version, weights)
-
-    def _apply_staged(self) -> None:
-        """Turn staged numpy weights into MLX arrays and serve them (on the MLX thread, between calls)."""
-        with self._state_lock:
-            staged, self._staged = self._staged, {}
-            for d, (version, weights) in staged.items():
-                mx_weights = self._base if weights is None else {k: mx.array(v) for k, v in weights.items()}
-                self._serving[d] = (version, mx_weights)
+                self._serving[d] = adapter
                 self.swapped_at[(d, version)] = time.time()
-                log.info("%s now serves %s", d, version)
+            log.info("%s now serves %s", d, version)
+
+    def _current(self, domain: str) -> Adapter:
+        with self._state_lock:
+            return self._serving[domain]
 
     def next_version(self, domain: str) -> str:
-        """The version a call of the domain made now runs on (a staged one counts)."""
+        """The version a call of the domain made now runs on."""
         check_domain(domain, self.domains)
-        staged = self._staged.get(domain)
-        return staged[0] if staged else self._serving[domain][0]
+        return self._current(domain).version
 
-    def serving(self, domain: str) -> tuple[str, dict]:
-        """(version, weights) a call made now runs on, with staged versions applied first."""
+    def serving(self, domain: str) -> tuple[str, Adapter]:
+        """(version, adapter) a call of the domain made now runs on."""
         check_domain(domain, self.domains)
-        return self.mlx.call(lambda: (self._apply_staged(), self._serving[domain])[1])
-
-    def bind(self, weights: dict) -> None:
-        self.model.load_weights(list(weights.items()), strict=False)
+        adapter = self._current(domain)
+        return adapter.version, adapter
 
     # -- the public surface --------------------------------------------------------------------
 
@@ -246,11 +270,15 @@ class NeuronRegistry:
         return Neuron(self, domain)
 
     @contextmanager
-    def pinned(self, domain: str):
-        """A neuron that keeps the version it was pinned to, for a multi-call agent task."""
-        yield Neuron(self, domain, pin=self.serving(domain))
+    def pinned(self, domain: str, version: str | None = None):
+        """A neuron that keeps one version for a multi-call agent task: the one serving now, or
+        `version`, a kept version of the domain (loaded and checked like a promoted one)."""
+        adapter = self.serving(domain)[1]
+        if version not in (None, adapter.version):
+            adapter = self._base if version == BASE else Adapter(version, self.load_version(domain, version))
+        yield Neuron(self, domain, pin=adapter)
 
-    # -- watching ------------------------------------------------------------------------------
+    # -- watching, and the figures for `conch doctor` ------------------------------------------
 
     def _start_watching(self, poll_seconds: float) -> None:
         def on_path(path: Path) -> None:
@@ -261,16 +289,28 @@ class NeuronRegistry:
         self._observer = watch([private_dir(domain_dir(self.home, d)) for d in self.domains], on_path)
 
         def poll():  # filesystem events can be lost; the manifest is small
+            written = 0.0
             while not self._stop.wait(poll_seconds):
                 try:
                     self.refresh()
+                    if time.monotonic() - written >= STATS_EVERY_S:
+                        self.write_stats()
+                        written = time.monotonic()
                 except Exception:  # noqa: BLE001 - a bad moment on disk must not stop the watcher
                     log.exception("refresh failed")
 
         self._poller = threading.Thread(target=poll, name="conch-neurons-poll", daemon=True)
         self._poller.start()
 
+    def write_stats(self) -> None:
+        private_dir(self.stats_path.parent)
+        atomic_write_json(self.stats_path, {**self.stats(), "at": time.time()})
+
     def close(self) -> None:
+        """Stop serving: calls still queued or running end with EngineClosed."""
+        self._closed = True
         self._stop.set()
-        self.mlx.close()
         stop_watching(self._observer, self._poller)
+        self.mlx.call(self.engine.close)
+        self.mlx.close()
+        self.stats_path.unlink(missing_ok=True)

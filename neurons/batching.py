@@ -1,0 +1,336 @@
+"""Continuous batching on the MLX thread: calls join the running batch at the next step and leave
+it when they finish, each with its own adapter, sampling, max_tokens and stop conditions.
+
+One step of `BatchEngine.step()`:
+  1. drop the rows whose caller cancelled (or stopped reading);
+  2. prefill waiting calls, at most `prefill_step_size` prompt tokens a step, so a long prompt
+     cannot stall the rows that are decoding; a call whose prompt is in joins the batch's cache;
+  3. one decode step for every row: one forward pass, each row through its own adapter
+     (neurons.multi_lora), then each row samples, checks its stops and streams its text.
+This is mlx-lm's BatchGenerator (its batch KV caches are used as they are) with per-row LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from enum import Enum
+
+from conch_dna.config import NeuronSettings
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from neurons.multi_lora import Adapter, RowAdapters
+
+log = logging.getLogger("conch.neurons")
+_END = object()
+STATS_WINDOW_S = 10.0  # tokens/s is measured over this much recent time
+TTFT_SAMPLES = 256  # time-to-first-token quantiles over this many recent calls
+
+
+class Finish(str, Enum):
+    """Why a call ended (the first two are OpenAI's finish_reason)."""
+
+    STOP = "stop"  # an end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens
+    CANCELLED = "cancelled"  # the caller cancelled or stopped reading
+
+
+class EngineClosed(RuntimeError):
+    """The registry was closed while the call waited or ran."""
+
+
+class Call:
+    """One generation. Iterate it for its text chunks; afterwards `finish_reason`,
+    `completion_tokens` and `version` say how it went. `cancel()` frees its row at the next step."""
+
+    def __init__(self, prompt: list[int], adapter: Adapter, max_tokens: int,
+                 sampler: Callable | None = None, logits_processors: list | None = None,
+                 stop: tuple[str, ...] = ()):
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        self.prompt = list(prompt)
+        self.adapter = adapter
+        self.version = adapter.version
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.logits_processors = list(logits_processors or [])
+        self.stop = tuple(stop)
+        self.finish_reason: Finish | None = None
+        self.completion_tokens = 0
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._chunks: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        ended = False
+        try:
+            while (item := self._chunks.get()) is not _END:
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
+            ended = True
+        finally:
+            if not ended:  # the caller closed the stream or dropped it: free the row
+                self.cancel()
+
+    # -- the engine's side -----------------------------------------------------------------
+
+    def _put(self, text: str) -> None:
+        if text:
+            self._chunks.put(text)
+
+    def _end(self, reason: Finish | BaseException) -> None:
+        if isinstance(reason, BaseException):
+            self._chunks.put(reason)
+        else:
+            self.finish_reason = reason
+        self._chunks.put(_END)
+
+
+class _Row:
+    """A call in the engine: its KV cache until it joins, the token it feeds next, its text."""
+
+    def __init__(self, call: Call, model, tokenizer):
+        self.call = call
+        self.cache = make_prompt_cache(model)
+        self.todo = call.prompt[:-1]  # prefilled; the last prompt token is the first decode input
+        self.next_input = call.prompt[-1]
+        self.tokens = list(call.prompt)  # the context logits processors see
+        self.detokenizer = tokenizer.detokenizer
+        self.eos = tokenizer.eos_token_ids
+        self.text = ""
+        self.emitted = 0
+        self.hold_back = max((len(s) for s in call.stop), default=1) - 1
+        self.stopped = False  # a stop string was found and the text cut there
+
+    def advance(self, token: int) -> bool:
+        """Take the row's next token; stream what text is final. True when the call is done."""
+        call = self.call
+        call.completion_tokens += 1
+        if call.first_token_at is None:
+            call.first_token_at = time.monotonic()
+        self.next_input = token
+        self.tokens.append(token)
+        finish = None
+        if token in self.eos:
+            finish = Finish.STOP
+        else:
+            self.detokenizer.add_token(token)
+            self.text += self.detokenizer.last_segment
+            if self._cut_at_stop():
+                finish = Finish.STOP
+            elif call.completion_tokens >= call.max_tokens:
+                finish = Finish.LENGTH
+        if finish is None:  # a stop string may be starting: hold its length back
+            final = max(self.emitted, len(self.text) - self.hold_back)
+            call._put(self.text[self.emitted:final])
+            self.emitted = final
+            return False
+        if not self.stopped:  # the detokenizer may still hold the end of a word
+            self.detokenizer.finalize()
+            self.text += self.detokenizer.last_segment
+            self._cut_at_stop()
+        call._put(self.text[self.emitted:])
+        call._end(finish)
+        return True
+
+    def _cut_at_stop(self) -> bool:
+        """Cut the text at the first stop string in it (the stop string is not part of the answer)."""
+        if not self.stopped:
+            found = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.call.stop) if i >= 0]
+            if found:
+                self.text, self.stopped = self.text[:min(found)], True
+        return self.stopped
+
+
+class BatchEngine:
+    """The running batch of one model; every method runs on the MLX thread that owns the model."""
+
+    def __init__(self, model, tokenizer, adapters: RowAdapters, settings: NeuronSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.settings = settings
+        self.waiting: deque[Call] = deque()
+        self.prefilling: _Row | None = None
+        self.rows: list[_Row] = []
+        self.cache: list | None = None  # one batch cache per layer, rows in self.rows's order
+        self.calls_served = 0
+        self.peak_running = 0  # the largest batch so far
+        self.tokens_generated = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._ttft: deque[float] = deque(maxlen=TTFT_SAMPLES)
+
+    def add(self, call: Call) -> None:
+        self.waiting.append(call)
+
+    def step(self) -> bool:
+        """One step of every running call; True while calls are running or waiting."""
+        try:
+            self._drop_cancelled()
+            self._prefill()
+            if self.rows:
+                self._decode()
+        except Exception as exc:  # noqa: BLE001 - fail the calls, keep serving the next ones
+            log.exception("a batch step failed; its calls get the error")
+            self._fail_all(exc)
+        busy = bool(self.rows or self.waiting or self.prefilling)
+        if not busy:
+            self.adapters.release()
+        return busy
+
+    def close(self) -> None:
+        self._fail_all(EngineClosed("the neuron registry was closed"))
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for call in [c for c in self.waiting if c.cancelled]:
+            self.waiting.remove(call)
+            call._end(Finish.CANCELLED)
+        if self.prefilling and self.prefilling.call.cancelled:
+            self.prefilling.call._end(Finish.CANCELLED)
+            self.prefilling = None
+        gone = [i for i, r in enumerate(self.rows) if r.call.cancelled]
+        for i in gone:
+            self.rows[i].call._end(Finish.CANCELLED)
+        self._remove(gone)
+
+    def _prefill(self) -> None:
+        budget = self.settings.prefill_step_size
+        while budget > 0 and len(self.rows) < self.settings.max_batch_size:
+            if self.prefilling is None:
+                if not self.waiting:
+                    return
+                self.prefilling = _Row(self.waiting.popleft(), self.model, self.tokenizer)
+            row = self.prefilling
+            if row.todo:
+                n = min(budget, len(row.todo))
+                self._hold()
+                self.adapters.select([row.call.adapter])
+                self.model(mx.array([row.todo[:n]]), cache=row.cache)
+                mx.eval([c.state for c in row.cache])
+                row.todo, budget = row.todo[n:], budget - n
+            if not row.todo:
+                self._join(row)
+                self.prefilling = None
+
+    def _join(self, row: _Row) -> None:
+        merged = [type(c).merge([c]) for c in row.cache]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for batch, one in zip(self.cache, merged):
+                batch.extend(one)
+        row.cache = None
+        self.rows.append(row)
+        self.peak_running = max(self.peak_running, len(self.rows))
+
+    def _decode(self) -> None:
+        self._hold()
+        self.adapters.select([r.call.adapter for r in self.rows])
+        inputs = mx.array([[r.next_input] for r in self.rows])
+        logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        if any(r.call.logits_processors for r in self.rows):
+            logits = mx.concatenate([self._processed(r, logits[i:i + 1]) for i, r in enumerate(self.rows)])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(r.call.sampler is None for r in self.rows):
+            sampled = mx.argmax(logprobs, axis=-1)
+        else:
+            sampled = mx.concatenate([(r.call.sampler or _greedy)(logprobs[i:i + 1]).reshape(1)
+                                      for i, r in enumerate(self.rows)])
+        tokens = sampled.tolist()
+        self._count(len(tokens))
+        done = [i for i, (row, token) in enumerate(zip(self.rows, tokens)) if row.advance(token)]
+        for i in done:
+            self._finished(self.rows[i].call)
+        self._remove(done)
+
+    @staticmethod
+    def _processed(row: _Row, logits: mx.array) -> mx.array:
+        context = mx.array(row.tokens)
+        for processor in row.call.logits_processors:
+            logits = processor(context, logits)
+        return logits
+
+    def _hold(self) -> None:
+        """Keep stacked exactly the adapters of the running rows and the one being prefilled."""
+        calls = [r.call for r in self.rows] + ([self.prefilling.call] if self.prefilling else [])
+        self.adapters.hold([c.adapter for c in calls])
+
+    def _remove(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        for c in self.cache:
+            c.filter(keep)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        calls = [*self.waiting, *([self.prefilling.call] if self.prefilling else []), *(r.call for r in self.rows)]
+        for call in calls:
+            call._end(exc)
+        self.waiting.clear()
+        self.prefilling, self.rows, self.cache = None, [], None
+
+    # -- figures -----------------------------------------------------------------------------
+
+    def _count(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.tokens_generated += tokens
+        self._recent_tokens.append((now, tokens))
+        while self._recent_tokens and self._recent_tokens[0][0] < now - STATS_WINDOW_S:
+            self._recent_tokens.popleft()
+
+    def _finished(self, call: Call) -> None:
+        self.calls_served += 1
+        self._ttft.append(call.first_token_at - call.submitted_at)
+
+    def stats(self) -> dict:
+        """What a person needs to see: the batch, the queue, tokens/s and time to first token."""
+        recent = list(self._recent_tokens)
+        span = time.monotonic() - recent[0][0] if recent else 0.0
+        ttft = sorted(self._ttft)
+        return {
+            "max_batch_size": self.settings.max_batch_size,
+            "running": len(self.rows),
+            "peak_running": self.peak_running,
+            "queued": len(self.waiting) + (1 if self.prefilling else 0),
+            "calls_served": self.calls_served,
+            "tokens_generated": self.tokens_generated,
+            "tokens_per_s": round(sum(n for _, n in recent) / span, 1) if span > 0 else 0.0,
+            "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1) if ttft else None,
+            "ttft_p99_ms": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1000, 1) if ttft else None,
+            "adapters_stacked": len(self.adapters.stacked),
+        }
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
