@@ -3,7 +3,8 @@
     python bench/serve.py                 # the kit's student
     python bench/serve.py --pair          # the real pair's student (SmolLM2-135M cut), built if needed
 
-Six domains each get a promoted adapter (random LoRA weights, so answers run to max_tokens). At
+Six domains each get a promoted adapter (random LoRA weights; end-of-sequence is suppressed, so
+every answer runs to max_tokens and both servers do the same work). At
 concurrency 1, 4, 8 and 16, that many agent threads call back to back, all on one domain or spread
 over the six, against
   - serial: the registry as it was before batching, re-created here: one MLX thread that serves one
@@ -30,6 +31,7 @@ from conch_dna.versions import promote
 
 import mlx.core as mx
 from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_logits_processors
 from safetensors.numpy import load_file
 from swap import write_candidate
 
@@ -44,7 +46,8 @@ LORA_LAYERS, LORA_RANK = 16, 8
 class SerialRegistry:
     """The registry before batching: one call at a time, its adapter bound into the model per call."""
 
-    def __init__(self, student: str, versions: dict[str, Path]):
+    def __init__(self, student: str, versions: dict[str, Path], no_eos: list):
+        self.no_eos = no_eos
         self.mlx = MLXThread("serial")
         self.mlx.call(self._load, student, versions)
 
@@ -63,7 +66,8 @@ class SerialRegistry:
             self.model.load_weights(list(self.weights[domain].items()), strict=False)
             tokens = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                         add_generation_prompt=True)
-            for r in stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens):
+            for r in stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens,
+                                     logits_processors=self.no_eos):
                 chunks.append((time.perf_counter(), r.text))
                 generated[0] = r.generation_tokens
             done.set()
@@ -76,9 +80,10 @@ class SerialRegistry:
         self.mlx.close()
 
 
-def batched_stream(registry: NeuronRegistry):
+def batched_stream(registry: NeuronRegistry, no_eos: list):
     def stream(domain: str, prompt: str, max_tokens: int):
-        call = registry.get(domain).submit([{"role": "user", "content": prompt}], max_tokens=max_tokens)
+        call = registry.get(domain).submit([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                           logits_processors=no_eos)
         chunks = [(time.perf_counter(), text) for text in call]
         return chunks, call.completion_tokens
     return stream
@@ -130,7 +135,7 @@ def main() -> None:
     p.add_argument("--pair", action="store_true", help="use the real pair's student (built under --pair-dir)")
     p.add_argument("--pair-dir", default=str(Path(".cache") / "pair"))
     p.add_argument("--concurrency", default="1,4,8,16")
-    p.add_argument("--calls-each", type=int, default=2, help="calls each agent thread makes")
+    p.add_argument("--calls-each", type=int, default=3, help="calls each agent thread makes")
     p.add_argument("--tokens", type=int, default=32, help="max_tokens of every call")
     args = p.parse_args()
     student = args.student
@@ -142,12 +147,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         home, versions = setup_home(Path(tmp), student, max(levels))
-        servers = {"serial": SerialRegistry(student, versions)}
         registry = NeuronRegistry(home, watch=False)
-        servers["batched"] = registry
-        streams = {"serial": lambda d, p, n: servers["serial"].stream(d, p, n), "batched": batched_stream(registry)}
-        for stream in streams.values():  # warm up both
-            stream("task", PROMPTS[0], 4)
+        # every answer runs to max_tokens, so both servers do the same work
+        no_eos = make_logits_processors(logit_bias={t: -1e9 for t in registry.tokenizer.eos_token_ids})
+        servers = {"serial": SerialRegistry(student, versions, no_eos), "batched": registry}
+        streams = {"serial": servers["serial"].stream, "batched": batched_stream(registry, no_eos)}
+        for stream in streams.values():  # warm both up under load first
+            run_load(stream, 4, True, 1, args.tokens)
         print(f"student {student}; {args.tokens} tokens a call, {args.calls_each} calls per agent thread\n")
         print("| server | domains | concurrency | tokens/s | vs serial c=1 | TTFT p50 | TTFT p99 |")
         print("|---|---|---:|---:|---:|---:|---:|")

@@ -1,12 +1,12 @@
-"""Hot-swap latency, the cost of binding a domain's adapter per call, and memory per extra domain.
+"""Hot-swap latency, the cost of serving one call through the registry, and memory per extra domain.
 
     python bench/swap.py [--versions 30] [--calls 20] [--tokens 32]
 
 1. Promotes N versions of a domain (another thread writes them as `conch` would) while the
    registry runs: time from the manifest switch to the version being what the next call gets.
-2. Median time of a 32-token greedy answer through neurons (queue to the MLX thread + binding
-   the domain's LoRA weights every call) against mlx_lm.generate on a model loaded once with
-   that one adapter fixed: the ratio.
+2. Median time of a 32-token greedy answer through neurons (queue to the MLX thread, the batch
+   engine, the adapter gathered per row) against mlx_lm.generate on a model loaded once with that
+   one adapter fixed: the ratio. (Many calls at once: bench/serve.py.)
 3. Bytes of one domain's adapter weights against a second full copy of the student.
 """
 
@@ -74,21 +74,22 @@ def main() -> None:
         neuron = registry.get("task")
         version_dir = home / "adapters_kd" / "task" / version
         fixed, tokenizer = load(args.student, adapter_path=str(version_dir))
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-        bound_out = neuron.generate(PROMPT, max_tokens=args.tokens)
+        chat = [{"role": "user", "content": PROMPT}]  # the same prompt both ways: no system prompt
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+        bound_out = neuron.generate(chat, max_tokens=args.tokens)
         fixed_out = generate(fixed, tokenizer, prompt, max_tokens=args.tokens)
         assert bound_out == fixed_out, (bound_out, fixed_out)
         n_tokens = len(tokenizer.encode(fixed_out))
         bound, plain = [], []
         for _ in range(args.calls):  # interleaved, so both see the same machine state
             tic = time.perf_counter()
-            neuron.generate(PROMPT, max_tokens=args.tokens)
+            neuron.generate(chat, max_tokens=args.tokens)
             bound.append(time.perf_counter() - tic)
             tic = time.perf_counter()
             generate(fixed, tokenizer, prompt, max_tokens=args.tokens)
             plain.append(time.perf_counter() - tic)
         b, f = statistics.median(bound), statistics.median(plain)
-        print(f"answer of {n_tokens} tokens (max {args.tokens}), median of {args.calls}: neurons (bind per call) "
+        print(f"answer of {n_tokens} tokens (max {args.tokens}), median of {args.calls}: neurons (one call alone) "
               f"{b * 1000:.1f} ms, one fixed adapter {f * 1000:.1f} ms, ratio {b / f:.3f} (target <= 1.05)")
 
         adapter_bytes = sum(np.prod(s) * 4 for s in registry.shapes.values())

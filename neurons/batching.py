@@ -228,15 +228,20 @@ class BatchEngine:
                     return
                 self.prefilling = _Row(self.waiting.popleft(), self.model, self.tokenizer)
             row = self.prefilling
-            if row.todo:
-                n = min(budget, len(row.todo))
-                self._hold()
-                self.adapters.select([row.call.adapter])
-                self.model(mx.array([row.todo[:n]]), cache=row.cache)
-                mx.eval([c.state for c in row.cache])
-                row.todo, budget = row.todo[n:], budget - n
-            if not row.todo:
-                self._join(row)
+            try:
+                if row.todo:
+                    n = min(budget, len(row.todo))
+                    self._hold()
+                    self.adapters.select([row.call.adapter])
+                    self.model(mx.array([row.todo[:n]]), cache=row.cache)
+                    mx.eval([c.state for c in row.cache])
+                    row.todo, budget = row.todo[n:], budget - n
+                if not row.todo:
+                    self._join(row)
+                    self.prefilling = None
+            except Exception as exc:  # noqa: BLE001 - this call's prompt failed; the batch goes on
+                log.exception("prefilling a call failed")
+                row.call._end(exc)
                 self.prefilling = None
 
     def _join(self, row: _Row) -> None:
@@ -255,20 +260,42 @@ class BatchEngine:
         self.adapters.select([r.call.adapter for r in self.rows])
         inputs = mx.array([[r.next_input] for r in self.rows])
         logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        failed: dict[int, Exception] = {}
         if any(r.call.logits_processors for r in self.rows):
-            logits = mx.concatenate([self._processed(r, logits[i:i + 1]) for i, r in enumerate(self.rows)])
+            logits = mx.concatenate([self._own(i, failed, self._processed, r, logits[i:i + 1])
+                                     for i, r in enumerate(self.rows)])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(r.call.sampler is None for r in self.rows):
             sampled = mx.argmax(logprobs, axis=-1)
         else:
-            sampled = mx.concatenate([(r.call.sampler or _greedy)(logprobs[i:i + 1]).reshape(1)
+            sampled = mx.concatenate([self._own(i, failed, self._sampled, r, logprobs[i:i + 1])
                                       for i, r in enumerate(self.rows)])
         tokens = sampled.tolist()
-        self._count(len(tokens))
-        done = [i for i, (row, token) in enumerate(zip(self.rows, tokens)) if row.advance(token)]
-        for i in done:
-            self._finished(self.rows[i].call)
+        self._count(len(tokens) - len(failed))
+        done = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            if i in failed:
+                row.call._end(failed[i])
+                done.append(i)
+            elif row.advance(token):
+                self._finished(row.call)
+                done.append(i)
         self._remove(done)
+
+    @staticmethod
+    def _own(i: int, failed: dict, fn, row: _Row, values: mx.array) -> mx.array:
+        """A row's own logits processors or sampler; what they raise ends that call only."""
+        sampling = fn is BatchEngine._sampled
+        try:
+            out = fn(row, values)
+            want = (1,) if sampling else values.shape
+            if not isinstance(out, mx.array) or out.shape != want:
+                raise ValueError(f"a {'sampler' if sampling else 'logits processor'} returned "
+                                 f"{getattr(out, 'shape', type(out).__name__)}, not an array of shape {want}")
+            return out  # not evaluated here: the batch's rows evaluate together
+        except Exception as exc:  # noqa: BLE001 - the caller's code, the caller's error
+            failed[i] = exc
+            return mx.argmax(values, axis=-1).reshape(1) if sampling else values
 
     @staticmethod
     def _processed(row: _Row, logits: mx.array) -> mx.array:
@@ -276,6 +303,11 @@ class BatchEngine:
         for processor in row.call.logits_processors:
             logits = processor(context, logits)
         return logits
+
+    @staticmethod
+    def _sampled(row: _Row, logprobs: mx.array) -> mx.array:
+        sampled = (row.call.sampler or _greedy)(logprobs)
+        return sampled.reshape(1) if isinstance(sampled, mx.array) and sampled.size == 1 else sampled
 
     def _hold(self) -> None:
         """Keep stacked exactly the adapters of the running rows and the one being prefilled."""

@@ -12,13 +12,14 @@ import time
 import weakref
 
 from conch_dna.config import ConfigError, load_config
+from conch_dna.domains import DOMAINS
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tuner.lora import LoRALinear
-from test_neurons import make_home, promote_versions
+from test_neurons import make_home, registry_and_a_copy_of_v0001
 
 from neurons import NeuronRegistry
 from neurons.batching import EngineClosed, Finish
@@ -27,12 +28,29 @@ from neurons.multi_lora import Adapter, RowAdapters
 PROMPTS = ["Plan how to send the email.", "Why does ice float?", "Fix the failing test.", "hi"]
 
 
+def promote_random_versions(home, plan: dict[str, int]) -> None:
+    """Promote `plan[domain]` versions of random LoRA weights (as a retrain would write them)."""
+    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.kit import STUDENT_PATH
+    from conch_dna.models import load_model
+    from conch_dna.versions import promote
+
+    model, _ = load_model(STUDENT_PATH)
+    config = {"model": STUDENT_PATH, **apply_lora(model, 16, 8, 20.0, 0.0)}
+    shapes = {k: v.shape for k, v in adapter_weights(model).items()}
+    rng = np.random.default_rng(11)
+    for domain, count in plan.items():
+        for i in range(count):
+            weights = {k: mx.array(rng.standard_normal(s).astype(np.float32) * (0.05 if k.endswith("lora_b") else 0.3))
+                       for k, s in shapes.items()}
+            promote(home, domain, save_adapter(home.parent / f"cand-{domain}-{i}", weights, config), "random")
+
+
 @pytest.fixture(scope="module")
 def versions_home(tmp_path_factory):
-    """task v0001 and v0002, debug v0001; memory and the rest serve the base."""
+    """Every domain has a promoted version; task has two (v0002 serves, v0001 can be pinned)."""
     home = make_home(tmp_path_factory.mktemp("batching"))
-    assert promote_versions(home, 2, 0, "task", 7).wait(timeout=240) == 0
-    assert promote_versions(home, 1, 0, "debug", 99).wait(timeout=240) == 0
+    promote_random_versions(home, {"task": 2, **{d: 1 for d in DOMAINS if d != "task"}})
     return home
 
 
@@ -53,22 +71,23 @@ def test_a_mixed_batch_of_every_domain_and_a_pinned_old_version_equals_each_call
     try:
         assert registry.next_version("task") == "v0002"
         with registry.pinned("task", version="v0001") as old_task:
-            neurons = [registry.get(d) for d in ("task", "debug", "memory", "thinking")] + [old_task]
+            neurons = [registry.get(d) for d in DOMAINS] + [old_task]
             expected = {(i, p): alone(n, p, max_tokens=10) for i, n in enumerate(neurons) for p in PROMPTS}
             calls = {(i, p): n.submit(p, max_tokens=10) for i, n in enumerate(neurons) for p in PROMPTS}
             got = {key: "".join(call) for key, call in calls.items()}
         assert got == expected
-        assert registry.stats()["peak_running"] >= 8  # they did decode together
-        assert {c.version for (i, _), c in calls.items() if i == 0} == {"v0002"}
-        assert {c.version for (i, _), c in calls.items() if i == 4} == {"v0001"}
+        assert registry.stats()["peak_running"] == 16  # they did decode together
+        task = DOMAINS.index("task")
+        assert {c.version for (i, _), c in calls.items() if i == task} == {"v0002"}
+        assert {c.version for (i, _), c in calls.items() if i == len(DOMAINS)} == {"v0001"}
         # the versions really differ, so a row on the wrong adapter would show
-        assert len({expected[(i, PROMPTS[0])] for i in range(len(neurons))}) >= 4
+        assert len({expected[(i, PROMPTS[0])] for i in range(len(neurons))}) == len(neurons)
     finally:
         registry.close()
 
 
 def test_a_call_joins_a_running_batch_and_leaves_it_without_waiting_for_the_others(versions_home):
-    registry = NeuronRegistry(versions_home, watch=False)
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
     try:
         long_alone = alone(registry.get("debug"), PROMPTS[1], max_tokens=48)
         short_alone = alone(registry.get("task"), PROMPTS[0], max_tokens=3)
@@ -86,7 +105,7 @@ def test_a_call_joins_a_running_batch_and_leaves_it_without_waiting_for_the_othe
 
 
 def test_each_call_keeps_its_own_max_tokens_stop_strings_and_logits_processors(versions_home):
-    registry = NeuronRegistry(versions_home, watch=False)
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
     try:
         task, debug = registry.get("task"), registry.get("debug")
         full = alone(debug, PROMPTS[2], max_tokens=16)
@@ -96,6 +115,9 @@ def test_each_call_keeps_its_own_max_tokens_stop_strings_and_logits_processors(v
         calls = [task.submit(PROMPTS[0], max_tokens=2), debug.submit(PROMPTS[2], max_tokens=16, stop=[stop]),
                  task.submit(PROMPTS[1], max_tokens=5, logits_processors=bias),
                  debug.submit(PROMPTS[2], max_tokens=16)]
+        broken = task.submit(PROMPTS[0], max_tokens=8, logits_processors=[lambda tokens, logits: logits[:, :-1] / 0])
+        with pytest.raises(ValueError, match="logits processor returned"):  # in its own caller only
+            "".join(broken)
         texts = ["".join(c) for c in calls]
         assert calls[0].completion_tokens == 2 and calls[0].finish_reason is Finish.LENGTH
         assert texts[1] == full[:full.find(stop)] and calls[1].finish_reason is Finish.STOP
@@ -106,7 +128,7 @@ def test_each_call_keeps_its_own_max_tokens_stop_strings_and_logits_processors(v
 
 
 def test_sampling_with_a_temperature_samples_and_greedy_rows_beside_it_do_not(versions_home):
-    registry = NeuronRegistry(versions_home, watch=False)
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
     try:
         task = registry.get("task")
         greedy = alone(task, PROMPTS[0], max_tokens=12)
@@ -136,7 +158,7 @@ def wait_until(condition, what: str, limit_s: float = 120.0):
 
 @pytest.mark.parametrize("how", ["close", "drop", "cancel"])
 def test_a_caller_that_stops_reading_frees_its_row(versions_home, how):
-    registry = NeuronRegistry(versions_home, watch=False)
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
     forced = make_logits_processors(logit_bias={registry.tokenizer.encode("e", add_special_tokens=False)[-1]: 1e3})
     try:
         task = registry.get("task")
@@ -182,7 +204,7 @@ def test_the_batch_never_grows_past_max_batch_size_and_every_call_is_served(vers
 def test_an_old_version_is_freed_once_no_call_or_pin_holds_it(tmp_path):
     from conch_dna.versions import promote
 
-    home, registry, copy = __import__("test_neurons").registry_and_a_copy_of_v0001(tmp_path)
+    home, registry, copy = registry_and_a_copy_of_v0001(tmp_path)
     try:
         old = weakref.ref(registry.serving("task")[1])
         with registry.pinned("task") as pinned:
@@ -201,7 +223,7 @@ def test_an_old_version_is_freed_once_no_call_or_pin_holds_it(tmp_path):
 
 
 def test_calls_waiting_or_running_when_the_registry_closes_get_an_error(versions_home):
-    registry = NeuronRegistry(versions_home, watch=False)
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
     calls = [registry.get("task").submit(PROMPTS[1], max_tokens=400) for _ in range(3)]
     next(iter(calls[0]))
     registry.close()
@@ -252,8 +274,8 @@ def test_neurons_settings_are_validated(tmp_path):
 def test_conch_doctor_shows_each_serving_registry_and_forgets_it_when_it_closes(versions_home, tmp_path):
     from conch_dna.doctor import check_neurons
 
+    registry = NeuronRegistry(with_batch_size(versions_home, 8), poll_seconds=0.05)
     config = load_config(versions_home)
-    registry = NeuronRegistry(versions_home, poll_seconds=0.05)
     try:
         "".join(registry.get("task").submit(PROMPTS[0], max_tokens=5))
         wait_until(lambda: registry.stats_path.exists() and
