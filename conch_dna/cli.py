@@ -312,15 +312,44 @@ def kd_pin(domain: str = typer.Option(...), version: str = typer.Option(..., hel
 
 @daemon_app.command("run")
 def daemon_run() -> None:
-    """Run the daemon in the foreground until SIGTERM / Ctrl-C."""
+    """Run the daemon in the foreground until SIGTERM / Ctrl-C (with `serve = true`, the API too)."""
     from daemon.service import run_forever
 
-    home, _ = _home_and_config()
+    home, config = _home_and_config()
     try:
-        code = run_forever(home)
-    except RuntimeError as exc:  # another daemon holds the lock
+        code = run_forever(home, companion=_api_server(home) if config.serve else None)
+    except RuntimeError as exc:  # another daemon holds the lock, or the API cannot start
         _fail(str(exc))
     raise typer.Exit(code)
+
+
+def _api_server(home: Path):
+    """What the daemon starts once it holds its lock: `conch serve` on a thread; returns its stop."""
+
+    def start():
+        from conch_dna.serve import Server
+
+        server = Server(home).start()
+        print(f"conch serve: the OpenAI API on {server.url}", flush=True)
+        return server.stop
+
+    return start
+
+
+@app.command("serve")
+def serve(host: str = typer.Option(None, help="address to listen on (default: [server] host, 127.0.0.1)"),
+          port: int = typer.Option(None, help="port (default: [server] port, 8321)")) -> None:
+    """The neurons and the EGO behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    from conch_dna.serve import ServeError, Server
+
+    home, config = _home_and_config()
+    try:
+        server = Server(home, host=host, port=port)
+    except ServeError as exc:
+        _fail(str(exc))
+    console.print(f"conch serve: http://{server.host}:{port or config.server.port}/v1 "
+                  f"(model = a domain, domain@vNNNN or ego/<domain>); Ctrl-C stops it")
+    server.run()
 
 
 @daemon_app.command("status")

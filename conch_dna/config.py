@@ -12,6 +12,13 @@
     [neurons]
     max_batch_size = 8              # calls decoded together by the neuron registry
 
+    serve = true                    # the daemon also runs `conch serve` (put it above the tables)
+    [server]
+    port = 8321
+
+    [ego]                           # where "ego/<domain>" calls of `conch serve` go
+    upstream_url = "http://127.0.0.1:8080/v1"
+
     [domain.debug]                  # per-domain overrides
     retrain_threshold = 16
 """
@@ -55,6 +62,38 @@ class NeuronSettings(BaseModel):
     prefill_step_size: int = Field(default=512, ge=1)  # prompt tokens prefilled between decode steps
 
 
+class ServerSettings(BaseModel):
+    """`conch serve`, the OpenAI-compatible API ([server] in config.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"  # another host needs the bearer token
+    port: int = Field(default=8321, ge=1, le=65535)
+    token_env: str = "CONCH_SERVE_TOKEN"  # the variable holding the bearer token; set, it is required
+    default_max_tokens: int = Field(default=512, ge=1)  # a request that names no max_tokens
+    max_tokens: int = Field(default=4096, ge=1)  # the most a request may ask for
+    max_request_kb: int = Field(default=1024, ge=1)  # a larger request body is refused (413)
+
+
+class EgoSettings(BaseModel):
+    """Where `conch serve` sends "ego/<domain>" calls ([ego] in config.toml): an upstream
+    OpenAI-compatible server, or (no upstream_url) the config's teacher in the server's process."""
+
+    model_config = ConfigDict(extra="forbid")
+    upstream_url: str | None = None  # e.g. mlx_lm.server's "http://127.0.0.1:8080/v1"
+    upstream_model: str | None = None  # the name the upstream knows the teacher by; default: teacher
+    api_key_env: str | None = None  # the variable holding the upstream's API key, if it wants one
+    top_logprobs: int = Field(default=10, ge=0, le=20)  # asked of the upstream for the trace's top-k
+    timeout_s: float = Field(default=600.0, gt=0)
+    aliases: dict[str, str] = Field(default_factory=dict)  # other model names that mean "ego/<domain>"
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
+        return v.rstrip("/") if v else v
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str = DEFAULT_TEACHER
@@ -76,6 +115,9 @@ class Config(BaseModel):
     max_backoff_minutes: float = Field(default=24 * 60, gt=0)
     failure_limit: int = Field(default=3, ge=1)  # failed runs in a row on one batch before it is set aside
     neurons: NeuronSettings = Field(default_factory=NeuronSettings)
+    serve: bool = False  # the daemon runs `conch serve` too
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    ego: EgoSettings = Field(default_factory=EgoSettings)
     kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 
@@ -129,6 +171,10 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
     unknown = [d for d in config.domain if d not in config.domains]
     if unknown:
         raise ConfigError(f"{source}: domain.{unknown[0]}: not one of the configured domains")
+    aliased = [(name, d) for name, d in config.ego.aliases.items() if d not in config.domains]
+    if aliased:
+        raise ConfigError(f"{source}: ego.aliases.{aliased[0][0]}: {aliased[0][1]!r} is not one of the "
+                          f"configured domains")
     return config
 
 

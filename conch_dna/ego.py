@@ -9,6 +9,7 @@ second pass), so a later retrain needs no teacher forward pass for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.chat import prompt_tokens
@@ -22,6 +23,17 @@ from conch_dna.store import TraceStore
 
 import mlx.core as mx
 import numpy as np
+
+
+@dataclass(frozen=True)
+class EgoAnswer:
+    """The teacher's answer to a chat: its text, top-k (a trace's `topk`), and token counts."""
+
+    text: str
+    topk: dict
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
 
 
 class Ego:
@@ -48,20 +60,33 @@ class Ego:
             self.model, self.tokenizer = load_model(self.teacher_model_id)
             self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
-    def _answer(self, messages: list[dict], max_tokens: int):
+    def _answer(self, messages: list[dict], max_tokens: int) -> EgoAnswer:
         from mlx_lm import stream_generate
 
         self._load()
-        text, ids, logprobs = [], [], []
-        for response in stream_generate(self.model, self.tokenizer, prompt_tokens(self.tokenizer, messages),
-                                        max_tokens=max_tokens):
+        prompt = prompt_tokens(self.tokenizer, messages)
+        text, ids, logprobs, finish = [], [], [], "length"
+        for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens):
             text.append(response.text)
+            finish = response.finish_reason or finish
             lp = response.logprobs.astype(mx.float32)
             top = mx.argpartition(-lp, kth=self.top_k - 1)[: self.top_k]
             top = top[mx.argsort(-lp[top])]
             ids.append(np.array(top, np.int32))
             logprobs.append(np.array(lp[top], np.float32))
-        return "".join(text), np.stack(ids), np.stack(logprobs)
+        topk = {"token_ids": np.stack(ids).tolist(), "logprobs": np.minimum(np.stack(logprobs), 0.0).tolist(),
+                "tokenizer": self.fingerprint}
+        return EgoAnswer("".join(text), topk, len(prompt), len(ids), finish)
+
+    def answer(self, messages: list[dict], max_tokens: int | None = None) -> EgoAnswer:
+        """The teacher's answer to the chat, with its top-k; nothing is recorded (see record())."""
+        return self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens)
+
+    def record(self, domain: str, messages: list[dict], answer: EgoAnswer, meta: dict | None = None) -> str | None:
+        """Keep the answer to `messages` as a trace of `domain` (never raises; see ingest.record)."""
+        self.last_trace_id = record(domain, [*messages, {"role": "assistant", "content": answer.text}],
+                                    teacher=self.teacher_model_id, topk=answer.topk, meta=meta, store=self.store)
+        return self.last_trace_id
 
     def generate(self, domain: str, messages: list[dict], max_tokens: int | None = None) -> str:
         """The teacher's answer to the chat; the trace (with top-k) is recorded before it returns.
@@ -69,12 +94,9 @@ class Ego:
         Raises UnknownDomainError for a domain the config does not have, before the model loads.
         """
         check_domain(domain, self.config.domains)
-        answer, ids, logprobs = self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens)
-        topk = {"token_ids": ids.tolist(), "logprobs": np.minimum(logprobs, 0.0).tolist(),
-                "tokenizer": self.fingerprint}
-        self.last_trace_id = record(domain, [*messages, {"role": "assistant", "content": answer}],
-                                    teacher=self.teacher_model_id, topk=topk, store=self.store)
-        return answer
+        answer = self.answer(messages, max_tokens)
+        self.record(domain, messages, answer)
+        return answer.text
 
     def close(self) -> None:
         self.mlx.close()

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -246,8 +247,11 @@ class Daemon:
         return result
 
 
-def run_forever(home: str | Path) -> int:
-    """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0."""
+def run_forever(home: str | Path, companion: Callable[[], Callable[[], None]] | None = None) -> int:
+    """`conch daemon run`: run until SIGTERM / SIGINT, then exit 0.
+
+    `companion`, if given, is started once the daemon holds its lock (e.g. `conch serve`); it
+    returns the function that stops it, which runs before the daemon stops."""
     os.umask(0o077)  # whatever the daemon or its workers write (logs included) is the user's alone
     private_dir(Path(home) / LOGS_DIR)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -258,6 +262,13 @@ def run_forever(home: str | Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     daemon = Daemon(home).start()
     print(f"conch daemon running on {daemon.home} (pid {os.getpid()})", flush=True)
+    try:
+        stop_companion = companion() if companion else None
+    except Exception:
+        daemon.stop()
+        raise
     stop.wait()
+    if stop_companion:
+        stop_companion()
     daemon.stop()
     return 0

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
 
 from conch_dna.config import NeuronSettings
@@ -32,6 +33,7 @@ log = logging.getLogger("conch.neurons")
 _END = object()
 STATS_WINDOW_S = 10.0  # tokens/s is measured over this much recent time
 TTFT_SAMPLES = 256  # time-to-first-token quantiles over this many recent calls
+MAX_TOP_LOGPROBS = 20  # alternatives a call may ask for at each token (OpenAI's limit)
 
 
 class Finish(str, Enum):
@@ -46,19 +48,32 @@ class EngineClosed(RuntimeError):
     """The registry was closed while the call waited or ran."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability, and the most likely tokens at its step (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 class Call:
     """One generation. Iterate it for its text chunks; afterwards `finish_reason`,
-    `completion_tokens` and `version` say how it went. `cancel()` frees its row at the next step."""
+    `completion_tokens` and `version` say how it went. `cancel()` frees its row at the next step.
+    With `logprobs` (the number of alternatives, 0 to 20), `token_logprobs` gets a TokenLogprob for
+    each answer token before the text that holds it is streamed."""
 
     def __init__(self, prompt: list[int], adapter: Adapter, max_tokens: int,
                  sampler: Callable | None = None, logits_processors: list | None = None,
-                 stop: tuple[str, ...] = ()):
+                 stop: tuple[str, ...] = (), logprobs: int | None = None):
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
         self.prompt = list(prompt)
         self.adapter = adapter
         self.version = adapter.version
@@ -66,6 +81,8 @@ class Call:
         self.sampler = sampler
         self.logits_processors = list(logits_processors or [])
         self.stop = tuple(stop)
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
         self.finish_reason: Finish | None = None
         self.completion_tokens = 0
         self.submitted_at = time.monotonic()
@@ -127,7 +144,7 @@ class _Row:
         self.hold_back = max((len(s) for s in call.stop), default=1) - 1
         self.stopped = False  # a stop string was found and the text cut there
 
-    def advance(self, token: int) -> bool:
+    def advance(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Take the row's next token; stream what text is final. True when the call is done."""
         call = self.call
         call.completion_tokens += 1
@@ -139,6 +156,8 @@ class _Row:
         if token in self.eos:
             finish = Finish.STOP
         else:
+            if logprob is not None:
+                call.token_logprobs.append(logprob)
             self.detokenizer.add_token(token)
             self.text += self.detokenizer.last_segment
             if self._cut_at_stop():
@@ -271,16 +290,32 @@ class BatchEngine:
             sampled = mx.concatenate([self._own(i, failed, self._sampled, r, logprobs[i:i + 1])
                                       for i, r in enumerate(self.rows)])
         tokens = sampled.tolist()
+        asked = [i for i, r in enumerate(self.rows) if r.call.logprobs is not None and i not in failed]
+        logprob_of = self._logprobs(logprobs, tokens, asked) if asked else {}
         self._count(len(tokens) - len(failed))
         done = []
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             if i in failed:
                 row.call._end(failed[i])
                 done.append(i)
-            elif row.advance(token):
+            elif row.advance(token, logprob_of.get(i)):
                 self._finished(row.call)
                 done.append(i)
         self._remove(done)
+
+    def _logprobs(self, logprobs: mx.array, tokens: list[int], asked: list[int]) -> dict[int, TokenLogprob]:
+        """Each asking row's token log-probability and its top alternatives, in one evaluation."""
+        lp = logprobs[mx.array(asked)]
+        chosen = mx.take_along_axis(lp, mx.array([[tokens[i]] for i in asked]), axis=-1)[:, 0]
+        k = max(self.rows[i].call.logprobs for i in asked)
+        top = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k] if k else mx.zeros((len(asked), 0), mx.int32)
+        top_lp = mx.take_along_axis(lp, top, axis=-1)
+        chosen, top, top_lp = chosen.tolist(), top.tolist(), top_lp.tolist()
+        out = {}
+        for j, i in enumerate(asked):
+            best = sorted(zip(top[j], top_lp[j]), key=lambda t: -t[1])[: self.rows[i].call.logprobs]
+            out[i] = TokenLogprob(tokens[i], chosen[j], tuple(best))
+        return out
 
     @staticmethod
     def _own(i: int, failed: dict, fn, row: _Row, values: mx.array) -> mx.array:

@@ -46,7 +46,7 @@ from neurons.multi_lora import Adapter, RowAdapters, lora_shapes
 log = logging.getLogger("conch.neurons")
 BASE = "base"
 STATS_EVERY_S = 2.0  # how often a serving registry writes its figures for `conch doctor`
-SAMPLING = ("sampler", "logits_processors", "temperature", "temp", "top_p", "top_k", "min_p", "stop")
+SAMPLING = ("sampler", "logits_processors", "temperature", "temp", "top_p", "top_k", "min_p", "stop", "logprobs")
 
 
 class VersionRefused(ValueError):
@@ -71,7 +71,8 @@ class Neuron:
         """The student's answer. A string prompt gets the domain's system prompt, as in training
         (conch_dna.chat.to_messages); a list of chat messages is used as it is. `sampling`:
         temperature (or temp), top_p, top_k, min_p, stop (strings), or mlx-lm's sampler and
-        logits_processors; none of them means greedy decoding."""
+        logits_processors; none of them means greedy decoding. logprobs=N (0 to 20) gives the
+        call's token_logprobs with N alternatives (submit() returns the call)."""
         return "".join(self.stream(prompt_or_messages, max_tokens=max_tokens, **sampling))
 
     def stream(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> Iterator[str]:
@@ -102,7 +103,7 @@ def sampling_settings(sampling: dict) -> dict:
         sampler = make_sampler(temp=temperature, **knobs)
     stop = sampling.get("stop") or ()
     return {"sampler": sampler, "logits_processors": sampling.get("logits_processors"),
-            "stop": (stop,) if isinstance(stop, str) else tuple(stop)}
+            "stop": (stop,) if isinstance(stop, str) else tuple(stop), "logprobs": sampling.get("logprobs")}
 
 
 class NeuronRegistry:

@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("conch_dna", "daemon", "neurons", "launchd")
-APP = {"conch_dna.cli", "conch_dna.demo", "conch_dna.report", "conch_dna.progress", "conch_dna.trainer_cli"}
+APP = {"conch_dna.cli", "conch_dna.demo", "conch_dna.report", "conch_dna.progress", "conch_dna.trainer_cli",
+       "conch_dna.serve", "conch_dna.openai_api"}
 SERVICES = ("daemon", "neurons", "launchd")
 # The distillation engine, bottom up: a module may import those before it, never those after.
 ENGINE = ("conch_dna.training.losses", "conch_dna.training.kd_config", "conch_dna.training.callbacks",

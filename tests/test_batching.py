@@ -28,7 +28,7 @@ from neurons.multi_lora import Adapter, RowAdapters
 PROMPTS = ["Plan how to send the email.", "Why does ice float?", "Fix the failing test.", "hi"]
 
 
-def promote_random_versions(home, plan: dict[str, int]) -> None:
+def promote_random_versions(home, plan: dict[str, int], seed: int = 11) -> None:
     """Promote `plan[domain]` versions of random LoRA weights (as a retrain would write them)."""
     from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
     from conch_dna.kit import STUDENT_PATH
@@ -38,7 +38,7 @@ def promote_random_versions(home, plan: dict[str, int]) -> None:
     model, _ = load_model(STUDENT_PATH)
     config = {"model": STUDENT_PATH, **apply_lora(model, 16, 8, 20.0, 0.0)}
     shapes = {k: v.shape for k, v in adapter_weights(model).items()}
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     for domain, count in plan.items():
         for i in range(count):
             weights = {k: mx.array(rng.standard_normal(s).astype(np.float32) * (0.05 if k.endswith("lora_b") else 0.3))
