@@ -340,9 +340,13 @@ def _api_server(home: Path):
 def serve(host: str = typer.Option(None, help="address to listen on (default: [server] host, 127.0.0.1)"),
           port: int = typer.Option(None, help="port (default: [server] port, 8321)")) -> None:
     """The neurons and the EGO behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    import logging
+
     from conch_dna.serve import ServeError, Server
 
     home, config = _home_and_config()
+    # each request's model, version, finish reason and token count; never its messages
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = Server(home, host=host, port=port)
     except ServeError as exc:
