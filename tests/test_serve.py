@@ -40,6 +40,19 @@ def wait_until(condition, what, timeout=120.0):
         time.sleep(0.05)
 
 
+def wait_until_serving(proc, url, what):
+    """Until `url`/models answers; the process's stderr if it dies first."""
+
+    def up():
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            return httpx.get(f"{url}/models", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, what)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,15 +284,7 @@ def upstream():
                              "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-
-    def up():
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            return httpx.get(f"{url}/models", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, "mlx_lm.server")
+    wait_until_serving(proc, url, "mlx_lm.server")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -383,14 +388,7 @@ def test_the_daemon_serves_the_api_when_the_config_says_serve(tmp_path):
                             env={**os.environ, "CONCH_HOME": str(home), "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        def up():
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, "the daemon's API")
+        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1", "the daemon's API")
         answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0).chat \
             .completions.create(model="thinking", messages=CHAT, max_tokens=3)
         assert answer.usage.completion_tokens == 3
