@@ -28,7 +28,6 @@ from pathlib import Path
 
 import conch_dna.openai_api as wire
 from conch_dna.config import Config, load_config
-from conch_dna.domains import UnknownDomainError
 from conch_dna.ego import Ego
 from conch_dna.ingest import record
 from conch_dna.models import load_tokenizer_only, tokenizer_fingerprint
@@ -169,7 +168,7 @@ class ConchAPI:
     async def _body(self, request: Request) -> bytes:
         limit = self.config.server.max_request_kb * 1024
         too_large = wire.APIError(413, f"the request body is over this server's limit of {limit} bytes",
-                             code="request_too_large")
+                                  code="request_too_large")
         if int(request.headers.get("content-length") or 0) > limit:
             raise too_large
         body = bytearray()
@@ -213,9 +212,9 @@ class ConchAPI:
         if not req.stream:
             text = "".join([part async for part in _chunks(call)])
             done("answered")
-            return JSONResponse(wire.completion(cid, req.model, text, call.finish_reason.value,
-                                           wire.usage(call.prompt_tokens, call.completion_tokens),
-                                           fingerprint, logprobs_of(0)), headers=headers)
+            counts = wire.usage(call.prompt_tokens, call.completion_tokens)
+            whole = wire.completion(cid, req.model, text, call.finish_reason.value, counts, fingerprint, logprobs_of(0))
+            return JSONResponse(whole, headers=headers)
 
         async def events():
             yield wire.sse(wire.chunk(cid, req.model, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
@@ -224,7 +223,7 @@ class ConchAPI:
                 # the tokens of this text; a token decoded since may come along, none is sent twice
                 end = len(call.token_logprobs)
                 yield wire.sse(wire.chunk(cid, req.model, {"content": part}, fingerprint=fingerprint,
-                                logprobs=logprobs_of(seen, end)))
+                                          logprobs=logprobs_of(seen, end)))
                 seen = end
             yield wire.sse(wire.chunk(cid, req.model, {}, call.finish_reason.value, fingerprint, logprobs_of(seen)))
             if req.stream_options and req.stream_options.include_usage:
@@ -276,12 +275,12 @@ class ConchAPI:
                 stream=True)
         except httpx.HTTPError as exc:
             raise wire.APIError(502, f"the upstream teacher at {url} could not be reached: {exc!r}",
-                           type="upstream_error", code="upstream_unreachable") from None
+                                type="upstream_error", code="upstream_unreachable") from None
         if response.status_code >= 400:
             detail = (await response.aread())[:500].decode("utf-8", "replace")
             await response.aclose()
             raise wire.APIError(502, f"the upstream teacher at {url} answered {response.status_code}: {detail}",
-                           type="upstream_error", code="upstream_error")
+                                type="upstream_error", code="upstream_error")
         messages = [m.model_dump() for m in req.messages]
         if not req.stream:
             try:
@@ -289,8 +288,8 @@ class ConchAPI:
                 choice = data["choices"][0]
                 text, content = choice["message"]["content"] or "", (choice.get("logprobs") or {}).get("content")
             except (ValueError, KeyError, IndexError, TypeError, httpx.HTTPError) as exc:
-                raise wire.APIError(502, f"the upstream teacher at {url} sent no chat wire.completion: {exc!r}",
-                               type="upstream_error", code="upstream_error") from None
+                raise wire.APIError(502, f"the upstream teacher at {url} sent no chat completion: {exc!r}",
+                                    type="upstream_error", code="upstream_error") from None
             data["model"] = req.model
             _as_asked(choice, req)
             keep = BackgroundTask(self.record_upstream, domain, messages, text, content)
@@ -421,10 +420,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
     if isinstance(exc, HTTPException):
         kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-        return JSONResponse(wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                     code=kind).body(), status_code=exc.status_code)
-    if isinstance(exc, UnknownDomainError):
-        return JSONResponse(wire.APIError(404, str(exc), code="model_not_found").body(), status_code=404)
+        error = wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind)
+        return JSONResponse(error.body(), status_code=exc.status_code)
     log.error("a request failed: %r", exc)
     return JSONResponse(wire.APIError(500, f"the server failed: {exc}", type="server_error").body(), status_code=500)
 
@@ -440,7 +437,7 @@ class BearerAuth:
             sent = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
                 body = wire.APIError(401, "a valid bearer token is required (Authorization: Bearer <token>)",
-                                type="authentication_error", code="invalid_api_key").body()
+                                     type="authentication_error", code="invalid_api_key").body()
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

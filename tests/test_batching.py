@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 
 from conch_dna.config import ConfigError, load_config
 from conch_dna.domains import DOMAINS
@@ -60,6 +61,16 @@ def with_batch_size(home, size):
     return home
 
 
+@contextmanager
+def serving(home, batch_size, watch=False, **kwargs):
+    """A registry of the home with max_batch_size = batch_size, closed at the end."""
+    registry = NeuronRegistry(with_batch_size(home, batch_size), watch=watch, **kwargs)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
 def alone(neuron, prompt, **kwargs):
     """The call with nothing else running in the registry."""
     assert neuron.registry.stats()["running"] == 0
@@ -67,8 +78,7 @@ def alone(neuron, prompt, **kwargs):
 
 
 def test_a_mixed_batch_of_every_domain_and_a_pinned_old_version_equals_each_call_alone(versions_home):
-    registry = NeuronRegistry(with_batch_size(versions_home, 16), watch=False)
-    try:
+    with serving(versions_home, 16) as registry:
         assert registry.next_version("task") == "v0002"
         with registry.pinned("task", version="v0001") as old_task:
             neurons = [registry.get(d) for d in DOMAINS] + [old_task]
@@ -82,13 +92,10 @@ def test_a_mixed_batch_of_every_domain_and_a_pinned_old_version_equals_each_call
         assert {c.version for (i, _), c in calls.items() if i == len(DOMAINS)} == {"v0001"}
         # the versions really differ, so a row on the wrong adapter would show
         assert len({expected[(i, PROMPTS[0])] for i in range(len(neurons))}) == len(neurons)
-    finally:
-        registry.close()
 
 
 def test_a_call_joins_a_running_batch_and_leaves_it_without_waiting_for_the_others(versions_home):
-    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
-    try:
+    with serving(versions_home, 8) as registry:
         long_alone = alone(registry.get("debug"), PROMPTS[1], max_tokens=48)
         short_alone = alone(registry.get("task"), PROMPTS[0], max_tokens=3)
         long_call = registry.get("debug").submit(PROMPTS[1], max_tokens=48)
@@ -100,13 +107,10 @@ def test_a_call_joins_a_running_batch_and_leaves_it_without_waiting_for_the_othe
         assert long_call.finish_reason is None  # still running when the short one left
         assert head + "".join(chunks) == long_alone
         assert registry.stats()["peak_running"] == 2
-    finally:
-        registry.close()
 
 
 def test_each_call_keeps_its_own_max_tokens_stop_strings_and_logits_processors(versions_home):
-    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
-    try:
+    with serving(versions_home, 8) as registry:
         task, debug = registry.get("task"), registry.get("debug")
         full = alone(debug, PROMPTS[2], max_tokens=16)
         stop = full[4:7]
@@ -123,13 +127,10 @@ def test_each_call_keeps_its_own_max_tokens_stop_strings_and_logits_processors(v
         assert texts[1] == full[:full.find(stop)] and calls[1].finish_reason is Finish.STOP
         assert texts[2] == registry.tokenizer.decode([forced] * 5)  # only its own row is biased
         assert texts[3] == full and calls[3].finish_reason is Finish.LENGTH
-    finally:
-        registry.close()
 
 
 def test_sampling_with_a_temperature_samples_and_greedy_rows_beside_it_do_not(versions_home):
-    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
-    try:
+    with serving(versions_home, 8) as registry:
         task = registry.get("task")
         greedy = alone(task, PROMPTS[0], max_tokens=12)
         mx.random.seed(0)
@@ -144,8 +145,6 @@ def test_sampling_with_a_temperature_samples_and_greedy_rows_beside_it_do_not(ve
             task.generate(PROMPTS[0], max_tokens=0)
         with pytest.raises(ValueError, match="need a temperature above 0"):
             task.generate(PROMPTS[0], top_p=0.9)
-    finally:
-        registry.close()
 
 
 def wait_until(condition, what: str, limit_s: float = 120.0):
@@ -158,9 +157,8 @@ def wait_until(condition, what: str, limit_s: float = 120.0):
 
 @pytest.mark.parametrize("how", ["close", "drop", "cancel"])
 def test_a_caller_that_stops_reading_frees_its_row(versions_home, how):
-    registry = NeuronRegistry(with_batch_size(versions_home, 8), watch=False)
-    forced = make_logits_processors(logit_bias={registry.tokenizer.encode("e", add_special_tokens=False)[-1]: 1e3})
-    try:
+    with serving(versions_home, 8) as registry:
+        forced = make_logits_processors(logit_bias={registry.tokenizer.encode("e", add_special_tokens=False)[-1]: 1e3})
         task = registry.get("task")
         if how == "cancel":
             call = task.submit(PROMPTS[1], max_tokens=400, logits_processors=forced)
@@ -178,13 +176,10 @@ def test_a_caller_that_stops_reading_frees_its_row(versions_home, how):
         wait_until(lambda: registry.stats()["running"] == 0, "the row to be freed")
         assert registry.stats()["tokens_generated"] < 400  # it never ran to its max_tokens
         assert task.generate(PROMPTS[0], max_tokens=2)  # and the registry serves on
-    finally:
-        registry.close()
 
 
 def test_the_batch_never_grows_past_max_batch_size_and_every_call_is_served(versions_home):
-    registry = NeuronRegistry(with_batch_size(versions_home, 2), watch=False)
-    try:
+    with serving(versions_home, 2) as registry:
         expected = alone(registry.get("debug"), PROMPTS[3], max_tokens=6)
         outputs, threads = [], []
         for _ in range(6):
@@ -197,8 +192,6 @@ def test_the_batch_never_grows_past_max_batch_size_and_every_call_is_served(vers
         assert outputs == [expected] * 6
         assert stats["peak_running"] == 2 and stats["calls_served"] == 7
         assert stats["tokens_generated"] == 7 * 6 and stats["queued"] == 0
-    finally:
-        registry.close()
 
 
 def test_an_old_version_is_freed_once_no_call_or_pin_holds_it(tmp_path):
@@ -274,9 +267,8 @@ def test_neurons_settings_are_validated(tmp_path):
 def test_conch_doctor_shows_each_serving_registry_and_forgets_it_when_it_closes(versions_home, tmp_path):
     from conch_dna.doctor import check_neurons
 
-    registry = NeuronRegistry(with_batch_size(versions_home, 8), poll_seconds=0.05)
     config = load_config(versions_home)
-    try:
+    with serving(versions_home, 8, watch=True, poll_seconds=0.05) as registry:
         "".join(registry.get("task").submit(PROMPTS[0], max_tokens=5))
         wait_until(lambda: registry.stats_path.exists() and
                    '"tokens_generated": 5' in registry.stats_path.read_text(), "the registry's figures")
@@ -289,7 +281,5 @@ def test_conch_doctor_shows_each_serving_registry_and_forgets_it_when_it_closes(
         dead.write_text(json.dumps({**figures, "pid": 999999999}))
         assert len(check_neurons(versions_home, config).details["registries"]) == 1
         dead.unlink()
-    finally:
-        registry.close()
     assert not registry.stats_path.exists()
     assert check_neurons(versions_home, config).value.startswith("no registry serving")
