@@ -187,12 +187,15 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
         _print_json(data)
         return
     table = Table(title=f"conch kd status ({home})")
-    for col in ("domain", "train", "held-out", "new / threshold", "version", "held-out KL", "top-1", "last run"):
+    for col in ("domain", "train", "held-out", "new / threshold", "version", "held-out KL", "on-policy KL", "top-1",
+                "last run"):
         table.add_column(col)
     for d in data["domains"]:
         m, last = d["metrics"], d["last_run"]
+        own = (m or {}).get("on_policy")
         table.add_row(d["domain"], str(d["train"]), str(d["heldout"]), f"{d['new']} / {d['threshold']}",
-                      d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
+                      d["version"], f"{m['kl']:.4f}" if m else "-", f"{own['kl']:.4f}" if own else "-",
+                      f"{m['agreement']:.1%}" if m else "-",
                       f"{last['status']}: {last['reason'] or ''}"[:60] if last else "-")
     console.print(table)
     for d in data["domains"]:
@@ -264,13 +267,13 @@ def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(Fal
         _print_json([r.as_dict() for r in runs])
         return
     table = Table(title=f"{domain}: training runs")
-    for col in ("run", "started", "status", "version", "KL current -> candidate", "reason"):
+    for col in ("run", "started", "status", "version", "KL current -> candidate", "on-policy KL", "samples",
+                "reason"):
         table.add_column(col)
     for r in runs:
-        cur, cand = r.current_metrics, r.candidate_metrics
-        kl = f"{cur['kl']:.4f} -> {cand['kl']:.4f}" if cur and cand else "-"
         table.add_row(str(r.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at)),
-                      str(r.status), r.version or "-", kl, r.reason or "")
+                      str(r.status), r.version or "-", r.kl_change(), r.kl_change(on_policy=True),
+                      str(r.samples_generated) if r.samples_generated is not None else "-", r.reason or "")
     console.print(table)
 
 

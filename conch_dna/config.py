@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 
 from conch_dna.domains import DOMAINS, validate_domain_name
@@ -43,6 +44,13 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """config.toml is unreadable or has an unknown key or a bad value; the message names it."""
+
+
+class GateMetric(str, Enum):
+    """Which held-out metrics the promotion gate compares."""
+
+    TEACHER_FORCED = "teacher_forced"  # the student read along the teacher's answers
+    ON_POLICY = "on_policy"  # the version's own greedy answers, scored by the teacher: what a user gets
 
 
 class DomainSettings(BaseModel):
@@ -106,6 +114,7 @@ class Config(BaseModel):
     # a backlog (a long pause, a bulk import) is trained in runs of at most this many new traces
     max_traces_per_run: int = Field(default=2000, ge=1)
     promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
+    gate_metric: GateMetric = GateMetric.TEACHER_FORCED  # the held-out KL the gate compares
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)
     train_on_battery: bool = False

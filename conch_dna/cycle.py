@@ -211,7 +211,8 @@ class _Cycle:
         candidate = _with_established(result.heldout_after, established, "after")
         self.store.finish_run(run_id, status, decision=status.value, reason=reason,
                               version=version or current_version(self.home, self.domain),
-                              current_metrics=current, candidate_metrics=candidate, history=result.history)
+                              current_metrics=current, candidate_metrics=candidate, history=result.history,
+                              samples_generated=result.samples_generated, phase_seconds=result.phase_seconds)
         return CycleResult(run_id, self.domain, status, reason, version, result.heldout_before,
                            result.heldout_after)
 

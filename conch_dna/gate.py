@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from conch_dna.config import Config
+from conch_dna.config import Config, GateMetric
 
 
 def agreement_tolerance(current: dict, max_drop: float) -> float:
@@ -27,28 +27,41 @@ def _metric_words(metrics: dict) -> str:
     return f"KL {metrics['kl']:.4f}, top-1 {metrics['agreement']:.1%}"
 
 
+def _on_policy(metrics: dict | None) -> dict | None:
+    return metrics.get("on_policy") if metrics else None
+
+
 def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
            force: bool, established: dict | None = None) -> tuple[bool, str]:
     """The promotion gate: (promote?, the reason in words).
 
+    Metrics are held-out metrics as distill_domain measures them; config.gate_metric picks the
+    teacher-forced ones or those under "on_policy" (each version's own answers).
     `established` = {"before", "after"} metrics on the held-out traces the current version was
     validated on: a candidate may not get worse there by more than the margin, so a bad batch
     whose own held-out share the candidate has learned cannot vote itself in.
     """
+    held = "held-out"
+    if config.gate_metric is GateMetric.ON_POLICY:
+        held = "on-policy held-out"
+        current, candidate = _on_policy(current), _on_policy(candidate)
+        if established:
+            established = {side: _on_policy(established[side]) for side in ("before", "after")}
+            established = established if all(established.values()) else None
     minimum = config.heldout_minimum(domain)
     if n_heldout < minimum:
         if force:
             return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
         return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
     if not current or not candidate:
-        return force, "forced without held-out metrics" if force else "no held-out metrics"
+        return force, f"forced without {held} metrics" if force else f"no {held} metrics"
     if not _finite(candidate):
-        return False, f"the candidate's held-out metrics are not finite ({_metric_words(candidate)})"
+        return False, f"the candidate's {held} metrics are not finite ({_metric_words(candidate)})"
     if not _finite(current):  # the current version cannot be measured: a finite candidate replaces it
-        return True, (f"the current version's held-out metrics are not finite ({_metric_words(current)}); "
+        return True, (f"the current version's {held} metrics are not finite ({_metric_words(current)}); "
                       f"the candidate's are ({_metric_words(candidate)})")
     gain = 1.0 - candidate["kl"] / current["kl"] if current["kl"] > 0 else 0.0
-    words = (f"held-out KL {current['kl']:.4f} -> {candidate['kl']:.4f} ({-gain:+.1%}), "
+    words = (f"{held} KL {current['kl']:.4f} -> {candidate['kl']:.4f} ({-gain:+.1%}), "
              f"top-1 {current['agreement']:.1%} -> {candidate['agreement']:.1%}")
     if gain < config.promote_margin:
         return False, f"{words}: KL must fall by at least {config.promote_margin:.0%}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -42,6 +43,14 @@ def load_model(model_id: str, adapter_path: str | Path | None = None):
     except Exception as exc:  # noqa: BLE001 - one clear message whatever mlx_lm raised
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {model_id!r}: {first_line}") from exc
+
+
+def free_memory() -> None:
+    """Return a released model's memory: its arrays go with the last reference, MLX's cache here."""
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
 
 
 def load_tokenizer_only(model_id: str):

@@ -1,8 +1,9 @@
 """`conch kd report`: one self-contained HTML page (plus the PNG plots) for any home.
 
-Per domain: the loss curves of each run; held-out KL / CE / top-1 agreement of the current version
-and of the candidate at every run (a promoted candidate is the next version); and every run's
-decision with its reason. Everything comes from the runs table, so the report
+Per domain: the loss curves of each run; held-out KL (teacher-forced and on-policy, over each
+version's own answers) / CE / top-1 agreement of the current version and of the candidate at every
+run (a promoted candidate is the next version); and every run's decision, its reason, its student
+samples and the time of each phase. Everything comes from the runs table, so the report
 works on any home the daemon or `conch kd retrain` has written.
 """
 
@@ -45,13 +46,15 @@ def _plots(domain: str, runs: list[RunRecord], out: Path) -> list[Path]:
     plt.close(fig)
 
     measured = [r for r in runs if r.candidate_metrics and r.current_metrics][:RECENT_RUNS][::-1]
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.8), dpi=100)
+    fig, axes = plt.subplots(1, 4, figsize=(12.8, 3.8), dpi=100)
     labels = [f"{r.id}" + (f"\n{r.version}" if r.status == RunStatus.PROMOTED else "") for r in measured]
     colours = ["#176317" if r.status == RunStatus.PROMOTED else "#c05800" for r in measured]
     xs = list(range(len(measured)))  # positions, labelled below: run ids as labels would read as numbers
-    for ax, key, title in zip(axes, ("kl", "ce", "agreement"), ("held-out KL", "CE on teacher tokens", "top-1")):
-        ax.plot(xs, [r.current_metrics[key] for r in measured], "s--", color="#888", label="current")
-        ax.scatter(xs, [r.candidate_metrics[key] for r in measured], c=colours, zorder=3, label="candidate")
+    panels = (("kl", "held-out KL"), ("on_policy", "on-policy held-out KL"), ("ce", "CE on teacher tokens"),
+              ("agreement", "top-1"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(xs, [_value(r.current_metrics, key) for r in measured], "s--", color="#888", label="current")
+        ax.scatter(xs, [_value(r.candidate_metrics, key) for r in measured], c=colours, zorder=3, label="candidate")
         ax.set(title=title, xlabel="run", xlim=(-0.5, len(xs) - 0.5))
         ax.set_xticks(xs, labels, fontsize="small")
     # The gate's last rule: KL on the held-out traces the current version was validated on.
@@ -69,6 +72,18 @@ def _plots(domain: str, runs: list[RunRecord], out: Path) -> list[Path]:
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return paths
+
+
+def _value(metrics: dict, key: str) -> float:
+    """A metric to plot; "on_policy" is the KL over the version's own answers (nan for older runs)."""
+    value = (metrics.get("on_policy") or {}).get("kl") if key == "on_policy" else metrics.get(key)
+    return float("nan") if value is None else value
+
+
+def _phases(r: RunRecord) -> str:
+    if not r.phase_seconds:
+        return "-"
+    return " / ".join(f"{r.phase_seconds.get(k, 0):.0f}" for k in ("sample", "teacher", "train", "evaluate"))
 
 
 def _img(path: Path) -> str:
@@ -97,9 +112,12 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
         rows = "".join(
             f"<tr><td>{r.id}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.started_at))}</td>"
             f"<td class='{r.status}'>{r.status}</td><td>{r.version or '-'}</td>"
+            f"<td>{html.escape(r.kl_change())}</td><td>{html.escape(r.kl_change(on_policy=True))}</td>"
+            f"<td>{r.samples_generated if r.samples_generated is not None else '-'}</td><td>{_phases(r)}</td>"
             f"<td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
         sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
-                        f"<th>version</th><th>reason</th></tr>{rows}</table>")
+                        "<th>version</th><th>held-out KL</th><th>on-policy KL</th><th>student samples</th>"
+                        f"<th>seconds: sample / teacher / train / evaluate</th><th>reason</th></tr>{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>
 body {{ font-family: -apple-system, sans-serif; margin: 2em; max-width: 70em; }}
 img {{ max-width: 100%; display: block; margin: 1em 0; }}

@@ -41,6 +41,8 @@ class RunRecord:
     version: str | None = None  # the version current when the run ended
     history: list[dict] | None = None  # the training reports, one per steps_per_report
     pid: int | None = None
+    samples_generated: int | None = None  # train prompts the student answered itself (on-policy)
+    phase_seconds: dict | None = None  # seconds of each phase: sample, teacher, train, evaluate
 
     def __post_init__(self):
         self.status = RunStatus(self.status)
@@ -48,6 +50,13 @@ class RunRecord:
     @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def kl_change(self, on_policy: bool = False) -> str:
+        """Held-out KL of the current version -> the candidate, teacher-forced or on-policy; "-" if unmeasured."""
+        current, candidate = self.current_metrics, self.candidate_metrics
+        if on_policy:
+            current, candidate = (current or {}).get("on_policy"), (candidate or {}).get("on_policy")
+        return f"{current['kl']:.4f} -> {candidate['kl']:.4f}" if current and candidate else "-"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status.value}

@@ -1,6 +1,7 @@
 """`conch kd report` on a home with real runs: a self-contained page with real PNG plots that a browser draws."""
 
 import base64
+import html
 import os
 import re
 import shutil
@@ -50,6 +51,13 @@ def test_report_has_plots_and_every_decision(report_dir):
     assert (report_dir / "memory-loss.png").read_bytes().startswith(b"\x89PNG")
     assert "promoted" in page and "rejected" in page and "the gate needs 1000" in page
     assert "no training run yet" in page  # debug
+    home = report_dir.parent / "home"
+    runs = TraceStore.for_home(home, load_config(home)).runs("memory")
+    assert len(runs) == 2
+    for r in runs:  # both held-out KLs and the phases of every run
+        assert r.current_metrics["on_policy"]["tokens"] > 0 and r.kl_change(on_policy=True) != "-"
+        assert html.escape(r.kl_change()) in page and html.escape(r.kl_change(on_policy=True)) in page
+        assert f"<td>{r.phase_seconds['sample']:.0f} / {r.phase_seconds['teacher']:.0f} / " in page
 
 
 def find_chromium() -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conch_dna.training.losses import PAD_LOGPROB
 
@@ -18,6 +18,9 @@ class KDExample:
     offset: int  # index of the first answer token
     topk_ids: np.ndarray  # int32 [n - offset, k]
     topk_logprobs: np.ndarray  # float16 [n - offset, k]
+    # the answer is the student's own (on-policy): its CE target is the teacher's top-1 at each
+    # position, since training the student towards its own sampled tokens would teach it nothing
+    on_policy: bool = False
 
     @property
     def answer_tokens(self) -> np.ndarray:
@@ -49,14 +52,15 @@ def fit_window(example: KDExample, max_seq_length: int) -> KDExample:
     cut = window_cut(len(example.tokens), example.offset, max_seq_length)
     if cut == 0:
         return example
-    return KDExample(example.tokens[cut:], example.offset - cut, example.topk_ids, example.topk_logprobs)
+    return replace(example, tokens=example.tokens[cut:], offset=example.offset - cut)
 
 
 def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
     """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step.
 
-    Position p of the inputs predicts token p + 1; the mask keeps the positions whose target is an
-    answer token, and topk rows are placed at those same positions.
+    Position p of the inputs predicts token p + 1 (for an on-policy example, the teacher's top-1 there);
+    the mask keeps the positions whose target is an answer token, and topk rows are placed at those
+    same positions.
     """
     examples = [fit_window(e, max_seq_length) for e in examples]
     k = examples[0].topk_ids.shape[1]
@@ -77,6 +81,8 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
         if stop > start:
             mask[row, start:stop] = 1.0
             ids[row, start:stop] = e.topk_ids[: stop - start]
+            if e.on_policy:
+                targets[row, start:stop] = e.topk_ids[: stop - start, 0]
             # a log-prob below float16's range was stored as -inf: it is a bucket with no mass, i.e.
             # padding (left as -inf it would make 0·log 0 a NaN in every KL over the batch)
             logprobs[row, start:stop] = np.maximum(e.topk_logprobs[: stop - start], PAD_LOGPROB)

@@ -8,7 +8,6 @@ and that answer is cached too.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from conch_dna.chat import encode_chat, prompt_tokens
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
-from conch_dna.models import load_model
+from conch_dna.models import free_memory, load_model
 from conch_dna.training.data import KDExample, window_cut
 from conch_dna.training.losses import PAD_LOGPROB
 
@@ -162,8 +161,7 @@ class TeacherScorer:
     def release(self) -> None:
         self._model = None
         self._tokenizer = None
-        gc.collect()
-        mx.clear_cache()
+        free_memory()
 
     def complete(self, messages: list[dict], tokenizer) -> list[dict]:
         """The chat with the teacher's answer last: the given one, or one it writes now (greedy).

@@ -5,7 +5,9 @@
 
 The loss on every answer token is α·KD·T² + (1-α)·CE, where KD compares the student with the
 teacher's cached top-k log-probs (plus the tail mass) and CE is on the teacher's own tokens.
-The teacher runs only to write targets (cached on disk) and is released before the student trains.
+With KDConfig.on_policy > 0 (GKD's λ) a share of the answers are the student's own, scored by the
+teacher (conch_dna.training.on_policy). The teacher runs only to write targets (cached on disk), and
+teacher and student are never resident together.
 This module is the engine; it prints nothing (see KDCallback). Its command line is the plain
 trainer of the app layer, conch_dna.trainer_cli.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import runpy
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from conch_dna.adapters import (
@@ -34,6 +37,7 @@ from conch_dna.models import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
     check_model_ref,
+    free_memory,
     load_model,
     load_tokenizer_only,
     output_vocab_size,
@@ -41,7 +45,7 @@ from conch_dna.models import (
 )
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample, iterate_kd_batches
-from conch_dna.training.evaluation import HeldoutMetrics, heldout_metrics
+from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import (  # noqa: F401 - the documented public API
     DIVERGENCES,
@@ -53,6 +57,7 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     log_softmax,
     sparse_kd_loss,
 )
+from conch_dna.training.on_policy import answer_chats, pick_on_policy
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
 
@@ -75,6 +80,8 @@ class DistillResult:
     heldout_before: dict | None = None
     heldout_after: dict | None = None
     heldout_groups: dict | None = None  # {name: {"before": metrics, "after": metrics}} for subsets
+    samples_generated: int = 0  # train prompts the student answered itself (on-policy)
+    phase_seconds: dict | None = None  # seconds of each phase: sample, teacher, train, evaluate
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -183,8 +190,27 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     return history
 
 
-def _words(metrics: HeldoutMetrics | None) -> str:
-    return f"KL {metrics.kl:.4f}  CE {metrics.ce:.4f}  top-1 {metrics.agreement:.1%}" if metrics else "n/a"
+def _words(metrics: dict | None) -> str:
+    if not metrics:
+        return "n/a"
+    own = metrics.get("on_policy")
+    return (f"KL {metrics['kl']:.4f}  CE {metrics['ce']:.4f}  top-1 {metrics['agreement']:.1%}"
+            + (f"  on-policy KL {own['kl']:.4f}" if own else ""))
+
+
+class PhaseClock:
+    """Seconds spent in each named phase of a run (sample, teacher, train, evaluate)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - tic
 
 
 class TrueKnowledgeDistiller:
@@ -251,53 +277,119 @@ class TrueKnowledgeDistiller:
         get_kd_adapter_path(domain, output_dir) (or options.adapter_dir), with checkpoints inside it,
         and kd_metrics.json next to it. With options.resume the "before" metrics are still those of
         options.warm_start; training goes on from the checkpoint's weights and step.
+
+        A run goes in phases with one model resident at a time: the current student answers a
+        share (config.on_policy) of the train prompts and every held-out prompt ("sample"); the
+        teacher scores all of it ("teacher"); the student trains on the mix ("train"); the candidate
+        answers the held-out prompts, the teacher scores those answers and the candidate is measured
+        on them ("evaluate"). Held-out metrics hold the teacher-forced ones and, under "on_policy",
+        those over the version's own answers.
         Raises ValueError for no prompts, TrainingInterrupted when stopped (see train_kd).
         """
         validate_domain_name(domain)
         if not prompts:
             raise ValueError(f"no prompts to distil for domain {domain!r}")
         options = options or DistillOptions()
-        model, tokenizer, adapter_config = self.load_student(options.warm_start)
+        clock = PhaseClock()
+        held_sets = {name: items for name, items in {"": heldout or [], **(options.heldout_groups or {})}.items()
+                     if items}
+        picked = pick_on_policy(len(prompts), self.config.on_policy, self.config.seed)
         passes_before = self.scorer.forward_passes
-        train, held = self._targets(domain, model, tokenizer, prompts, {"": heldout or [],
-                                                                      **(options.heldout_groups or {})})
-        before = self._measure(model, held)
-        resume = self._resume(domain, model, options.resume)
-        out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
-        adapter_config = {"model": self.student_model_id, **adapter_config,
-                          "kd": {**asdict(self.config), "teacher": self.teacher_model_id, "domain": domain}}
-        tic = time.perf_counter()
-        self.callbacks.on_train_start(domain, self.config.num_iters, resume[1] if resume else 0)
-        history = train_kd(model, train, self.config, adapter_config, out, self.callbacks, resume)
-        elapsed = time.perf_counter() - tic
-        after = self._measure(model, held)
-        save_adapter(out, adapter_weights(model), adapter_config)
+        with clock("sample"):
+            tokenizer, sampled, held_own = self._answers(domain, options.warm_start,
+                                                         [to_messages(domain, prompts[i]) for i in picked], held_sets)
+        with clock("teacher"):
+            kept = [p for i, p in enumerate(prompts) if i not in frozenset(picked)]
+            train, held, own = self._targets(domain, tokenizer, kept, sampled, held_sets, held_own)
+        with clock("train"):
+            model, _, adapter_config = self.load_student(options.warm_start)
+            before = self._measure(model, held, own)
+            resume = self._resume(domain, model, options.resume)
+            out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
+            adapter_config = {"model": self.student_model_id, **adapter_config,
+                              "kd": {**asdict(self.config), "teacher": self.teacher_model_id, "domain": domain}}
+            tic = time.perf_counter()
+            self.callbacks.on_train_start(domain, self.config.num_iters, resume[1] if resume else 0)
+            history = train_kd(model, train, self.config, adapter_config, out, self.callbacks, resume)
+            elapsed = time.perf_counter() - tic
+        with clock("evaluate"):
+            after = self._measure(model, held)
+            save_adapter(out, adapter_weights(model), adapter_config)
+            del model
+            free_memory()
+            for name, metrics in self._measure_own(domain, out, held_sets).items():
+                after[name]["on_policy"] = metrics
         result = self._result(domain, history, elapsed, out, len(train),
                               self.scorer.forward_passes - passes_before, before, after)
+        result.samples_generated, result.phase_seconds = len(sampled), clock.seconds
         atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
         self.callbacks.on_stage(domain, f"held-out before  {_words(before.get(''))}")
         self.callbacks.on_stage(domain, f"held-out after   {_words(after.get(''))}")
-        self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {len(train)} examples, "
-                                        f"{result.teacher_forward_passes} teacher passes)")
+        self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {len(train)} examples, {len(sampled)} "
+                                        f"on-policy, {result.teacher_forward_passes} teacher passes)")
         return result
 
-    def _targets(self, domain, model, tokenizer, prompts, heldout_sets: dict[str, list]):
-        """Teacher targets for the train prompts and each named held-out set; the teacher is then
-        released, so teacher and student are never resident together while training."""
+    def _answers(self, domain, adapter, train_chats, held_sets):
+        """The student with `adapter` answers: train chats sampled at sample_temperature, every held-out
+        prompt greedily. Returns (tokenizer, answered train chats, {set name: answered held-out chats});
+        the student is released before it returns."""
+        c = self.config
+        model, tokenizer, _ = self.load_student(adapter)
         self.scorer.vocab_limit = output_vocab_size(model)
-        n_held = len(heldout_sets[""])
-        self.callbacks.on_stage(domain, f"teacher targets for {len(prompts)} prompts"
-                                        + (f" + {n_held} held-out" if n_held else ""))
-        train = self.teacher_examples(domain, prompts, tokenizer)
-        held = {name: self.teacher_examples(domain, items, tokenizer)
-                for name, items in heldout_sets.items() if items}
-        self.scorer.release()
-        return train, held
+        n_held = len(held_sets.get("", []))
+        if train_chats or n_held:
+            self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
+                                            f"and {n_held} held-out")
+        sampled = answer_chats(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
+        flat = [to_messages(domain, p) for items in held_sets.values() for p in items]
+        answered = iter(answer_chats(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
+        held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
+        del model
+        free_memory()
+        return tokenizer, sampled, held
 
-    def _measure(self, model, held: dict[str, list[KDExample]]) -> dict[str, HeldoutMetrics]:
-        """Held-out metrics of each named set, in the training window."""
-        return {name: heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length)
-                for name, examples in held.items()}
+    def _own_examples(self, domain, chats, tokenizer) -> list[KDExample]:
+        return [replace(e, on_policy=True) for e in self.teacher_examples(domain, chats, tokenizer)]
+
+    def _targets(self, domain, tokenizer, prompts, sampled, held_sets, held_own):
+        """Teacher targets of the train prompts, the student's samples, each named held-out set and the
+        student's answers to it; the teacher is then released."""
+        n_held = len(held_sets.get("", []))
+        self.callbacks.on_stage(domain, f"teacher targets for {len(prompts) + len(sampled)} prompts"
+                                        + (f" ({len(sampled)} answered by the student)" if sampled else "")
+                                        + (f" + {n_held} held-out" if n_held else ""))
+        train = self.teacher_examples(domain, prompts, tokenizer) + self._own_examples(domain, sampled, tokenizer)
+        held = {name: self.teacher_examples(domain, items, tokenizer) for name, items in held_sets.items()}
+        own = {name: self._own_examples(domain, chats, tokenizer) for name, chats in held_own.items()}
+        self.scorer.release()
+        return train, held, own
+
+    def _measure(self, model, held: dict[str, list[KDExample]], own: dict | None = None) -> dict[str, dict]:
+        """Held-out metrics of each named set, in the training window; with `own` (the model's own
+        answers to those sets, scored), the on-policy ones too."""
+        measured = {}
+        for name, examples in held.items():
+            measured[name] = heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length).as_dict()
+            if own:
+                measured[name]["on_policy"] = heldout_metrics(
+                    model, own[name], max_seq_length=self.config.max_seq_length).as_dict()
+        return measured
+
+    def _measure_own(self, domain, adapter, held_sets) -> dict[str, dict]:
+        """On-policy held-out metrics of the adapter: it answers, the teacher scores the answers, it is
+        measured on them; one model resident at a time."""
+        if not held_sets:
+            return {}
+        tokenizer, _, answered = self._answers(domain, adapter, [], held_sets)
+        self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
+        own = {name: self._own_examples(domain, chats, tokenizer) for name, chats in answered.items()}
+        self.scorer.release()
+        model, _, _ = self.load_student(adapter)
+        measured = {name: heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length).as_dict()
+                    for name, examples in own.items()}
+        del model
+        free_memory()
+        return measured
 
     def _resume(self, domain, model, resume):
         """The resume point if its checkpoint's weights loaded into `model`, else None (start over)."""
@@ -308,15 +400,12 @@ class TrueKnowledgeDistiller:
 
     def _result(self, domain, history, elapsed, out, n_train, passes, before, after) -> DistillResult:
         last = history[-1]
-        main_before, main_after = before.get(""), after.get("")
-        groups = {name: {"before": before[name].as_dict(), "after": after[name].as_dict()}
-                  for name in before if name}
+        groups = {name: {"before": before[name], "after": after[name]} for name in before if name}
         return DistillResult(
             domain=domain, final_kd_loss=last["kd"], final_ce_loss=last["ce"],
             final_combined_loss=last["combined"], training_time_seconds=elapsed,
             adapter_path=str(out), history=history, num_examples=n_train, teacher_forward_passes=passes,
-            heldout_before=main_before.as_dict() if main_before else None,
-            heldout_after=main_after.as_dict() if main_after else None,
+            heldout_before=before.get(""), heldout_after=after.get(""),
             heldout_groups=groups or None,
         )
 

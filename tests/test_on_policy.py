@@ -1,0 +1,171 @@
+"""On-policy distillation on the tiny kit: the student's own answers, scored by the teacher."""
+
+import gc
+import json
+import weakref
+
+from conch_dna.config import Config, GateMetric, parse_config
+from conch_dna.gate import decide
+from conch_dna.store import TraceStore
+from conch_dna.training import teacher as teacher_module
+from conch_dna.training import true_kd
+from conch_dna.training.data import KDExample, collate
+from conch_dna.training.evaluation import heldout_metrics
+from conch_dna.training.kd_config import KDConfig
+from conch_dna.training.on_policy import answer_chats, pick_on_policy, prompt_part
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.versions import current_adapter_path
+
+import numpy as np
+import pytest
+
+from tests.conftest import retrain, run_module
+from tests.test_daemon import drop, teacher_traces, write_config
+
+
+class ResidentModels:
+    """Wraps load_model where the engine calls it: every load asserts that no model of the other kind
+    (teacher or student) is still alive, after a garbage collection."""
+
+    def __init__(self, teacher_id: str, monkeypatch):
+        self.teacher_id, self.loads, self.live = teacher_id, [], []
+        original = true_kd.load_model
+
+        def load(model_id, *args, **kwargs):
+            kind = "teacher" if model_id == self.teacher_id else "student"
+            gc.collect()
+            others = [k for k, ref in self.live if k != kind and ref() is not None]
+            assert not others, f"{kind} loaded while a {others[0]} is resident"
+            model, tokenizer = original(model_id, *args, **kwargs)
+            self.loads.append(kind)
+            self.live.append((kind, weakref.ref(model)))
+            return model, tokenizer
+
+        monkeypatch.setattr(true_kd, "load_model", load)
+        monkeypatch.setattr(teacher_module, "load_model", load)
+
+
+def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_models(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    write_config(home, min_heldout=1000)  # --force promotes past the gate: this test is about what is measured
+    config_text = (home / "config.toml").read_text().replace("[kd]", "[kd]\non_policy = 0.5\nsample_max_tokens = 24")
+    (home / "config.toml").write_text(config_text)
+    drop(home, "d.jsonl", teacher_traces("debug", 36, seed=5))
+    store = TraceStore.for_home(home, parse_config(config_text))
+    from conch_dna.ingest import ingest_file
+
+    ingest_file(store, home / "inbox" / "d.jsonl")
+    n_train = store.counts("debug").train
+    models = ResidentModels(parse_config(config_text).teacher, monkeypatch)
+    scored = []
+    original_targets = TeacherScorer.targets
+    monkeypatch.setattr(TeacherScorer, "targets", lambda self, tokens, offset: scored.append(tokens)
+                        or original_targets(self, tokens, offset))
+
+    result = retrain(home, "debug", iters=6, force=True)
+
+    assert str(result.status) == "promoted" and result.reason.startswith("forced"), result.reason
+    # the student answered, the teacher scored, the student trained, then the candidate answered and
+    # the teacher scored again: each load found the other model gone
+    assert models.loads == ["student", "teacher", "student", "student", "teacher", "student"]
+    run = store.runs("debug")[0]
+    assert run.samples_generated == round(0.5 * n_train) > 0
+    assert set(run.phase_seconds) == {"sample", "teacher", "train", "evaluate"}
+    assert all(v >= 0 for v in run.phase_seconds.values())
+    # the teacher scored the traces it kept, the student's samples, and the held-out prompts three times:
+    # with its own answers, the current version's and the candidate's
+    heldout = store.counts("debug").heldout
+    assert len(scored) == n_train + 3 * heldout
+    for side in (run.current_metrics, run.candidate_metrics):
+        assert side["tokens"] > 0 and side["on_policy"]["tokens"] > 0
+        assert side["on_policy"]["kl"] != side["kl"]
+    report = json.loads((current_adapter_path(home, "debug") / "kd_metrics.json").read_text())
+    assert report["samples_generated"] == run.samples_generated
+    assert report["heldout_after"]["on_policy"] == run.candidate_metrics["on_policy"]
+    env = {"CONCH_HOME": str(home), "COLUMNS": "250"}
+    table = run_module("conch_dna.cli", "kd", "status", env=env).stdout
+    assert "on-policy KL" in table and f"{run.candidate_metrics['on_policy']['kl']:.4f}" in table
+    history = run_module("conch_dna.cli", "kd", "history", "--domain", "debug", env=env).stdout
+    assert run.kl_change(on_policy=True) in history and f" {run.samples_generated} " in history
+
+
+def test_the_on_policy_heldout_kl_is_the_kl_over_the_versions_own_greedy_answers(kit, tmp_path):
+    from mlx_lm import generate
+
+    config = KDConfig(num_iters=8, learning_rate=1e-3, lora_rank=8, sample_max_tokens=20)
+    distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
+    prompts = [f"Why did the build fail on step {i}?" for i in range(10)]
+    held = [f"Why is the queue {i} slow?" for i in range(4)]
+    result = distiller.distill_domain("thinking", prompts, held)
+
+    # the reference: mlx-lm's one-at-a-time generate, the teacher's full softmax via a fresh scorer
+    model, tokenizer, _ = distiller.load_student(result.adapter_path)
+    chats = []
+    for p in held:
+        messages = true_kd.to_messages("thinking", p)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        chats.append([*messages, {"role": "assistant", "content": generate(model, tokenizer, prompt=prompt,
+                                                                           max_tokens=20)}])
+    scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path / "fresh"), config.top_k)
+    examples = [scorer.example(c, tokenizer) for c in chats]
+    scorer.release()
+    reference = heldout_metrics(model, [KDExample(e.tokens, e.offset, e.topk_ids, e.topk_logprobs, True)
+                                        for e in examples])
+    own = result.heldout_after["on_policy"]
+    assert own["tokens"] == reference.tokens
+    assert own["kl"] == pytest.approx(reference.kl, rel=1e-3)
+    assert own["agreement"] == pytest.approx(reference.agreement)
+
+
+def test_an_on_policy_example_trains_towards_the_teachers_top1_not_its_own_tokens():
+    tokens = np.array([5, 6, 7, 8, 9], np.int32)
+    ids = np.array([[17, 7], [18, 8], [19, 9]], np.int32)
+    lps = np.log(np.array([[0.6, 0.3]] * 3, np.float16))
+    off = KDExample(tokens, 2, ids, lps)
+    own = KDExample(tokens, 2, ids, lps, on_policy=True)
+    _, targets, mask, _, _ = collate([off, own], max_seq_length=64)
+    answer = np.asarray(mask[0]).astype(bool)
+    assert np.asarray(targets)[0][answer].tolist() == [7, 8, 9]
+    assert np.asarray(targets)[1][answer].tolist() == [17, 18, 19]
+    assert np.asarray(targets)[1][:1].tolist() == [6]  # the prompt part is untouched
+
+
+def test_pick_on_policy_takes_the_share_drawn_by_the_seed():
+    assert pick_on_policy(10, 0.0, 0) == []
+    assert pick_on_policy(10, 1.0, 0) == list(range(10))
+    half = pick_on_policy(9, 0.5, 3)
+    assert len(half) == 4 and half == sorted(set(half)) and half == pick_on_policy(9, 0.5, 3)
+    assert pick_on_policy(40, 0.5, 1) != pick_on_policy(40, 0.5, 2)
+
+
+def test_answer_chats_answers_each_prompt_once_with_the_seed(student):
+    model, tokenizer = student
+    ask = [{"role": "user", "content": "Why is the sky blue?"}]
+    answered = [*ask, {"role": "assistant", "content": "old answer"}]
+    other = [{"role": "user", "content": "Plan a trip."}]
+    assert prompt_part(answered) == ask and prompt_part(ask) == ask
+    first = answer_chats(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7)
+    assert [c[:-1] for c in first] == [ask, ask, other] and all(c[-1]["role"] == "assistant" for c in first)
+    assert first[0] == first[1] and first[0][-1]["content"] != "old answer"
+    assert answer_chats(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7) == first
+    samples = {answer_chats(model, tokenizer, [ask], 16, 1.0, seed=s)[0][-1]["content"] for s in range(4)}
+    assert len(samples) > 1  # sampled, not greedy
+
+
+def test_the_gate_compares_the_metric_config_chooses():
+    current = {"kl": 1.0, "agreement": 0.5, "tokens": 400, "on_policy": {"kl": 0.5, "agreement": 0.5, "tokens": 300}}
+    candidate = {"kl": 0.5, "agreement": 0.5, "tokens": 400, "on_policy": {"kl": 0.6, "agreement": 0.5, "tokens": 300}}
+    forced = Config(min_heldout=1)
+    own = Config(min_heldout=1, gate_metric=GateMetric.ON_POLICY)
+    assert decide(current, candidate, 10, forced, "task", False)[0] is True
+    promoted, reason = decide(current, candidate, 10, own, "task", False)
+    assert promoted is False and reason.startswith("on-policy held-out KL 0.5000 -> 0.6000")
+    assert decide(candidate, current, 10, own, "task", False)[0] is True
+    old = {k: v for k, v in current.items() if k != "on_policy"}
+    assert decide(old, candidate, 10, own, "task", False) == (False, "no on-policy held-out metrics")
+    established = {"before": {**current, "on_policy": {**current["on_policy"], "kl": 0.1}}, "after": candidate}
+    assert decide(candidate, current, 10, own, "task", False, established)[0] is False  # 0.1 -> 0.6 there
+    assert decide(current, candidate, 10, forced, "task", False, established)[0] is True  # 1.0 -> 0.5 there
+    assert parse_config('gate_metric = "on_policy"').gate_metric is GateMetric.ON_POLICY
+    with pytest.raises(ValueError, match="gate_metric"):
+        parse_config('gate_metric = "vibes"')
