@@ -179,7 +179,7 @@ def demo(home: Path = typer.Option(Path("demo-home"), help="demo state folder (o
 @kd_app.command("status")
 def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per domain: traces against the threshold, current version and its metrics, the last run."""
-    from conch_dna.status import kd_status_data
+    from conch_dna.status import kd_status_data, metric_cells
 
     home, config = _home_and_config()
     data = kd_status_data(home, config)
@@ -191,11 +191,9 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
                 "last run"):
         table.add_column(col)
     for d in data["domains"]:
-        m, last = d["metrics"], d["last_run"]
-        own = (m or {}).get("on_policy")
+        last = d["last_run"]
         table.add_row(d["domain"], str(d["train"]), str(d["heldout"]), f"{d['new']} / {d['threshold']}",
-                      d["version"], f"{m['kl']:.4f}" if m else "-", f"{own['kl']:.4f}" if own else "-",
-                      f"{m['agreement']:.1%}" if m else "-",
+                      d["version"], *metric_cells(d["metrics"]),
                       f"{last['status']}: {last['reason'] or ''}"[:60] if last else "-")
     console.print(table)
     for d in data["domains"]:

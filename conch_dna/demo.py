@@ -27,7 +27,7 @@ from conch_dna.fsutil import atomic_write_text, open_private, private_dir
 from conch_dna.home import CONFIG_TOML, INBOX_DIR, LOGS_DIR
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.runs import RunStatus
-from conch_dna.status import kd_status_data, read_state
+from conch_dna.status import kd_status_data, metric_cells, read_state
 from conch_dna.store import TraceStore
 
 from rich.console import Console, Group
@@ -288,7 +288,7 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
     config = load_config(home)
     data = kd_status_data(home, config)
     table = Table(title="conch kd status")
-    for col in ("domain", "version", "held-out KL", "top-1", "runs, oldest first"):
+    for col in ("domain", "version", "held-out KL", "on-policy KL", "top-1", "runs, oldest first"):
         table.add_column(col)
     store = TraceStore.for_home(home, config)
     promoted = rejected = 0
@@ -296,8 +296,7 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
         runs = store.runs(d["domain"], limit=100)
         promoted += d["version"] != "base"
         rejected += sum(r.status == RunStatus.REJECTED for r in runs)
-        m = d["metrics"]
-        table.add_row(d["domain"], d["version"], f"{m['kl']:.4f}" if m else "-", f"{m['agreement']:.1%}" if m else "-",
+        table.add_row(d["domain"], d["version"], *metric_cells(d["metrics"]),
                       "\n".join(f"{r.status}: {r.reason}" for r in reversed(runs)))
     console.print(table)
     console.print(f"report: {build_report(home, config, home / 'report')}")

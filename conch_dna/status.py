@@ -54,6 +54,13 @@ def read_state(home: str | Path) -> dict | None:
     return state if pid_alive(state.get("pid")) and daemon_holds_lock(home) else None
 
 
+def metric_cells(metrics: dict | None) -> tuple[str, str, str]:
+    """A version's held-out KL, on-policy KL and top-1 as table cells; "-" where unmeasured."""
+    own = (metrics or {}).get("on_policy")
+    return (f"{metrics['kl']:.4f}" if metrics else "-", f"{own['kl']:.4f}" if own else "-",
+            f"{metrics['agreement']:.1%}" if metrics else "-")
+
+
 def kd_status_data(home, config) -> dict:
     """What `conch kd status --json` prints: per domain counts, version, metrics, last run; the daemon."""
     store = TraceStore.for_home(home, config)

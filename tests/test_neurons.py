@@ -281,7 +281,9 @@ def test_a_broken_manifest_keeps_the_old_version_serving_and_blocks_nothing(tmp_
     registry = NeuronRegistry(home, poll_seconds=0.05)
     path = home / "adapters_kd" / "task" / "manifest.json"
     try:
-        path.write_bytes(manifest)
+        # written whole: a reader between truncate and write would see an empty file, another error
+        (tmp_path / "broken.json").write_bytes(manifest)
+        os.replace(tmp_path / "broken.json", path)
         deadline = time.monotonic() + 120
         while "task" not in registry.broken_manifests and time.monotonic() < deadline:
             time.sleep(0.05)

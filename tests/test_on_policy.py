@@ -12,7 +12,7 @@ from conch_dna.training import true_kd
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
-from conch_dna.training.on_policy import answer_chats, pick_on_policy, prompt_part
+from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
 
@@ -81,6 +81,10 @@ def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_model
         assert side["on_policy"]["kl"] != side["kl"]
     report = json.loads((current_adapter_path(home, "debug") / "kd_metrics.json").read_text())
     assert report["samples_generated"] == run.samples_generated
+    # passes over traces and over the student's answers are counted apart (a candidate answering a
+    # held-out prompt as the current version did costs no second pass: the cache has it)
+    assert report["teacher_forward_passes"] == n_train - run.samples_generated + heldout
+    assert run.samples_generated + heldout <= report["own_answer_passes"] <= run.samples_generated + 2 * heldout
     assert report["heldout_after"]["on_policy"] == run.candidate_metrics["on_policy"]
     env = {"CONCH_HOME": str(home), "COLUMNS": "250"}
     table = run_module("conch_dna.cli", "kd", "status", env=env).stdout
@@ -90,7 +94,8 @@ def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_model
 
 
 def test_the_on_policy_heldout_kl_is_the_kl_over_the_versions_own_greedy_answers(kit, tmp_path):
-    from mlx_lm import generate
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
 
     config = KDConfig(num_iters=8, learning_rate=1e-3, lora_rank=8, sample_max_tokens=20)
     distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
@@ -98,19 +103,21 @@ def test_the_on_policy_heldout_kl_is_the_kl_over_the_versions_own_greedy_answers
     held = [f"Why is the queue {i} slow?" for i in range(4)]
     result = distiller.distill_domain("thinking", prompts, held)
 
-    # the reference: mlx-lm's one-at-a-time generate, the teacher's full softmax via a fresh scorer
+    # the reference: mlx-lm's one-row generate_step, greedy, up to and with the end of turn, and a
+    # fresh teacher scorer
     model, tokenizer, _ = distiller.load_student(result.adapter_path)
-    chats = []
-    for p in held:
-        messages = true_kd.to_messages("thinking", p)
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        chats.append([*messages, {"role": "assistant", "content": generate(model, tokenizer, prompt=prompt,
-                                                                           max_tokens=20)}])
     scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path / "fresh"), config.top_k)
-    examples = [scorer.example(c, tokenizer) for c in chats]
+    examples = []
+    for p in held:
+        prompt = tokenizer.apply_chat_template(true_kd.to_messages("thinking", p), add_generation_prompt=True)
+        answer = []
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=20):
+            answer.append(int(token))
+            if answer[-1] in tokenizer.eos_token_ids:
+                break
+        examples.append(scorer.token_example(prompt + answer, len(prompt), on_policy=True))
     scorer.release()
-    reference = heldout_metrics(model, [KDExample(e.tokens, e.offset, e.topk_ids, e.topk_logprobs, True)
-                                        for e in examples])
+    reference = heldout_metrics(model, examples)
     own = result.heldout_after["on_policy"]
     assert own["tokens"] == reference.tokens
     assert own["kl"] == pytest.approx(reference.kl, rel=1e-3)
@@ -138,17 +145,21 @@ def test_pick_on_policy_takes_the_share_drawn_by_the_seed():
     assert pick_on_policy(40, 0.5, 1) != pick_on_policy(40, 0.5, 2)
 
 
-def test_answer_chats_answers_each_prompt_once_with_the_seed(student):
+def test_answer_tokens_are_what_the_model_wrote_each_prompt_once_with_the_seed(student):
+    from conch_dna.chat import prompt_tokens
+
     model, tokenizer = student
     ask = [{"role": "user", "content": "Why is the sky blue?"}]
     answered = [*ask, {"role": "assistant", "content": "old answer"}]
     other = [{"role": "user", "content": "Plan a trip."}]
     assert prompt_part(answered) == ask and prompt_part(ask) == ask
-    first = answer_chats(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7)
-    assert [c[:-1] for c in first] == [ask, ask, other] and all(c[-1]["role"] == "assistant" for c in first)
-    assert first[0] == first[1] and first[0][-1]["content"] != "old answer"
-    assert answer_chats(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7) == first
-    samples = {answer_chats(model, tokenizer, [ask], 16, 1.0, seed=s)[0][-1]["content"] for s in range(4)}
+    first = answer_tokens(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7)
+    assert [p for p, _ in first] == [prompt_tokens(tokenizer, ask)] * 2 + [prompt_tokens(tokenizer, other)]
+    assert first[0] == first[1] and all(0 < len(a) <= 16 for _, a in first)
+    for _, a in first:  # an answer ends at the end of turn it wrote, or at max_tokens
+        assert len(a) == 16 or (a[-1] in tokenizer.eos_token_ids and not set(a[:-1]) & set(tokenizer.eos_token_ids))
+    assert answer_tokens(model, tokenizer, [ask, answered, other], 16, 1.0, seed=7) == first
+    samples = {tuple(answer_tokens(model, tokenizer, [ask], 16, 1.0, seed=s)[0][1]) for s in range(4)}
     assert len(samples) > 1  # sampled, not greedy
 
 

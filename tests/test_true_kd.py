@@ -215,6 +215,7 @@ def test_lora_on_a_quantized_student(kit, tmp_path):
     (["--domain", "task", "--student", "/no/such/model"], "model path does not exist: /no/such/model"),
     (["--domain", "task", "--kit", "--temperature", "42"], "--temperature must be in [0.5, 10.0], got 42"),
     (["--domain", "task", "--kit", "--iters", "0"], "--iters must be in [1, 1000000], got 0"),
+    (["--domain", "task", "--kit", "--on-policy", "1.5"], "--on-policy must be in [0.0, 1.0], got 1.5"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message):
     proc = run_module("conch_dna.training.true_kd", *args)
@@ -225,9 +226,12 @@ def test_cli_bad_input_is_one_line_exit_2(args, message):
 
 def test_cli_trains_a_domain_on_the_kit(tmp_path):
     proc = run_module("conch_dna.training.true_kd", "--kit", "--domain", "memory", "--iters", "3",
-                      "--output-dir", str(tmp_path), "--heldout-fraction", "0.2")
+                      "--output-dir", str(tmp_path), "--heldout-fraction", "0.2", "--on-policy", "0.25",
+                      "--sample-max-tokens", "16")
     assert proc.returncode == 0, proc.stderr
-    assert "held-out before" in proc.stderr and "held-out after" in proc.stderr
+    assert "held-out before" in proc.stderr and "held-out after" in proc.stderr and "on-policy KL" in proc.stderr
+    metrics = json.loads((tmp_path / "adapters_kd" / "memory" / "kd_metrics.json").read_text())
+    assert metrics["samples_generated"] == round(0.25 * metrics["num_examples"]) > 0
     assert (tmp_path / "adapters_kd" / "memory" / "adapters.safetensors").is_file()
     assert stat.S_IMODE((tmp_path / "teacher_cache").stat().st_mode) == 0o700
 

@@ -8,8 +8,6 @@ answered greedily: KL(teacher ‖ student) over those tokens is what a user of t
 
 from __future__ import annotations
 
-import json
-
 from conch_dna.chat import prompt_tokens
 
 import mlx.core as mx
@@ -27,27 +25,36 @@ def prompt_part(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
 
 
-def answer_chats(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float,
-                 seed: int, batch_size: int = 32) -> list[list[dict]]:
-    """Each chat's prompt with the model's own answer last, written by mlx-lm's batch_generate.
+def answer_tokens(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float,
+                  seed: int, batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of each chat's prompt answered by the model, with mlx-lm's BatchGenerator.
 
-    `temperature` 0 answers greedily. The same prompt twice is answered once (held-out groups are
-    subsets of the held-out set); the same seed gives the same answers.
+    The answer is the tokens the model wrote, its end-of-turn token included when it stopped, so
+    the teacher scores exactly the student's trajectory (decoding and re-encoding the text could
+    merge its first token into the prompt's). `temperature` 0 answers greedily. The same prompt twice
+    is answered once (held-out groups are subsets of the held-out set); the same seed gives the same
+    answers.
     """
-    from mlx_lm.generate import batch_generate
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
-    prompts = [prompt_part(c) for c in chats]
-    keys = [json.dumps(p, sort_keys=True) for p in prompts]
-    unique = list(dict.fromkeys(keys))
-    first = {k: prompts[keys.index(k)] for k in unique}
+    prompts = [prompt_tokens(tokenizer, prompt_part(c)) for c in chats]
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
     mx.random.seed(seed)
     model.eval()
-    answers: dict[str, str] = {}
+    answers: dict[tuple, list[int]] = {}
     for i in range(0, len(unique), batch_size):
         chunk = unique[i : i + batch_size]
-        tokens = [prompt_tokens(tokenizer, first[k]) for k in chunk]
-        out = batch_generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temperature),
-                             prefill_batch_size=min(8, len(chunk)), completion_batch_size=len(chunk))
-        answers.update(zip(chunk, out.texts))
-    return [[*p, {"role": "assistant", "content": answers[k]}] for p, k in zip(prompts, keys)]
+        generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                                   sampler=make_sampler(temperature), completion_batch_size=len(chunk),
+                                   prefill_batch_size=min(8, len(chunk)))
+        try:
+            uids = generator.insert([list(p) for p in chunk], [max_tokens] * len(chunk))
+            written: dict[int, list[int]] = {uid: [] for uid in uids}
+            while responses := generator.next_generated():
+                for r in responses:
+                    written[r.uid].append(r.token)
+        finally:
+            generator.close()
+        answers.update((p, written[uid]) for p, uid in zip(chunk, uids))
+    return [(p, answers[tuple(p)]) for p in prompts]

@@ -209,13 +209,21 @@ class TeacherScorer:
             cut = window_cut(len(tokens), offset, self.max_seq_length)
             tokens, offset = tokens[cut:], offset - cut
         captured = _fit_topk(topk, fingerprint, tokens[offset:], self.top_k, self.vocab_limit)
-        if captured:  # a capture cut short by max_tokens covers a prefix: the example ends with it
-            ids, logprobs = captured
-            tokens = tokens[: offset + len(ids)]
-        else:  # answer tokens past the window would never be trained on: the teacher skips them too
-            tokens = tokens[: self.max_seq_length + 1] if self.max_seq_length else tokens
-            ids, logprobs = self.targets(tokens, offset)
-        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs)
+        if not captured:
+            return self.token_example(tokens, offset)
+        ids, logprobs = captured  # a capture cut short by max_tokens covers a prefix: the example ends with it
+        return KDExample(np.asarray(tokens[: offset + len(ids)], np.int32), offset, ids, logprobs)
+
+    def token_example(self, tokens: list[int], offset: int, on_policy: bool = False) -> KDExample:
+        """A KD example of token ids whose answer starts at `offset`, scored by the teacher in the window.
+
+        Answer tokens past the window would never be trained on: the teacher skips them too.
+        """
+        if self.max_seq_length:
+            cut = window_cut(len(tokens), offset, self.max_seq_length)
+            tokens, offset = tokens[cut:][: self.max_seq_length + 1], offset - cut
+        ids, logprobs = self.targets(tokens, offset)
+        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, on_policy)
 
 
 # Rows a capture may lack: the chat template's own text after the answer's EOS (ChatML's "\n").

@@ -17,7 +17,7 @@ from __future__ import annotations
 import runpy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from conch_dna.adapters import (
@@ -57,7 +57,7 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     log_softmax,
     sparse_kd_loss,
 )
-from conch_dna.training.on_policy import answer_chats, pick_on_policy
+from conch_dna.training.on_policy import answer_tokens, pick_on_policy
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
 
@@ -81,6 +81,9 @@ class DistillResult:
     heldout_after: dict | None = None
     heldout_groups: dict | None = None  # {name: {"before": metrics, "after": metrics}} for subsets
     samples_generated: int = 0  # train prompts the student answered itself (on-policy)
+    # teacher passes over the student's own answers (train samples, both versions' held-out answers);
+    # teacher_forward_passes counts those over traces
+    own_answer_passes: int = 0
     phase_seconds: dict | None = None  # seconds of each phase: sample, teacher, train, evaluate
 
     def as_dict(self) -> dict:
@@ -237,6 +240,7 @@ class TrueKnowledgeDistiller:
                                     max_answer_tokens=self.config.max_answer_tokens,
                                     max_seq_length=self.config.max_seq_length)
         self.callbacks = callbacks or KDCallback()
+        self.own_answer_passes = 0  # of all runs so far, like scorer.forward_passes
         self._vocab_checked = False
 
     def load_student(self, adapter_path: str | Path | None = None):
@@ -294,7 +298,7 @@ class TrueKnowledgeDistiller:
         held_sets = {name: items for name, items in {"": heldout or [], **(options.heldout_groups or {})}.items()
                      if items}
         picked = pick_on_policy(len(prompts), self.config.on_policy, self.config.seed)
-        passes_before = self.scorer.forward_passes
+        passes_before, own_before = self.scorer.forward_passes, self.own_answer_passes
         with clock("sample"):
             tokenizer, sampled, held_own = self._answers(domain, options.warm_start,
                                                          [to_messages(domain, prompts[i]) for i in picked], held_sets)
@@ -319,20 +323,23 @@ class TrueKnowledgeDistiller:
             free_memory()
             for name, metrics in self._measure_own(domain, out, held_sets).items():
                 after[name]["on_policy"] = metrics
+        own_passes = self.own_answer_passes - own_before
         result = self._result(domain, history, elapsed, out, len(train),
-                              self.scorer.forward_passes - passes_before, before, after)
-        result.samples_generated, result.phase_seconds = len(sampled), clock.seconds
+                              self.scorer.forward_passes - passes_before - own_passes, before, after)
+        result.samples_generated, result.own_answer_passes = len(sampled), own_passes
+        result.phase_seconds = clock.seconds
         atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
         self.callbacks.on_stage(domain, f"held-out before  {_words(before.get(''))}")
         self.callbacks.on_stage(domain, f"held-out after   {_words(after.get(''))}")
         self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {len(train)} examples, {len(sampled)} "
-                                        f"on-policy, {result.teacher_forward_passes} teacher passes)")
+                                        f"on-policy, {result.teacher_forward_passes} teacher passes over traces, "
+                                        f"{own_passes} over the student's answers)")
         return result
 
     def _answers(self, domain, adapter, train_chats, held_sets):
         """The student with `adapter` answers: train chats sampled at sample_temperature, every held-out
-        prompt greedily. Returns (tokenizer, answered train chats, {set name: answered held-out chats});
-        the student is released before it returns."""
+        prompt greedily. Returns (tokenizer, [(prompt ids, answer ids)] of the train chats, {set name:
+        the same of its held-out prompts}); the student is released before it returns."""
         c = self.config
         model, tokenizer, _ = self.load_student(adapter)
         self.scorer.vocab_limit = output_vocab_size(model)
@@ -340,16 +347,24 @@ class TrueKnowledgeDistiller:
         if train_chats or n_held:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
                                             f"and {n_held} held-out")
-        sampled = answer_chats(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
+        sampled = answer_tokens(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
         flat = [to_messages(domain, p) for items in held_sets.values() for p in items]
-        answered = iter(answer_chats(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
+        answered = iter(answer_tokens(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
         held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
         del model
         free_memory()
         return tokenizer, sampled, held
 
-    def _own_examples(self, domain, chats, tokenizer) -> list[KDExample]:
-        return [replace(e, on_policy=True) for e in self.teacher_examples(domain, chats, tokenizer)]
+    def _own_examples(self, answers: list[tuple[list[int], list[int]]]) -> list[KDExample]:
+        """KD examples of the student's own answers, every token scored by the teacher."""
+        examples = []
+        for prompt, answer in answers:
+            if self.callbacks.should_stop():
+                raise TrainingInterrupted(0, None)
+            passes = self.scorer.forward_passes
+            examples.append(self.scorer.token_example(prompt + answer, len(prompt), on_policy=True))
+            self.own_answer_passes += self.scorer.forward_passes - passes
+        return examples
 
     def _targets(self, domain, tokenizer, prompts, sampled, held_sets, held_own):
         """Teacher targets of the train prompts, the student's samples, each named held-out set and the
@@ -358,9 +373,9 @@ class TrueKnowledgeDistiller:
         self.callbacks.on_stage(domain, f"teacher targets for {len(prompts) + len(sampled)} prompts"
                                         + (f" ({len(sampled)} answered by the student)" if sampled else "")
                                         + (f" + {n_held} held-out" if n_held else ""))
-        train = self.teacher_examples(domain, prompts, tokenizer) + self._own_examples(domain, sampled, tokenizer)
+        train = self.teacher_examples(domain, prompts, tokenizer) + self._own_examples(sampled)
         held = {name: self.teacher_examples(domain, items, tokenizer) for name, items in held_sets.items()}
-        own = {name: self._own_examples(domain, chats, tokenizer) for name, chats in held_own.items()}
+        own = {name: self._own_examples(answers) for name, answers in held_own.items()}
         self.scorer.release()
         return train, held, own
 
@@ -380,9 +395,9 @@ class TrueKnowledgeDistiller:
         measured on them; one model resident at a time."""
         if not held_sets:
             return {}
-        tokenizer, _, answered = self._answers(domain, adapter, [], held_sets)
+        _, _, answered = self._answers(domain, adapter, [], held_sets)
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
-        own = {name: self._own_examples(domain, chats, tokenizer) for name, chats in answered.items()}
+        own = {name: self._own_examples(answers) for name, answers in answered.items()}
         self.scorer.release()
         model, _, _ = self.load_student(adapter)
         measured = {name: heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length).as_dict()
