@@ -5,8 +5,9 @@ on the first half of the train prompts makes that version, then each method trai
 steps on the second half, where every prompt costs one teacher pass over one answer:
   - SFT: α = 0, cross-entropy on the teacher's answers;
   - off-policy KD: λ = 0, the teacher's answers and top-k;
-  - on-policy KD at each --lambdas λ: that share of the prompts answered by the current version
-    itself (sampled at --sample-temperature), the teacher scoring every token of those answers.
+  - on-policy KD at each --lambdas λ: that share of the prompts answered by the student itself
+    (sampled at --sample-temperature), the teacher scoring every token of those answers; with
+    --rounds R, a share answered at the start of each of R rounds by the student as it stands.
 Each candidate is measured on the held-out prompts twice: teacher-forced (the teacher's answers) and
 on-policy (its own greedy answers, scored by the teacher), as the retrain gate measures it.
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--sample-max-tokens", type=int, default=64)
     p.add_argument("--sample-temperature", type=float, default=1.0)
     p.add_argument("--lambdas", default="0.5,1.0")
+    p.add_argument("--rounds", type=int, default=1, help="on_policy_rounds of the on-policy methods")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
     args = p.parse_args()
     if args.pair_dir:
@@ -58,7 +60,7 @@ def main() -> None:
                     max_answer_tokens=args.max_answer_tokens, sample_max_tokens=args.sample_max_tokens,
                     sample_temperature=args.sample_temperature, steps_per_report=max(args.iters, args.warmup_iters))
     methods = {"sft (alpha 0)": replace(base, alpha=0.0), "off-policy kd": base}
-    methods |= {f"on-policy kd, lambda {lam:g}": replace(base, on_policy=lam)
+    methods |= {f"on-policy kd, lambda {lam:g}": replace(base, on_policy=lam, on_policy_rounds=args.rounds)
                 for lam in (float(x) for x in args.lambdas.split(","))}
     domains = args.domains.split(",")
 
@@ -92,7 +94,8 @@ def main() -> None:
           f"{sum(len(d[1]) for d in data.values())} new prompts, one teacher pass each; "
           f"{sum(len(d[2]) for d in data.values())} held-out prompts. lr {args.learning_rate}, LoRA rank "
           f"{args.lora_rank} on every layer, T {base.temperature}, alpha {base.alpha}, answers <= "
-          f"{args.max_answer_tokens} (teacher) / {args.sample_max_tokens} (student, T {args.sample_temperature})")
+          f"{args.max_answer_tokens} (teacher) / {args.sample_max_tokens} (student, T {args.sample_temperature}), "
+          f"on-policy answers in {args.rounds} round(s)")
     print(f"{'':28s} {'scored':>6s} {'held-out KL':>11s} {'top-1':>7s} {'on-policy KL':>12s} {'top-1':>7s} "
           f"{'own tokens':>10s} {'sample/teacher/train/eval s':>28s}")
     rows = [("current version (warm-up)", first, "before")] + [(n, r, "after") for n, r in results.items()]

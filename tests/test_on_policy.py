@@ -180,3 +180,64 @@ def test_the_gate_compares_the_metric_config_chooses():
     assert parse_config('gate_metric = "on_policy"').gate_metric is GateMetric.ON_POLICY
     with pytest.raises(ValueError, match="gate_metric"):
         parse_config('gate_metric = "vibes"')
+
+
+def test_on_policy_rounds_answer_each_share_with_the_student_as_it_stands(kit, tmp_path, monkeypatch):
+    models = ResidentModels(kit["teacher"], monkeypatch)
+    calls = []
+    original = true_kd.answer_tokens
+
+    def recorded(model, tokenizer, chats, max_tokens, temperature, seed):
+        answers = original(model, tokenizer, chats, max_tokens, temperature, seed)
+        calls.append((seed, temperature, answers))
+        return answers
+
+    monkeypatch.setattr(true_kd, "answer_tokens", recorded)
+    config = KDConfig(num_iters=6, learning_rate=1e-2, lora_rank=8, sample_max_tokens=12, on_policy=1.0,
+                      on_policy_rounds=3, seed=5)
+    distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
+    prompts = [f"Why did the build fail on step {i}?" for i in range(9)]
+    result = distiller.distill_domain("thinking", prompts, ["Why is the queue slow?", "Why is it late?"])
+
+    # the bare student answers a third of the prompts and the held-out ones; the teacher scores; the
+    # student trains to step 2, answers the next third, leaves while the teacher scores, comes back from
+    # its checkpoint; again at step 4; then the candidate is measured
+    assert models.loads == ["student", "teacher"] + ["student", "teacher"] * 2 + ["student"] \
+        + ["student", "teacher", "student"]
+    sampled = [(seed, answers) for seed, temperature, answers in calls if temperature > 0 and answers]
+    assert [seed for seed, _ in sampled] == [5, 7, 9] and [len(a) for _, a in sampled] == [3, 3, 3]
+    for step, (seed, answers) in zip((2, 4), sampled[1:]):
+        model, tokenizer, _ = distiller.load_student(tmp_path / "adapters_kd" / "thinking" / f"checkpoint_{step}")
+        chats = [true_kd.to_messages("thinking", prompts[i]) for i in range(step // 2, 9, 3)]
+        assert original(model, tokenizer, chats, 12, 1.0, seed) == answers
+        bare, _, _ = distiller.load_student()
+        assert original(bare, tokenizer, chats, 12, 1.0, seed) != answers
+        del model, bare
+    # every prompt answered once, by the student: no teacher pass over a trace but the held-out ones
+    assert result.samples_generated == 9 and result.num_examples == 9
+    assert result.teacher_forward_passes == 2 and 9 + 2 <= result.own_answer_passes <= 9 + 4
+    assert [r["iteration"] for r in result.history] == [2, 4, 6]
+    assert set(result.phase_seconds) == {"sample", "teacher", "train", "evaluate"}
+
+
+def test_a_run_in_rounds_resumes_from_its_checkpoint(kit, tmp_path):
+    from tests.conftest import Hooks
+
+    config = KDConfig(num_iters=6, learning_rate=1e-2, lora_rank=8, sample_max_tokens=12, on_policy=0.5,
+                      on_policy_rounds=3, steps_per_save=100, steps_per_report=1)
+    prompts = [f"Why did the build fail on step {i}?" for i in range(12)]
+    stopping = Hooks(should_stop=lambda: any(r["iteration"] >= 3 for r in stopping.reports))
+    distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path,
+                                               callbacks=stopping)
+    with pytest.raises(true_kd.TrainingInterrupted) as stopped:
+        distiller.distill_domain("task", prompts)
+    assert stopped.value.iteration == 3 and stopped.value.checkpoint.name == "checkpoint_3"
+
+    distiller.callbacks = Hooks()
+    resumed = distiller.distill_domain("task", prompts, options=true_kd.DistillOptions(
+        resume=(stopped.value.checkpoint, 3)))
+    assert [r["iteration"] for r in resumed.history] == [4, 5, 6]
+    assert resumed.samples_generated == 6 and resumed.num_examples == 12
+    # round 1's answers came from the student at step 2: the resumed one writes them anew at step 3 (its
+    # round 0 is the bare student's again, scored from the cache), and round 2's at step 4
+    assert resumed.own_answer_passes == 2 + 2

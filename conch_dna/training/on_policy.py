@@ -20,6 +20,18 @@ def pick_on_policy(n: int, share: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:count].tolist())
 
 
+def round_groups(picked: list[int], rounds: int) -> list[list[int]]:
+    """The picked prompts dealt into `rounds` groups, one answered at the start of each round; every
+    prompt is answered once, so rounds cost no extra teacher pass (DistiLLM's replay buffer: earlier
+    rounds' answers stay in the training set)."""
+    return [picked[r::rounds] for r in range(rounds)]
+
+
+def round_boundaries(num_iters: int, rounds: int) -> list[int]:
+    """The steps at which rounds 2..rounds start."""
+    return [num_iters * r // rounds for r in range(1, rounds)]
+
+
 def prompt_part(messages: list[dict]) -> list[dict]:
     """A chat without its answer: what the student is asked."""
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages

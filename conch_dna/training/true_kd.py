@@ -57,7 +57,7 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     log_softmax,
     sparse_kd_loss,
 )
-from conch_dna.training.on_policy import answer_tokens, pick_on_policy
+from conch_dna.training.on_policy import answer_tokens, pick_on_policy, round_boundaries, round_groups
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
 
@@ -145,7 +145,7 @@ class TrainingInterrupted(Exception):
 
 def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config: dict,
              checkpoint_dir: Path | None = None, callbacks: KDCallback | None = None,
-             resume: tuple[str | Path, int] | None = None) -> list[dict]:
+             resume: tuple[str | Path, int] | None = None, until: int | None = None) -> list[dict]:
     """The training loop: LoRA parameters of `model` learn the teacher targets of `examples`.
 
     Every steps_per_report a report dict (iteration, kd, ce, combined, tokens/s) goes to the
@@ -155,6 +155,8 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     `resume` = (checkpoint dir, its step), with the checkpoint's weights already in `model`: the
     optimizer state, learning-rate schedule and batch order go on from there, so a resumed run
     ends where an uninterrupted one would (without LoRA dropout, whose masks differ).
+    `until` < num_iters stops at that step with a checkpoint_<until> there (a round of on-policy
+    training ends; the next resumes from it on more examples).
     """
     callbacks = callbacks or KDCallback()
     mx.random.seed(config.seed)
@@ -168,24 +170,26 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     model.train()
     history: list[dict] = []
     sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
-    for it in range(start + 1, config.num_iters + 1):
+    stop = min(until or config.num_iters, config.num_iters)
+    for it in range(start + 1, stop + 1):
         batch = next(batches)
         combined, kd, ce = step(*batch)
         mx.eval(state, combined, kd, ce)
         sums = [s + v.item() for s, v in zip(sums, (combined, kd, ce))]
         n_steps, n_tokens = n_steps + 1, n_tokens + int(batch[2].sum().item())
-        if it % config.steps_per_report == 0 or it == config.num_iters:
+        if it % config.steps_per_report == 0 or it == stop:
             elapsed = time.perf_counter() - tic
             report = {"iteration": it, "combined": sums[0] / n_steps, "kd": sums[1] / n_steps,
                       "ce": sums[2] / n_steps, "tokens_per_second": n_tokens / elapsed}
             history.append(report)
             callbacks.on_train_report(report)
             sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
-        if checkpoint_dir and it % config.steps_per_save == 0 and it != config.num_iters:
-            save_checkpoint(checkpoint_dir / f"checkpoint_{it}", model, optimizer, adapter_config)
+        path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir and it != config.num_iters else None
+        due = it % config.steps_per_save == 0 or it == stop
+        if path and due:
+            save_checkpoint(path, model, optimizer, adapter_config)
         if callbacks.should_stop() and it != config.num_iters:
-            path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir else None
-            if path:
+            if path and not due:
                 save_checkpoint(path, model, optimizer, adapter_config)
             model.eval()
             raise TrainingInterrupted(it, path)
@@ -284,7 +288,9 @@ class TrueKnowledgeDistiller:
 
         A run goes in phases with one model resident at a time: the current student answers a
         share (config.on_policy) of the train prompts and every held-out prompt ("sample"); the
-        teacher scores all of it ("teacher"); the student trains on the mix ("train"); the candidate
+        teacher scores all of it ("teacher"); the student trains on the mix ("train"; with
+        config.on_policy_rounds > 1 the on-policy prompts are shared out over rounds, each answered
+        by the training student as it stands when its round starts, see _train); the candidate
         answers the held-out prompts, the teacher scores those answers and the candidate is measured
         on them ("evaluate"). Held-out metrics hold the teacher-forced ones and, under "on_policy",
         those over the version's own answers.
@@ -298,43 +304,80 @@ class TrueKnowledgeDistiller:
         held_sets = {name: items for name, items in {"": heldout or [], **(options.heldout_groups or {})}.items()
                      if items}
         picked = pick_on_policy(len(prompts), self.config.on_policy, self.config.seed)
+        chats = [[to_messages(domain, prompts[i]) for i in group]
+                 for group in round_groups(picked, self.config.on_policy_rounds)]
         passes_before, own_before = self.scorer.forward_passes, self.own_answer_passes
         with clock("sample"):
-            tokenizer, sampled, held_own = self._answers(domain, options.warm_start,
-                                                         [to_messages(domain, prompts[i]) for i in picked], held_sets)
+            tokenizer, sampled, held_own = self._answers(domain, options.warm_start, chats[0], held_sets)
         with clock("teacher"):
             kept = [p for i, p in enumerate(prompts) if i not in frozenset(picked)]
             train, held, own = self._targets(domain, tokenizer, kept, sampled, held_sets, held_own)
+        out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
+        history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
+                                                      options, clock)
+        with clock("evaluate"):
+            for name, metrics in self._measure_own(domain, out, held_sets).items():
+                after[name]["on_policy"] = metrics
+        own_passes = self.own_answer_passes - own_before
+        result = self._result(domain, history, elapsed, out, len(kept) + len(picked),
+                              self.scorer.forward_passes - passes_before - own_passes, before, after)
+        result.samples_generated, result.own_answer_passes = len(picked), own_passes
+        result.phase_seconds = clock.seconds
+        atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
+        self.callbacks.on_stage(domain, f"held-out before  {_words(before.get(''))}")
+        self.callbacks.on_stage(domain, f"held-out after   {_words(after.get(''))}")
+        self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {result.num_examples} examples, {len(picked)} "
+                                        f"on-policy, {result.teacher_forward_passes} teacher passes over traces, "
+                                        f"{own_passes} over the student's answers)")
+        return result
+
+    def _train(self, domain, tokenizer, train, later_chats, held, own, out, options, clock):
+        """The train phase: the student (from options.warm_start, or options.resume's checkpoint) is
+        measured, then trains on `train` in rounds; at the start of round r + 1 it answers
+        later_chats[r] as it stands, is released while the teacher scores the answers, and goes on
+        from its checkpoint with them added. The adapter is saved to `out`, the teacher-forced metrics
+        after taken. Returns (history, seconds of training, metrics before, metrics after)."""
+        c = self.config
         with clock("train"):
             model, _, adapter_config = self.load_student(options.warm_start)
             before = self._measure(model, held, own)
             resume = self._resume(domain, model, options.resume)
-            out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
             adapter_config = {"model": self.student_model_id, **adapter_config,
                               "kd": {**asdict(self.config), "teacher": self.teacher_model_id, "domain": domain}}
+            self.callbacks.on_train_start(domain, c.num_iters, resume[1] if resume else 0)
+        history, elapsed, step = [], 0.0, resume[1] if resume else 0
+        for boundary, chats in zip(round_boundaries(c.num_iters, c.on_policy_rounds), later_chats):
+            if boundary > step:
+                with clock("train"):
+                    tic = time.perf_counter()
+                    history += train_kd(model, train, c, adapter_config, out, self.callbacks, resume, boundary)
+                    elapsed += time.perf_counter() - tic
+                step, resume = boundary, (out / f"checkpoint_{boundary}", boundary)
+            with clock("sample"):
+                self.callbacks.on_stage(domain, f"step {step}: the student answers {len(chats)} train prompts "
+                                                "(on-policy)")
+                answers = answer_tokens(model, tokenizer, chats, c.sample_max_tokens, c.sample_temperature,
+                                        c.seed + step)
+                del model
+                free_memory()
+            with clock("teacher"):
+                try:
+                    train = train + self._own_examples(answers)
+                except TrainingInterrupted:
+                    raise TrainingInterrupted(step, resume[0] if resume else None) from None
+                self.scorer.release()
+            with clock("train"):
+                model, _, _ = self.load_student(resume[0] if resume else options.warm_start)
+        with clock("train"):
             tic = time.perf_counter()
-            self.callbacks.on_train_start(domain, self.config.num_iters, resume[1] if resume else 0)
-            history = train_kd(model, train, self.config, adapter_config, out, self.callbacks, resume)
-            elapsed = time.perf_counter() - tic
+            history += train_kd(model, train, c, adapter_config, out, self.callbacks, resume)
+            elapsed += time.perf_counter() - tic
         with clock("evaluate"):
             after = self._measure(model, held)
             save_adapter(out, adapter_weights(model), adapter_config)
             del model
             free_memory()
-            for name, metrics in self._measure_own(domain, out, held_sets).items():
-                after[name]["on_policy"] = metrics
-        own_passes = self.own_answer_passes - own_before
-        result = self._result(domain, history, elapsed, out, len(train),
-                              self.scorer.forward_passes - passes_before - own_passes, before, after)
-        result.samples_generated, result.own_answer_passes = len(sampled), own_passes
-        result.phase_seconds = clock.seconds
-        atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
-        self.callbacks.on_stage(domain, f"held-out before  {_words(before.get(''))}")
-        self.callbacks.on_stage(domain, f"held-out after   {_words(after.get(''))}")
-        self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {len(train)} examples, {len(sampled)} "
-                                        f"on-policy, {result.teacher_forward_passes} teacher passes over traces, "
-                                        f"{own_passes} over the student's answers)")
-        return result
+        return history, elapsed, before, after
 
     def _answers(self, domain, adapter, train_chats, held_sets):
         """The student with `adapter` answers: train chats sampled at sample_temperature, every held-out
