@@ -48,7 +48,7 @@ def test_the_teacher_cache_evicts_the_least_recently_used_first(tmp_path):
     cache = TeacherCache(tmp_path / "cache")
     ids, lps = np.zeros((50, 8), np.int32), np.zeros((50, 8), np.float16)
     for i in range(6):
-        cache.put(f"{i:02d}" * 32, ids, lps, {"teacher": "t"})
+        cache.put(f"{i:02d}" * 32, ids, lps)
         os.utime(cache.path(f"{i:02d}" * 32), (1000 + i, 1000 + i))  # written in this order, long ago
     cache.put_answer("a" * 64, "an answer")
     os.utime(cache.answer_path("a" * 64), (999, 999))
@@ -57,7 +57,7 @@ def test_the_teacher_cache_evicts_the_least_recently_used_first(tmp_path):
     total = cache.size_bytes()
     assert cache.evict(total - 1) == 1 and cache.get_answer("a" * 64) is None  # the oldest: the answer
     assert cache.evict(3 * one) == 3
-    kept = sorted(p.stem[:2] for p in (tmp_path / "cache").rglob("*.safetensors"))
+    kept = sorted(p.stem[:2] for p in (tmp_path / "cache").rglob("*.topk"))
     assert kept == ["00", "04", "05"]
     assert cache.size_bytes() <= 3 * one and cache.evict(3 * one) == 0
 

@@ -88,7 +88,9 @@ def test_teacher_targets_are_cached_and_match_a_full_softmax(kit, student, tmp_p
     teacher, _ = load(kit["teacher"])
     logits = teacher(mx.array(tokens[:-1])[None])[0, offset - 1:]
     full = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    assert np.allclose(np.take_along_axis(full, ids, -1), logprobs, atol=2e-2)
+    # stored packed: log-probs to 8 bits on a square-root scale (finest near p = 1), the top-1 exact
+    exact = np.take_along_axis(full, ids, -1)
+    assert np.allclose(np.exp(exact), np.exp(logprobs.astype(np.float32)), atol=6e-3)
     assert (ids[:, 0] == full[:, : len(tokenizer)].argmax(-1)).all()
     assert (np.diff(logprobs.astype(np.float32), axis=-1) <= 1e-3).all()
 
@@ -97,10 +99,10 @@ def test_teacher_targets_are_cached_and_match_a_full_softmax(kit, student, tmp_p
     assert again.forward_passes == 0 and not again.loaded
     assert (ids2 == ids).all() and (lp2 == logprobs).all()
 
-    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    files = list((tmp_path / "cache").rglob("*.topk"))
     assert len(files) == 1
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    assert files[0].stat().st_size / len(ids) <= 400
+    assert files[0].stat().st_size / len(ids) <= 150
 
 
 def test_torn_cache_file_is_a_miss_not_a_crash(kit, student, tmp_path):

@@ -1,9 +1,9 @@
 """Teacher targets: the teacher's top-k log-probs for every answer token, cached on disk.
 
 A target costs one teacher forward pass over prompt + answer; the result is stored as a small
-safetensors file keyed by a hash of the teacher id, k and the token ids, so the same trace never
-costs a teacher pass twice. When a prompt has no answer yet, the teacher writes one first (greedy),
-and that answer is cached too.
+packed file (conch_dna.training.topk_codec) keyed by a hash of the teacher id, k and the token ids,
+so the same trace never costs a teacher pass twice. When a prompt has no answer yet, the teacher
+writes one first (greedy), and that answer is cached too.
 """
 
 from __future__ import annotations
@@ -18,14 +18,22 @@ from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import free_memory, load_model
 from conch_dna.training.data import KDExample, window_cut
 from conch_dna.training.losses import PAD_LOGPROB
+from conch_dna.training.topk_codec import decode_topk, encode_topk
 
 import mlx.core as mx
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+TARGET_SUFFIX = ".topk"
+LEGACY_SUFFIX = ".safetensors"
 
 
 class TeacherCache:
-    """One safetensors file per (teacher, k, tokens): `ids` int32 [n, k], `logprobs` float16 [n, k]."""
+    """One file per (teacher, k, tokens): its top-k ids and log-probs, packed (topk_codec, `.topk`).
+
+    Caches written before the packed format (`.safetensors`: `ids` int32 [n, k], `logprobs`
+    float16 [n, k]) still read; a target is only ever written packed.
+    """
 
     def __init__(self, root: str | Path):
         self.root = private_dir(root)
@@ -44,25 +52,29 @@ class TeacherCache:
         return h.hexdigest()
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        return self.root / key[:2] / f"{key}{TARGET_SUFFIX}"
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        path = self.path(key)
-        try:
-            data = load_file(str(path))
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, not a crash
-            path.unlink(missing_ok=True)
-            return None
-        _touch(path)
-        return data["ids"], data["logprobs"]
+        """(ids int32 [n, k], log-probs float16 [n, k]) of a cached target, or None."""
+        for path, read in ((self.path(key), _read_packed), (self.path(key).with_suffix(LEGACY_SUFFIX), _read_legacy)):
+            try:
+                target = read(path)
+            except FileNotFoundError:
+                continue
+            except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, not a crash
+                path.unlink(missing_ok=True)
+                continue
+            _touch(path)
+            return target
+        return None
 
-    def put(self, key: str, ids: np.ndarray, logprobs: np.ndarray, meta: dict[str, str]) -> None:
+    def put(self, key: str, ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store a target packed; returns it as get() will, so a first run trains on what a rerun reads."""
+        packed = encode_topk(ids, logprobs)
         path = self.path(key)
         private_dir(path.parent)
-        tensors = {"ids": ids.astype(np.int32), "logprobs": logprobs.astype(np.float16)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(packed))
+        return decode_topk(packed)
 
     def answer_path(self, key: str) -> Path:
         return self.root / "answers" / f"{key}.json"
@@ -83,7 +95,7 @@ class TeacherCache:
         """(last used, size, path) of every cached file."""
         out = []
         for path in self.root.rglob("*"):
-            if path.suffix in (".safetensors", ".json") and not path.name.startswith("."):
+            if path.suffix in (TARGET_SUFFIX, LEGACY_SUFFIX, ".json") and not path.name.startswith("."):
                 try:
                     st = path.stat()
                 except FileNotFoundError:  # evicted by another process meanwhile
@@ -107,6 +119,15 @@ class TeacherCache:
             total -= size
             deleted += 1
         return deleted
+
+
+def _read_packed(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return decode_topk(path.read_bytes())
+
+
+def _read_legacy(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = load_file(str(path))
+    return data["ids"], data["logprobs"]
 
 
 def _touch(path: Path) -> None:
@@ -193,9 +214,7 @@ class TeacherScorer:
         ids, logprobs = topk_logprobs(logits, self.top_k, self.vocab_limit)
         mx.eval(ids, logprobs)
         self.forward_passes += 1
-        ids_np, lp_np = np.array(ids, np.int32), np.array(logprobs, np.float32)
-        self.cache.put(key, ids_np, lp_np, {"teacher": self.teacher_model_id})
-        return ids_np, lp_np.astype(np.float16)
+        return self.cache.put(key, np.array(ids, np.int32), np.array(logprobs, np.float32))
 
     def example(self, messages: list[dict], tokenizer, topk: dict | None = None,
                 fingerprint: str | None = None) -> KDExample:
