@@ -6,6 +6,10 @@ All steps run in one process on the same student, LoRA shape, batch and length:
   - KD with an online teacher: a teacher forward pass inside every step, dense KL over the vocabulary.
 Then the peak memory (mx.get_peak_memory) of one KD step against one SFT step on a student with a
 Qwen2.5-sized vocabulary (--memory-vocab rows, random weights), where the loss dominates memory.
+Then the packed teacher cache: its bytes per answer token against the raw form's, and what packing
+costs: for each of --kl-seeds seeds, two fresh students train --kl-iters steps, one on the raw top-k
+targets, one on the same targets packed and unpacked; all are measured on held-out chats against
+the raw targets.
 
     python bench/kd_step.py                       # the tiny kit
     python bench/kd_step.py --teacher mlx-community/Qwen2.5-7B-Instruct-4bit \\
@@ -18,15 +22,18 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 from conch_dna.adapters import apply_lora
 from conch_dna.chat import encode_chat
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.models import load_model, output_vocab_size
 from conch_dna.training.data import KDExample, collate
+from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.losses import compute_kd_loss, masked_mean
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
-from conch_dna.training.true_kd import KDConfig, make_kd_step
+from conch_dna.training.teacher import TeacherCache, TeacherScorer, topk_logprobs
+from conch_dna.training.topk_codec import decode_topk, encode_topk
+from conch_dna.training.true_kd import KDConfig, make_kd_step, train_kd
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,6 +41,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import default_loss
+from safetensors.numpy import save as safetensors_bytes
 
 
 def interleaved_medians(variants: dict, warmup: int, repeats: int) -> dict[str, float]:
@@ -49,8 +57,8 @@ def interleaved_medians(variants: dict, warmup: int, repeats: int) -> dict[str, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def fresh_student(student_id: str, config: KDConfig):
-    mx.random.seed(0)
+def fresh_student(student_id: str, config: KDConfig, seed: int = 0):
+    mx.random.seed(seed)
     model, tokenizer = load_model(student_id)
     apply_lora(model, config.lora_layers, config.lora_rank, config.lora_scale, config.lora_dropout)
     model.train()
@@ -114,6 +122,50 @@ def peak_memory(vocab: int, batch_size: int, length: int, k: int) -> tuple[float
     return kd, sft
 
 
+def raw_examples(teacher, tokenizer, chats, k: int, vocab_limit: int) -> list[KDExample]:
+    """KD examples with the teacher's top-k as computed (float16 log-probs, the raw cache's form)."""
+    examples = []
+    for chat in chats:
+        tokens, offset = encode_chat(tokenizer, chat)
+        logits = teacher(mx.array(tokens[:-1])[None])[0, offset - 1 :]
+        ids, logprobs = topk_logprobs(logits, k, vocab_limit)
+        examples.append(KDExample(np.array(tokens, np.int32), offset, np.array(ids, np.int32),
+                                  np.array(logprobs, np.float16)))
+    return examples
+
+
+def packed(example: KDExample) -> KDExample:
+    ids, logprobs = decode_topk(encode_topk(example.topk_ids, example.topk_logprobs))
+    return KDExample(example.tokens, example.offset, ids, logprobs)
+
+
+def packing_cost(args, teacher) -> dict:
+    """Bytes per answer token raw and packed, and the held-out KL (against raw targets) of students
+    trained on raw targets against ones trained on packed targets, paired by seed (LoRA init, batch
+    order): a one-seed pair says little, since a 1e-3 nudge to the targets moves a trained
+    student's held-out KL by a few percent either way."""
+    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, num_iters=args.kl_iters, learning_rate=1e-3,
+                      steps_per_report=args.kl_iters)
+    model, tokenizer = fresh_student(args.student, config)
+    vocab = output_vocab_size(model)
+    del model
+    train = raw_examples(teacher, tokenizer, corpus.dialogues(args.kl_chats, seed=11), args.top_k, vocab)
+    held = raw_examples(teacher, tokenizer, corpus.dialogues(args.kl_chats // 4, seed=12), args.top_k, vocab)
+    tokens = sum(len(e.topk_ids) for e in train)
+    raw_bytes = sum(len(safetensors_bytes({"ids": e.topk_ids, "logprobs": e.topk_logprobs})) for e in train)
+    packed_bytes = sum(len(encode_topk(e.topk_ids, e.topk_logprobs)) for e in train)
+    kl: dict[str, list[float]] = {"raw": [], "packed": []}
+    for seed in range(args.kl_seeds):
+        for name, examples in (("raw", train), ("packed", [packed(e) for e in train])):
+            student, _ = fresh_student(args.student, config, seed)
+            train_kd(student, examples, replace(config, seed=seed), adapter_config={})
+            kl[name].append(heldout_metrics(student, held).kl)
+            del student
+    change = [p / r - 1 for r, p in zip(kl["raw"], kl["packed"])]
+    return {"raw_bytes": raw_bytes / tokens, "packed_bytes": packed_bytes / tokens, "tokens": tokens,
+            "held_tokens": sum(len(e.topk_ids) for e in held), "kl": kl, "change": change}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=TEACHER_PATH)
@@ -125,6 +177,9 @@ def main() -> None:
     p.add_argument("--memory-vocab", type=int, default=151936,
                    help="vocabulary rows of the peak-memory comparison (Qwen2.5-3B: 151936; 0 skips it)")
     p.add_argument("--memory-length", type=int, default=256, help="tokens per sequence there")
+    p.add_argument("--kl-iters", type=int, default=60, help="steps of each student of the packing comparison")
+    p.add_argument("--kl-chats", type=int, default=64, help="train chats there (a quarter as many held out)")
+    p.add_argument("--kl-seeds", type=int, default=5, help="seeds of that comparison, each a raw and a packed run")
     args = p.parse_args()
     config = KDConfig(top_k=args.top_k, batch_size=args.batch_size)
 
@@ -179,7 +234,16 @@ def main() -> None:
     print(f"kd cached / sft ratio: {runs['kd, cached top-k'] / sft:.3f}  (target <= 1.10)")
     print(f"kd online / sft ratio: {runs['kd, online teacher'] / sft:.3f}")
     print(f"teacher cache: {cache_bytes} bytes for {answer_tokens} answer tokens = "
-          f"{cache_bytes / answer_tokens:.1f} bytes/token at k={args.top_k} (target <= 400)")
+          f"{cache_bytes / answer_tokens:.1f} bytes/token at k={args.top_k} (target <= 150)")
+    cost = packing_cost(args, teacher)
+    print(f"packed top-k over {cost['tokens']} answer tokens: {cost['packed_bytes']:.1f} bytes/token against "
+          f"{cost['raw_bytes']:.1f} raw (ratio {cost['packed_bytes'] / cost['raw_bytes']:.3f})")
+    kl, change = cost["kl"], cost["change"]
+    print(f"held-out KL ({cost['held_tokens']} tokens) after {args.kl_iters} steps, {args.kl_seeds} seeds: raw targets "
+          f"{statistics.mean(kl['raw']):.4f} (seeds {min(kl['raw']):.4f}..{max(kl['raw']):.4f}), packed "
+          f"{statistics.mean(kl['packed']):.4f}; packed against raw, seed by seed: mean "
+          f"{100 * statistics.mean(change):+.2f}%, range {100 * min(change):+.2f}%..{100 * max(change):+.2f}% "
+          "(target: the mean within 1%)")
     if args.memory_vocab:
         kd_mb, sft_mb = peak_memory(args.memory_vocab, args.batch_size, args.memory_length, args.top_k)
         logits_mb = args.batch_size * args.memory_length * args.memory_vocab * 4 / 2**20

@@ -5,9 +5,10 @@ Here each row's ids are sorted and stored as gaps (one byte plane per byte of th
 zero high planes compress to nothing); log-probs are quantized to 8 bits on a square-root scale of
 -log p (fine near p = 1 where the mass is, coarse deep in the tail); the whole is LZMA2-packed
 (raw, with a 1 MiB dictionary: a few MiB to encode, not the hundreds of the xz presets). Two
-things are kept exactly so that nothing a loss or a metric reads moves: each row's total top-k mass
-(its log, as float16: the tail bucket 1 - Σp would otherwise swing by the rounding of 64 values) and
-which slot was the teacher's top-1 (the CE target of on-policy answers, and the top-1 agreement).
+things are kept so that nothing a loss or a metric reads moves: each row's tail 1 - Σp (its log as
+float16: a relative error of 1e-3, where rounding 64 log-probs would swing a peaked row's tail by
+more than itself; at T = 2 that tail bucket weighs) and which slot was the teacher's top-1 (the CE
+target of on-policy answers, and the top-1 agreement).
 bench/kd_step.py prints the bytes per token of the cache it builds and what decoding costs the
 trained student.
 """
@@ -23,6 +24,7 @@ _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_s
 DEPTH = 30.0  # nats: a log-prob below -30 (p < 1e-13) is stored as -30
 LEVELS = 255
 _GAP_PLANES = 3  # bytes of a gap: ids below 2**24
+_TINY = 1e-30  # the tail of a row whose top k hold all the mass
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -43,14 +45,17 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray) -> bytes:
     depth = np.clip(-np.take_along_axis(logprobs, order, axis=1), 0.0, DEPTH)
     levels = np.round(np.sqrt(depth / DEPTH) * LEVELS).astype(np.uint8)
     top1 = np.argsort(order, axis=1)[:, 0].astype(np.uint16)  # where slot 0 went in the sorted row
-    mass = _logsumexp(np.maximum(logprobs, -DEPTH)).astype(np.float16) if n else np.zeros(0, np.float16)
+    tail = -np.expm1(_logsumexp(np.maximum(logprobs, -DEPTH))) if n else np.zeros(0)
+    log_tail = np.log(np.maximum(tail, _TINY)).astype(np.float16)
     header = MAGIC + np.array([n, k], np.uint32).tobytes()
-    body = b"".join(p.tobytes() for p in planes) + levels.tobytes() + top1.tobytes() + mass.tobytes()
+    body = b"".join(p.tobytes() for p in planes) + levels.tobytes() + top1.tobytes() + log_tail.tobytes()
     return header + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
 
 
 def decode_topk(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n, k], log-probs float16 [n, k]) of encode_topk's bytes, best first, the top-1 exact.
+    """(ids int32 [n, k], log-probs float32 [n, k]) of encode_topk's bytes, best first, the top-1 exact.
+
+    float32, not float16: near p = 1 float16 rounds a log-prob by more than a peaked row's whole tail.
 
     Raises ValueError for bytes that are not encode_topk's (another format, torn or truncated).
     """
@@ -70,12 +75,12 @@ def decode_topk(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
     at = _GAP_PLANES * cells
     levels = np.frombuffer(body, np.uint8, cells, at).reshape(n, k)
     top1 = np.frombuffer(body, np.uint16, n, at + cells).astype(np.int64)
-    mass = np.frombuffer(body, np.float16, n, at + cells + 2 * n).astype(np.float64)
+    log_tail = np.frombuffer(body, np.float16, n, at + cells + 2 * n).astype(np.float64)
     ids = np.cumsum(gaps, axis=1)
     logprobs = -((levels / LEVELS) ** 2) * DEPTH
     if n:
-        logprobs += (mass - _logsumexp(logprobs))[:, None]  # each row's top-k mass as it was
+        logprobs += (np.log1p(-np.exp(log_tail)) - _logsumexp(logprobs))[:, None]  # the tail as it was
     rank = np.argsort(-logprobs, axis=1, kind="stable")
     rows = np.arange(n)[:, None]
     rank = np.concatenate([top1[:, None], rank[rank != top1[:, None]].reshape(n, k - 1)], axis=1)
-    return ids[rows, rank].astype(np.int32), logprobs[rows, rank].astype(np.float16)
+    return ids[rows, rank].astype(np.int32), logprobs[rows, rank].astype(np.float32)
