@@ -39,7 +39,7 @@ def test_packing_keeps_every_id_the_top1_and_the_tail_in_150_bytes_a_token():
     ids, logp = teacher_like_topk(200)
     packed = encode_topk(ids, logp)
     got_ids, got_lp = decode_topk(packed)
-    assert got_ids.dtype == np.int32 and got_lp.dtype == np.float16 and got_ids.shape == ids.shape
+    assert got_ids.dtype == np.int32 and got_lp.dtype == np.float32 and got_ids.shape == ids.shape
     assert (np.sort(got_ids, 1) == np.sort(ids, 1)).all()
     assert (got_ids[:, 0] == ids[:, 0]).all()
     back = aligned(got_ids, got_lp.astype(np.float64), ids)
@@ -49,6 +49,15 @@ def test_packing_keeps_every_id_the_top1_and_the_tail_in_150_bytes_a_token():
     assert np.abs(back[:, 0] - logp[:, 0]).max() < 0.03  # finest where the mass is
     assert (np.diff(got_lp[:, 1:].astype(np.float32), axis=1) <= 0).all()  # best first
     assert len(packed) / len(ids) <= 150
+
+
+def test_a_peaked_rows_tail_survives_packing():
+    # p(top-1) = 0.9999: rounding its log-prob alone would move the tail bucket by more than its size,
+    # and at T = 2 that bucket weighs as much as the runner-up
+    logp = np.log(np.array([[0.9999, 4e-5, 2e-5, 1e-5]]))
+    tail = 1 - np.exp(logp).sum()
+    _, got = decode_topk(encode_topk(np.array([[5, 9, 2, 40]], np.int32), logp))
+    assert abs((1 - np.exp(got.astype(np.float64)).sum()) / tail - 1) < 0.01
 
 
 def test_edge_rows_pack_too():

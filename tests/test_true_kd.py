@@ -83,7 +83,7 @@ def test_teacher_targets_are_cached_and_match_a_full_softmax(kit, student, tmp_p
     tokens, offset = encode_chat(tokenizer, CHAT)
     ids, logprobs = scorer.targets(tokens, offset)
     assert scorer.forward_passes == 1
-    assert ids.shape == (len(tokens) - offset, 64) and logprobs.dtype == np.float16
+    assert ids.shape == (len(tokens) - offset, 64) and logprobs.dtype == np.float32
 
     teacher, _ = load(kit["teacher"])
     logits = teacher(mx.array(tokens[:-1])[None])[0, offset - 1:]

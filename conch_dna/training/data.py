@@ -17,7 +17,7 @@ class KDExample:
     tokens: np.ndarray  # int32 [n]
     offset: int  # index of the first answer token
     topk_ids: np.ndarray  # int32 [n - offset, k]
-    topk_logprobs: np.ndarray  # float16 [n - offset, k]
+    topk_logprobs: np.ndarray  # float16 or float32 [n - offset, k]
     # the answer is the student's own (on-policy): its CE target is the teacher's top-1 at each
     # position, since training the student towards its own sampled tokens would teach it nothing
     on_policy: bool = False

@@ -55,7 +55,7 @@ class TeacherCache:
         return self.root / key[:2] / f"{key}{TARGET_SUFFIX}"
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(ids int32 [n, k], log-probs float16 [n, k]) of a cached target, or None."""
+        """(ids int32 [n, k], log-probs float32 [n, k], float16 from a legacy file) of a target, or None."""
         for path, read in ((self.path(key), _read_packed), (self.path(key).with_suffix(LEGACY_SUFFIX), _read_legacy)):
             try:
                 target = read(path)
