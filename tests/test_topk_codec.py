@@ -1,11 +1,11 @@
 """The packed teacher targets: what a loss reads survives packing, in 150 bytes a token or less."""
 
+from conch_dna.training.teacher import TeacherCache
+from conch_dna.training.topk_codec import decode_topk, encode_topk
+
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-
-from conch_dna.training.teacher import TeacherCache
-from conch_dna.training.topk_codec import decode_topk, encode_topk
 
 
 def teacher_like_topk(rows: int, k: int = 64, vocab: int = 49152, seed: int = 0):
