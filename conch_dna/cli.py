@@ -18,6 +18,9 @@ kd_app = typer.Typer(help="Distillation: status, retrain, history, rollback.", n
 app.add_typer(kd_app, name="kd")
 daemon_app = typer.Typer(help="The background service.", no_args_is_help=True)
 app.add_typer(daemon_app, name="daemon")
+cache_app = typer.Typer(help="The teacher cache: export it to train on another machine, import it there.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="teacher-cache")
 models_app = typer.Typer(help="Models: import a GGUF file, build the real teacher-student pair.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -159,6 +162,45 @@ def traces_export(domain: str = typer.Option(..., help="the domain to export"),
         console.print(f"{len(lines)} traces written to {output}")
     else:
         typer.echo(text, nl=False)
+
+
+@cache_app.command("export")
+def teacher_cache_export(output: Path = typer.Argument(..., help="the bundle to write, e.g. targets.tar"),
+                         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Write this home's teacher targets and answers as one bundle, for `conch teacher-cache import`."""
+    from conch_dna.home import TEACHER_CACHE_DIR
+    from conch_dna.teacher_bundle import export_bundle
+    from conch_dna.training.teacher import TeacherCache
+
+    home, config = _home_and_config()
+    summary = export_bundle(TeacherCache(home / TEACHER_CACHE_DIR), output, config.teacher)
+    if as_json:
+        _print_json({"bundle": str(output), "teacher": config.teacher, **summary.as_dict()})
+    else:
+        console.print(f"{summary.targets} targets and {summary.answers} answers of teacher {config.teacher} "
+                      f"written to {output}")
+
+
+@cache_app.command("import")
+def teacher_cache_import(bundle: Path = typer.Argument(..., help="a bundle from `conch teacher-cache export`"),
+                         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Add a bundle's teacher targets and answers to this home's cache (those it has are kept)."""
+    from conch_dna.home import TEACHER_CACHE_DIR
+    from conch_dna.teacher_bundle import BundleError, import_bundle
+    from conch_dna.training.teacher import TeacherCache
+
+    home, config = _home_and_config()
+    try:
+        summary = import_bundle(TeacherCache(home / TEACHER_CACHE_DIR), bundle, config.teacher)
+    except BundleError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json({"bundle": str(bundle), **summary.as_dict()})
+        return
+    console.print(f"{summary.targets} targets and {summary.answers} answers imported, {summary.skipped} "
+                  f"already here")
+    for line in summary.rejected:
+        console.print(f"[yellow]not taken:[/yellow] {line}", soft_wrap=True)
 
 
 @app.command()

@@ -34,7 +34,7 @@ from conch_dna.domains import DOMAINS, validate_domain_name
 from conch_dna.models import DEFAULT_STUDENT, DEFAULT_TEACHER
 from conch_dna.training.kd_config import KDConfig
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,6 +115,9 @@ class Config(BaseModel):
     max_traces_per_run: int = Field(default=2000, ge=1)
     promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
     gate_metric: GateMetric = GateMetric.TEACHER_FORCED  # the held-out KL the gate compares
+    # the on-policy held-out KL costs teacher passes over each version's answers: false on a machine
+    # that trains on imported teacher targets without the teacher
+    measure_on_policy: bool = True
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)
     train_on_battery: bool = False
@@ -129,6 +132,12 @@ class Config(BaseModel):
     ego: EgoSettings = Field(default_factory=EgoSettings)
     kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gate_measured(self) -> Config:
+        if self.gate_metric is GateMetric.ON_POLICY and not self.measure_on_policy:
+            raise ValueError('gate_metric = "on_policy" needs measure_on_policy = true')
+        return self
 
     @field_validator("domains")
     @classmethod
@@ -176,7 +185,8 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
-        raise ConfigError(f"{source}: {key}: {msg.replace('KDConfig.', 'kd.')}") from None
+        where = f"{key}: " if key else ""  # a rule over several keys names them itself
+        raise ConfigError(f"{source}: {where}{msg.replace('KDConfig.', 'kd.')}") from None
     unknown = [d for d in config.domain if d not in config.domains]
     if unknown:
         raise ConfigError(f"{source}: domain.{unknown[0]}: not one of the configured domains")

@@ -178,7 +178,8 @@ class _Cycle:
         established = picked.established
         groups = {"established": established} if established and len(established) < len(picked.held) else None
         options = DistillOptions(warm_start=current_adapter_path(self.home, self.domain), adapter_dir=candidate,
-                                 resume=picked.resume, heldout_groups=groups)
+                                 resume=picked.resume, heldout_groups=groups,
+                                 measure_on_policy=self.config.measure_on_policy)
         try:
             return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
         finally:

@@ -73,6 +73,8 @@ def test_edge_rows_pack_too():
             assert got_ids[0, 0] == ids[0, 0] and abs(float(got_lp[0, 0]) - max(logp[0, 0], -30)) < 0.05
     with pytest.raises(ValueError, match="ids must be in"):
         encode_topk(np.array([[1 << 24]]), np.array([[-1.0]]))
+    with pytest.raises(ValueError, match="width must be 1..65535, got 0"):
+        encode_topk(np.zeros((3, 0), np.int32), np.zeros((3, 0)))
 
 
 def test_bytes_that_are_not_a_packed_target_are_refused_by_name():

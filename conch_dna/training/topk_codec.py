@@ -37,6 +37,8 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray) -> bytes:
     ids = np.asarray(ids, np.int64)
     logprobs = np.asarray(logprobs, np.float64)
     n, k = ids.shape
+    if not 1 <= k <= np.iinfo(np.uint16).max:
+        raise ValueError(f"top-k width must be 1..65535, got {k}")
     if n and (ids.min() < 0 or ids.max() >= 1 << (8 * _GAP_PLANES)):
         raise ValueError(f"top-k ids must be in [0, 2**{8 * _GAP_PLANES}), got {ids.min()}..{ids.max()}")
     order = np.argsort(ids, axis=1, kind="stable")
@@ -62,6 +64,8 @@ def decode_topk(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
     if packed[: len(MAGIC)] != MAGIC or len(packed) < len(MAGIC) + 8:
         raise ValueError("not a packed top-k (no CONCHTK1 header)")
     n, k = (int(v) for v in np.frombuffer(packed[len(MAGIC) : len(MAGIC) + 8], np.uint32))
+    if not 1 <= k <= np.iinfo(np.uint16).max:
+        raise ValueError(f"packed top-k of width {k}: not a width encode_topk writes")
     try:
         body = lzma.decompress(packed[len(MAGIC) + 8 :], format=lzma.FORMAT_RAW, filters=_FILTERS)
     except lzma.LZMAError as exc:

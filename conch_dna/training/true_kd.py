@@ -98,6 +98,9 @@ class DistillOptions:
     adapter_dir: str | Path | None = None  # default: <output-dir>/adapters_kd/<domain>
     resume: tuple[str | Path, int] | None = None  # (checkpoint dir, its step) of an interrupted run
     heldout_groups: dict[str, list] | None = None  # named held-out subsets measured before and after
+    # the on-policy held-out KL: the teacher scores each version's own answers, so False is how a
+    # machine without the teacher (its targets imported, `conch teacher-cache import`) trains
+    measure_on_policy: bool = True
 
 
 def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Path:
@@ -308,16 +311,18 @@ class TrueKnowledgeDistiller:
                  for group in round_groups(picked, self.config.on_policy_rounds)]
         passes_before, own_before = self.scorer.forward_passes, self.own_answer_passes
         with clock("sample"):
-            tokenizer, sampled, held_own = self._answers(domain, options.warm_start, chats[0], held_sets)
+            tokenizer, sampled, held_own = self._answers(domain, options.warm_start, chats[0],
+                                                         held_sets if options.measure_on_policy else {})
         with clock("teacher"):
             kept = [p for i, p in enumerate(prompts) if i not in frozenset(picked)]
             train, held, own = self._targets(domain, tokenizer, kept, sampled, held_sets, held_own)
         out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
         history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
                                                       options, clock)
-        with clock("evaluate"):
-            for name, metrics in self._measure_own(domain, out, held_sets).items():
-                after[name]["on_policy"] = metrics
+        if options.measure_on_policy:
+            with clock("evaluate"):
+                for name, metrics in self._measure_own(domain, out, held_sets).items():
+                    after[name]["on_policy"] = metrics
         own_passes = self.own_answer_passes - own_before
         result = self._result(domain, history, elapsed, out, len(kept) + len(picked),
                               self.scorer.forward_passes - passes_before - own_passes, before, after)
