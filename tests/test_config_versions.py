@@ -280,12 +280,20 @@ def test_each_kd_setting_is_defined_once_for_the_api_config_toml_and_the_flags()
     from dataclasses import fields
 
     from conch_dna.trainer_cli import parser
-    from conch_dna.training.kd_config import KDConfig
+    from conch_dna.training.kd_config import KDConfig, kd_config_from_flags, setting_default
 
     flags = parser().parse_args(["--domain", "task"])
     toml = parse_config("").kd
     for f in fields(KDConfig):
-        assert getattr(flags, f.name) == getattr(toml, f.name) == getattr(KDConfig(), f.name) == f.default, f.name
+        assert getattr(flags, f.name) == getattr(toml, f.name) == getattr(KDConfig(), f.name) == setting_default(f), \
+            f.name
+    # a table or a list of config.toml is JSON on the command line
+    stages = '[{"steps": 5, "multipliers": {"*lora_a": 0}}]'
+    flags = parser().parse_args(["--domain", "task", "--stages", stages, "--lr-multipliers", '{"*": 0.5}'])
+    assert kd_config_from_flags(flags) == parse_config(
+        '[kd]\nlr_multipliers = {"*" = 0.5}\nstages = [{steps = 5, multipliers = {"*lora_a" = 0}}]').kd
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--domain", "task", "--stages", "five"])
     # every field is a [kd] key and a flag, and a value set either way lands in the same field
     assert parse_config("[kd]\nlora_dropout = 0.25\nseed = 3\n").kd == KDConfig(lora_dropout=0.25, seed=3)
     flags = parser().parse_args(["--domain", "task", "--lora-dropout", "0.25", "--seed", "3", "--iters", "9"])

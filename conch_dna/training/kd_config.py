@@ -8,8 +8,11 @@ The same dataclass is the Python API (`KDConfig(temperature=3.0)`), the `[kd]` t
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import MISSING, dataclass, field, fields
 
 from conch_dna.training.losses import DIVERGENCES
 
@@ -20,7 +23,38 @@ def _setting(default, help: str, lo=None, hi=None, lo_open: bool = False, flag: 
     meta = {"help": help, "flag": flag}
     if lo is not None:
         meta["range"] = (lo, hi, lo_open)
+    if isinstance(default, (dict, list)):  # a table or list of config.toml: JSON on the command line
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={**meta, "json": True})
     return field(default=default, metadata=meta)
+
+
+def setting_default(f):
+    """The default of a KDConfig field, also of one made by a factory."""
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _multipliers(value, where: str) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{where} must be a table of parameter-name pattern = multiplier, got {value!r}")
+    for pattern, m in value.items():
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 100:
+            raise ValueError(f"{where}[{pattern!r}] must be a number in [0, 100], got {m!r}")
+    return {k: float(v) for k, v in value.items()}
+
+
+def _stages(value) -> list[dict]:
+    if not isinstance(value, list):
+        raise ValueError(f"KDConfig.stages must be a list of {{steps, multipliers}}, got {value!r}")
+    stages = []
+    for i, stage in enumerate(value):
+        if not isinstance(stage, dict) or set(stage) - {"steps", "multipliers"} or "steps" not in stage:
+            raise ValueError(f"KDConfig.stages[{i}] must be {{steps = N, multipliers = {{...}}}}, got {stage!r}")
+        steps = stage["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"KDConfig.stages[{i}].steps must be an integer >= 1, got {steps!r}")
+        stages.append({"steps": steps,
+                       "multipliers": _multipliers(stage.get("multipliers", {}), f"KDConfig.stages[{i}].multipliers")})
+    return stages
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -53,6 +87,21 @@ class KDConfig:
     divergence: str = _setting("forward_kl", f"KD divergence: {', '.join(DIVERGENCES)}")
     jsd_beta: float = _setting(0.5, "mixture weight of the jsd divergence", 0.0, 1.0, lo_open=True)
     seed: int = _setting(0, "seed of LoRA's initialisation and the batch order")
+    lr_multipliers: dict[str, float] = _setting(
+        {}, "learning-rate multiplier by trainable parameter name pattern (fnmatch, e.g. "
+            "'model.layers.0.*'; the last matching pattern wins; 0 freezes)")
+    stages: list[dict] = _setting(
+        [], "training in stages, in order: [{steps, multipliers}]; a stage's patterns come after "
+            "lr_multipliers'; after the last stage, lr_multipliers alone")
+
+    def multipliers_at(self, step: int) -> dict[str, float]:
+        """The learning-rate multiplier patterns in force at a step (1-based), in matching order."""
+        start = 0
+        for stage in self.stages:
+            if step <= start + stage["steps"]:
+                return {**self.lr_multipliers, **stage["multipliers"]}
+            start += stage["steps"]
+        return self.lr_multipliers
 
     def __post_init__(self):
         for f in fields(self):
@@ -68,6 +117,8 @@ class KDConfig:
             if below or value > hi or (isinstance(value, float) and math.isnan(value)):
                 bracket = "(" if lo_open else "["
                 raise ValueError(f"KDConfig.{f.name} must be in {bracket}{lo}, {hi}], got {value}")
+        self.lr_multipliers = _multipliers(self.lr_multipliers, "KDConfig.lr_multipliers")
+        self.stages = _stages(self.stages)
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"KDConfig.divergence must be one of {', '.join(DIVERGENCES)}, "
@@ -87,8 +138,17 @@ def add_kd_flags(parser: argparse.ArgumentParser) -> None:
     types = {"int": int, "float": float, "str": str}
     for f in fields(KDConfig):
         extra = {"choices": DIVERGENCES} if f.name == "divergence" else {}
-        group.add_argument(kd_flag(f.name), dest=f.name, type=types[f.type], default=f.default,
-                           help=f"{f.metadata['help']} (default: %(default)s)", **extra)
+        is_json = f.metadata.get("json", False)
+        group.add_argument(kd_flag(f.name), dest=f.name, type=_json_flag if is_json else types[f.type],
+                           default=setting_default(f),
+                           help=f"{f.metadata['help']} ({'JSON; ' if is_json else ''}default: %(default)s)", **extra)
+
+
+def _json_flag(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
 
 
 def kd_config_from_flags(args: argparse.Namespace) -> KDConfig:
@@ -98,5 +158,5 @@ def kd_config_from_flags(args: argparse.Namespace) -> KDConfig:
     except ValueError as exc:
         message = str(exc)
         for f in fields(KDConfig):
-            message = message.replace(f"KDConfig.{f.name} ", f"{kd_flag(f.name)} ")
+            message = re.sub(rf"KDConfig\.{f.name}(?=[ \[.])", kd_flag(f.name), message)
         raise ValueError(message) from None

@@ -18,6 +18,7 @@ import runpy
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from conch_dna.adapters import (
@@ -64,6 +65,7 @@ from conch_dna.versions import current_adapter_path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
 @dataclass
@@ -110,8 +112,36 @@ def get_kd_adapter_path(domain: str, output_dir: str | Path | None = None) -> Pa
     return current_adapter_path(home, domain) or home / ADAPTERS_DIR / validate_domain_name(domain)
 
 
-def make_kd_step(model, optimizer, config: KDConfig):
-    """The compiled training step: one batch in, LoRA updated, (combined, kd, ce) out."""
+def multiplier_tree(model, patterns: dict[str, float]):
+    """Each trainable parameter's learning-rate multiplier (the last pattern matching its dotted name
+    wins, 1 where none does) as a tree like model.trainable_parameters(); None when all are 1.
+
+    Raises ValueError naming a pattern that matches no trainable parameter (a typo freezes nothing).
+    """
+    names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"learning-rate multiplier pattern {pattern!r} matches no trainable parameter "
+                             f"(their names look like {names[0]!r})")
+    scale = {name: 1.0 for name in names}
+    for pattern, multiplier in patterns.items():
+        scale.update((name, multiplier) for name in names if fnmatchcase(name, pattern))
+    return tree_unflatten(list(scale.items())) if any(m != 1.0 for m in scale.values()) else None
+
+
+def _scaled(multiplier: float, new, old):
+    """The optimizer's step scaled by a multiplier: Adam ignores a gradient's scale, so the step is
+    what gets scaled; 0 keeps the very same array (a frozen parameter stays bit-identical)."""
+    if multiplier == 0.0:
+        return old
+    return new if multiplier == 1.0 else old + multiplier * (new - old)
+
+
+def make_kd_step(model, optimizer, config: KDConfig, scale=None):
+    """The compiled training step: one batch in, LoRA updated, (combined, kd, ce) out.
+
+    `scale` (multiplier_tree) multiplies each parameter's step.
+    """
     loss_and_grad = nn.value_and_grad(
         model, lambda m, *batch: kd_loss(m, *batch, temperature=config.temperature,
                                          alpha=config.alpha, kind=config.divergence,
@@ -121,7 +151,11 @@ def make_kd_step(model, optimizer, config: KDConfig):
     # Token counts stay outside: mx.compile rejects an output that depends on inputs alone.
     def step(*batch):
         (combined, kd, ce), grads = loss_and_grad(model, *batch)
-        optimizer.update(model, grads)
+        if scale is None:
+            optimizer.update(model, grads)
+        else:
+            params = model.trainable_parameters()
+            model.update(tree_map(_scaled, scale, optimizer.apply_gradients(grads, params), params))
         return combined, kd, ce
 
     return mx.compile(step, inputs=state, outputs=state), state
@@ -167,7 +201,7 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     start = resume[1] if resume else 0
     if resume and not load_optimizer_state(optimizer, model, resume[0]):
         optimizer.state["step"] = mx.array(start, dtype=mx.uint64)  # at least the schedule goes on
-    step, state = make_kd_step(model, optimizer, config)
+    in_force = None  # the multiplier patterns the compiled step was made with
     batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed, skip=start)
 
     model.train()
@@ -175,6 +209,9 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
     stop = min(until or config.num_iters, config.num_iters)
     for it in range(start + 1, stop + 1):
+        if config.multipliers_at(it) != in_force:  # a new stage: its own step
+            in_force = config.multipliers_at(it)
+            step, state = make_kd_step(model, optimizer, config, multiplier_tree(model, in_force))
         batch = next(batches)
         combined, kd, ce = step(*batch)
         mx.eval(state, combined, kd, ce)
