@@ -18,6 +18,7 @@ from conch_dna.home import TEACHER_CACHE_DIR
 from conch_dna.runs import RunStatus
 from conch_dna.store import TraceStore
 from conch_dna.training.callbacks import KDCallback
+from conch_dna.training.kd_config import changed_settings
 from conch_dna.training.teacher import TeacherCache
 from conch_dna.training.true_kd import DistillOptions, DistillResult, TrainingInterrupted, TrueKnowledgeDistiller
 from conch_dna.versions import (
@@ -213,7 +214,8 @@ class _Cycle:
         self.store.finish_run(run_id, status, decision=status.value, reason=reason,
                               version=version or current_version(self.home, self.domain),
                               current_metrics=current, candidate_metrics=candidate, history=result.history,
-                              samples_generated=result.samples_generated, phase_seconds=result.phase_seconds)
+                              samples_generated=result.samples_generated, phase_seconds=result.phase_seconds,
+                              kd_settings=changed_settings(self.kd))
         return CycleResult(run_id, self.domain, status, reason, version, result.heldout_before,
                            result.heldout_after)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import time
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def _phases(r: RunRecord) -> str:
     return " / ".join(f"{r.phase_seconds.get(k, 0):.0f}" for k in ("sample", "teacher", "train", "evaluate"))
 
 
+def _settings(r: RunRecord) -> str:
+    """The run's settings that differ from the defaults, as key = value."""
+    if r.kd_settings is None:
+        return "-"
+    return ", ".join(f"{k} = {json.dumps(v)}" for k, v in r.kd_settings.items()) or "defaults"
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -114,10 +122,11 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
             f"<td class='{r.status}'>{r.status}</td><td>{r.version or '-'}</td>"
             f"<td>{html.escape(r.kl_change())}</td><td>{html.escape(r.kl_change(on_policy=True))}</td>"
             f"<td>{r.samples_generated if r.samples_generated is not None else '-'}</td><td>{_phases(r)}</td>"
-            f"<td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
+            f"<td>{html.escape(_settings(r))}</td><td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
         sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
                         "<th>version</th><th>held-out KL</th><th>on-policy KL</th><th>student samples</th>"
-                        f"<th>seconds: sample / teacher / train / evaluate</th><th>reason</th></tr>{rows}</table>")
+                        f"<th>seconds: sample / teacher / train / evaluate</th><th>settings</th><th>reason</th></tr>"
+                        f"{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>
 body {{ font-family: -apple-system, sans-serif; margin: 2em; max-width: 70em; }}
 img {{ max-width: 100%; display: block; margin: 1em 0; }}

@@ -43,6 +43,7 @@ class RunRecord:
     pid: int | None = None
     samples_generated: int | None = None  # train prompts the student answered itself (on-policy)
     phase_seconds: dict | None = None  # seconds of each phase: sample, teacher, train, evaluate
+    kd_settings: dict | None = None  # the run's KDConfig settings that differ from the defaults
 
     def __post_init__(self):
         self.status = RunStatus(self.status)

@@ -25,7 +25,7 @@ import numpy as np
 import sqlite_utils
 
 log = logging.getLogger("conch.store")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
@@ -69,8 +69,13 @@ def _add_run_phases_v5(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("phase_seconds", str)
 
 
+def _add_run_settings_v6(db: sqlite_utils.Database) -> None:
+    db["runs"].add_column("kd_settings", str)
+
+
 # version -> the function that brings version - 1 up to it
-MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4, 5: _add_run_phases_v5}
+MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4, 5: _add_run_phases_v5,
+              6: _add_run_settings_v6}
 
 
 @dataclass
@@ -357,7 +362,7 @@ class TraceStore:
         records = []
         for row in self.db.conn.execute(sql, (domain, limit) if domain else (limit,)):
             values = dict(zip(RunRecord.columns(), row))
-            for k in ("current_metrics", "candidate_metrics", "history", "phase_seconds"):
+            for k in ("current_metrics", "candidate_metrics", "history", "phase_seconds", "kd_settings"):
                 values[k] = json.loads(values[k]) if values[k] else None
             records.append(RunRecord(**values))
         return records

@@ -58,6 +58,10 @@ def test_report_has_plots_and_every_decision(report_dir):
         assert r.current_metrics["on_policy"]["tokens"] > 0 and r.kl_change(on_policy=True) != "-"
         assert html.escape(r.kl_change()) in page and html.escape(r.kl_change(on_policy=True)) in page
         assert f"<td>{r.phase_seconds['sample']:.0f} / {r.phase_seconds['teacher']:.0f} / " in page
+        # the settings the run changed from the defaults: config.toml's [kd] and --iters
+        assert r.kd_settings["lora_rank"] == 8 and r.kd_settings["num_iters"] == 10
+        assert "temperature" not in r.kd_settings
+    assert "lora_rank = 8" in page and "num_iters = 10" in page
 
 
 def find_chromium() -> str | None:

@@ -126,6 +126,12 @@ class KDConfig:
             )
 
 
+def changed_settings(config: KDConfig) -> dict:
+    """The settings of `config` that differ from the defaults (what a run's record shows)."""
+    return {f.name: getattr(config, f.name) for f in fields(KDConfig)
+            if getattr(config, f.name) != setting_default(f)}
+
+
 def kd_flag(name: str) -> str:
     """The command-line flag of a KDConfig field: --lora-rank for lora_rank (--iters for num_iters)."""
     f = next(f for f in fields(KDConfig) if f.name == name)
