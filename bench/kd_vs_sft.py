@@ -91,7 +91,7 @@ def main() -> None:
                                            cache_dir=args.cache_dir)
         train_examples, held_examples, train_chats, held_chats = [], [], [], []
         model, tokenizer, adapter_config = distiller.load_student()
-        distiller.scorer.vocab_limit = int(model.args.vocab_size)
+        distiller.teachers.set_vocab_limit(int(model.args.vocab_size))
         tic = time.perf_counter()
         for domain in args.domains.split(","):
             prompts = DOMAIN_PROMPTS[domain]["examples"][: args.prompts]
@@ -106,7 +106,7 @@ def main() -> None:
                             for p, e in zip(train_p, ex)]
             held_chats += [(to_messages(domain, p), text(e)) for p, e in zip(held_p, held)]
         teacher_seconds = time.perf_counter() - tic
-        distiller.scorer.release()
+        distiller.teachers.release()
 
         base = heldout_metrics(model, held_examples)
         curves: dict[str, dict[int, object]] = {"sft (mlx-lm trainer)": {}, "true kd (conch_dna)": {}}

@@ -14,7 +14,8 @@ SERVICES = ("daemon", "neurons", "launchd")
 # The distillation engine, bottom up: a module may import those before it, never those after.
 ENGINE = ("conch_dna.training.losses", "conch_dna.training.kd_config", "conch_dna.training.callbacks",
           "conch_dna.training.data", "conch_dna.training.evaluation", "conch_dna.training.on_policy",
-          "conch_dna.training.topk_codec", "conch_dna.training.teacher", "conch_dna.training.true_kd")
+          "conch_dna.training.topk_codec", "conch_dna.training.teacher", "conch_dna.training.mixture",
+          "conch_dna.training.true_kd")
 # What the engine never reaches: it takes prompts and settings, it does not know where they are kept.
 ABOVE_ENGINE = {"conch_dna.config", "conch_dna.store", "conch_dna.ingest", "conch_dna.cycle", "conch_dna.status"}
 

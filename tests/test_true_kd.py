@@ -182,9 +182,10 @@ def test_second_run_costs_no_teacher_pass(distilled, tmp_path):
 
     distiller, _, _, held = distilled
     # another output folder, the same teacher cache: the shared fixture's adapter stays as it is
+    cache_dir = distiller.teachers.scorers[0].cache.root
     again = TrueKnowledgeDistiller(distiller.teacher_model_id, distiller.student_model_id,
                                    replace(distiller.config, num_iters=2), output_dir=tmp_path,
-                                   cache_dir=distiller.scorer.cache.root).distill_domain("action", held[:2])
+                                   cache_dir=cache_dir).distill_domain("action", held[:2])
     assert again.teacher_forward_passes == 0 and again.num_examples == 2
 
 

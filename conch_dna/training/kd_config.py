@@ -42,6 +42,24 @@ def _multipliers(value, where: str) -> dict[str, float]:
     return {k: float(v) for k, v in value.items()}
 
 
+def _teachers(value) -> list[dict]:
+    if not isinstance(value, list):
+        raise ValueError(f"KDConfig.teachers must be a list of {{model, weight}}, got {value!r}")
+    teachers = []
+    for i, teacher in enumerate(value):
+        if not isinstance(teacher, dict) or set(teacher) != {"model", "weight"}:
+            raise ValueError(f"KDConfig.teachers[{i}] must be {{model = \"...\", weight = w}}, got {teacher!r}")
+        model, weight = teacher["model"], teacher["weight"]
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"KDConfig.teachers[{i}].model must be a model id or path, got {model!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"KDConfig.teachers[{i}].weight must be a number > 0, got {weight!r}")
+        teachers.append({"model": model, "weight": float(weight)})
+    if len({t["model"] for t in teachers}) != len(teachers):
+        raise ValueError("KDConfig.teachers names a model twice")
+    return teachers
+
+
 def _stages(value) -> list[dict]:
     if not isinstance(value, list):
         raise ValueError(f"KDConfig.stages must be a list of {{steps, multipliers}}, got {value!r}")
@@ -90,6 +108,9 @@ class KDConfig:
     lr_multipliers: dict[str, float] = _setting(
         {}, "learning-rate multiplier by trainable parameter name pattern (fnmatch, e.g. "
             "'model.layers.0.*'; the last matching pattern wins; 0 freezes)")
+    teachers: list[dict] = _setting(
+        [], "several teachers: [{model, weight}]; their top-k are mixed in probability space, each one's "
+            "tail kept; the first writes the answers a prompt lacks (empty: the run's one teacher)")
     stages: list[dict] = _setting(
         [], "training in stages, in order: [{steps, multipliers}]; a stage's patterns come after "
             "lr_multipliers'; after the last stage, lr_multipliers alone")
@@ -119,6 +140,7 @@ class KDConfig:
                 raise ValueError(f"KDConfig.{f.name} must be in {bracket}{lo}, {hi}], got {value}")
         self.lr_multipliers = _multipliers(self.lr_multipliers, "KDConfig.lr_multipliers")
         self.stages = _stages(self.stages)
+        self.teachers = _teachers(self.teachers)
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"KDConfig.divergence must be one of {', '.join(DIVERGENCES)}, "

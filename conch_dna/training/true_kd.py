@@ -58,6 +58,7 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
     log_softmax,
     sparse_kd_loss,
 )
+from conch_dna.training.mixture import TeacherMixture
 from conch_dna.training.on_policy import answer_tokens, pick_on_policy, round_boundaries, round_groups
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
@@ -266,25 +267,29 @@ class TrueKnowledgeDistiller:
     `teacher_model_id` / `student_model_id`: hub ids or local mlx-lm directories sharing one
     vocabulary. Adapters go to <output_dir>/adapters_kd/<domain> (default $CONCH_HOME), teacher
     targets to `cache_dir` (default <output_dir>/teacher_cache). `callbacks` hears about progress
-    and may stop a run. Raises ModelLoadError for a model path that does not exist.
+    and may stop a run. With config.teachers, those teachers' targets are mixed (see
+    conch_dna.training.mixture) and `teacher_model_id` is not used. Raises ModelLoadError for a model
+    path that does not exist.
     """
 
     def __init__(self, teacher_model_id: str = DEFAULT_TEACHER,
                  student_model_id: str = DEFAULT_STUDENT, config: KDConfig | None = None,
                  output_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                  callbacks: KDCallback | None = None):
-        check_model_ref(teacher_model_id)
-        check_model_ref(student_model_id)
-        self.teacher_model_id = teacher_model_id
-        self.student_model_id = student_model_id
         self.config = config or KDConfig()
+        mixed = self.config.teachers or [{"model": teacher_model_id, "weight": 1.0}]
+        for ref in [t["model"] for t in mixed] + [student_model_id]:
+            check_model_ref(ref)
+        self.teacher_model_id = mixed[0]["model"]
+        self.student_model_id = student_model_id
         self.output_dir = Path(output_dir or conch_home())
         cache = TeacherCache(cache_dir or self.output_dir / TEACHER_CACHE_DIR)
-        self.scorer = TeacherScorer(teacher_model_id, cache, self.config.top_k,
-                                    max_answer_tokens=self.config.max_answer_tokens,
-                                    max_seq_length=self.config.max_seq_length)
+        self.teachers = TeacherMixture(
+            [TeacherScorer(t["model"], cache, self.config.top_k, max_answer_tokens=self.config.max_answer_tokens,
+                           max_seq_length=self.config.max_seq_length) for t in mixed],
+            [t["weight"] for t in mixed], self.config.top_k)
         self.callbacks = callbacks or KDCallback()
-        self.own_answer_passes = 0  # of all runs so far, like scorer.forward_passes
+        self.own_answer_passes = 0  # of all runs so far, like teachers.forward_passes
         self._vocab_checked = False
 
     def load_student(self, adapter_path: str | Path | None = None):
@@ -305,16 +310,15 @@ class TrueKnowledgeDistiller:
         TrainingInterrupted(0) when callbacks.should_stop() turns true between prompts.
         """
         if not self._vocab_checked:
-            check_shared_vocab(load_tokenizer_only(self.teacher_model_id), tokenizer)
+            for scorer in self.teachers.scorers:
+                check_shared_vocab(load_tokenizer_only(scorer.teacher_model_id), tokenizer)
             self._vocab_checked = True
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        examples = []
-        for p in prompts:
-            if self.callbacks.should_stop():
-                raise TrainingInterrupted(0, None)
-            examples.append(self.scorer.example(to_messages(domain, p), tokenizer,
-                                                p.get("topk") if isinstance(p, dict) else None, fingerprint))
-        return examples
+        chats = [(to_messages(domain, p), p.get("topk") if isinstance(p, dict) else None) for p in prompts]
+        return self.teachers.examples(chats, tokenizer, tokenizer_fingerprint(tokenizer), self._check_stop)
+
+    def _check_stop(self) -> None:
+        if self.callbacks.should_stop():
+            raise TrainingInterrupted(0, None)
 
     def distill_domain(self, domain: str, prompts, heldout=None,
                        options: DistillOptions | None = None) -> DistillResult:
@@ -346,7 +350,7 @@ class TrueKnowledgeDistiller:
         picked = pick_on_policy(len(prompts), self.config.on_policy, self.config.seed)
         chats = [[to_messages(domain, prompts[i]) for i in group]
                  for group in round_groups(picked, self.config.on_policy_rounds)]
-        passes_before, own_before = self.scorer.forward_passes, self.own_answer_passes
+        passes_before, own_before = self.teachers.forward_passes, self.own_answer_passes
         with clock("sample"):
             tokenizer, sampled, held_own = self._answers(domain, options.warm_start, chats[0],
                                                          held_sets if options.measure_on_policy else {})
@@ -362,7 +366,7 @@ class TrueKnowledgeDistiller:
                     after[name]["on_policy"] = metrics
         own_passes = self.own_answer_passes - own_before
         result = self._result(domain, history, elapsed, out, len(kept) + len(picked),
-                              self.scorer.forward_passes - passes_before - own_passes, before, after)
+                              self.teachers.forward_passes - passes_before - own_passes, before, after)
         result.samples_generated, result.own_answer_passes = len(picked), own_passes
         result.phase_seconds = clock.seconds
         atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
@@ -407,7 +411,7 @@ class TrueKnowledgeDistiller:
                     train = train + self._own_examples(answers)
                 except TrainingInterrupted:
                     raise TrainingInterrupted(step, resume[0] if resume else None) from None
-                self.scorer.release()
+                self.teachers.release()
             with clock("train"):
                 model, _, _ = self.load_student(resume[0] if resume else options.warm_start)
         with clock("train"):
@@ -427,7 +431,7 @@ class TrueKnowledgeDistiller:
         the same of its held-out prompts}); the student is released before it returns."""
         c = self.config
         model, tokenizer, _ = self.load_student(adapter)
-        self.scorer.vocab_limit = output_vocab_size(model)
+        self.teachers.set_vocab_limit(output_vocab_size(model))
         n_held = len(held_sets.get("", []))
         if train_chats or n_held:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
@@ -441,14 +445,11 @@ class TrueKnowledgeDistiller:
         return tokenizer, sampled, held
 
     def _own_examples(self, answers: list[tuple[list[int], list[int]]]) -> list[KDExample]:
-        """KD examples of the student's own answers, every token scored by the teacher."""
-        examples = []
-        for prompt, answer in answers:
-            if self.callbacks.should_stop():
-                raise TrainingInterrupted(0, None)
-            passes = self.scorer.forward_passes
-            examples.append(self.scorer.token_example(prompt + answer, len(prompt), on_policy=True))
-            self.own_answer_passes += self.scorer.forward_passes - passes
+        """KD examples of the student's own answers, every token scored by the teacher(s)."""
+        passes = self.teachers.forward_passes
+        examples = self.teachers.token_examples([(prompt + answer, len(prompt)) for prompt, answer in answers],
+                                                True, self._check_stop)
+        self.own_answer_passes += self.teachers.forward_passes - passes
         return examples
 
     def _targets(self, domain, tokenizer, prompts, sampled, held_sets, held_own):
@@ -461,7 +462,7 @@ class TrueKnowledgeDistiller:
         train = self.teacher_examples(domain, prompts, tokenizer) + self._own_examples(sampled)
         held = {name: self.teacher_examples(domain, items, tokenizer) for name, items in held_sets.items()}
         own = {name: self._own_examples(answers) for name, answers in held_own.items()}
-        self.scorer.release()
+        self.teachers.release()
         return train, held, own
 
     def _measure(self, model, held: dict[str, list[KDExample]], own: dict | None = None) -> dict[str, dict]:
@@ -483,7 +484,7 @@ class TrueKnowledgeDistiller:
         _, _, answered = self._answers(domain, adapter, [], held_sets)
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
         own = {name: self._own_examples(answers) for name, answers in answered.items()}
-        self.scorer.release()
+        self.teachers.release()
         model, _, _ = self.load_student(adapter)
         measured = {name: heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length).as_dict()
                     for name, examples in own.items()}
