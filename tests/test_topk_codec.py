@@ -1,5 +1,6 @@
 """The packed teacher targets: what a loss reads survives packing, in 150 bytes a token or less."""
 
+from conch_dna.training.losses import PAD_LOGPROB
 from conch_dna.training.teacher import TeacherCache
 from conch_dna.training.topk_codec import decode_topk, encode_topk
 
@@ -71,6 +72,8 @@ def test_edge_rows_pack_too():
         assert got_ids.shape == ids.shape and (np.sort(got_ids, 1) == np.sort(ids, 1)).all()
         if len(ids):
             assert got_ids[0, 0] == ids[0, 0] and abs(float(got_lp[0, 0]) - max(logp[0, 0], -30)) < 0.05
+            # padding (and what lies below it) stays padding: exactly PAD_LOGPROB, as many as there were
+            assert (got_lp == PAD_LOGPROB).sum() == (logp <= PAD_LOGPROB).sum() and got_lp.min() >= PAD_LOGPROB
     with pytest.raises(ValueError, match="ids must be in"):
         encode_topk(np.array([[1 << 24]]), np.array([[-1.0]]))
     with pytest.raises(ValueError, match="width must be 1..65535, got 0"):

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import lzma
 
+from conch_dna.training.losses import PAD_LOGPROB
+
 import numpy as np
 
 MAGIC = b"CONCHTK1"  # gaps in byte planes, sqrt-scale 8-bit log-probs, row mass and top-1, LZMA2
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
-DEPTH = 30.0  # nats: a log-prob below -30 (p < 1e-13) is stored as -30
+DEPTH = -PAD_LOGPROB  # a log-prob at or below padding's (p < 1e-13) is stored as padding
 LEVELS = 255
 _GAP_PLANES = 3  # bytes of a gap: ids below 2**24
 _TINY = 1e-30  # the tail of a row whose top k hold all the mass
@@ -84,6 +86,7 @@ def decode_topk(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
     logprobs = -((levels / LEVELS) ** 2) * DEPTH
     if n:
         logprobs += (np.log1p(-np.exp(log_tail)) - _logsumexp(logprobs))[:, None]  # the tail as it was
+        logprobs[levels == LEVELS] = PAD_LOGPROB  # padding stays padding (losses test <= PAD_LOGPROB)
     rank = np.argsort(-logprobs, axis=1, kind="stable")
     rows = np.arange(n)[:, None]
     rank = np.concatenate([top1[:, None], rank[rank != top1[:, None]].reshape(n, k - 1)], axis=1)
