@@ -33,8 +33,25 @@ def apply_lora(model, num_layers: int, rank: int, scale: float, dropout: float) 
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters}
 
 
+PROJECTION_FILE = "hidden_projection.safetensors"  # training only (the hidden-state loss's projection)
+PROJECTION = "hidden_projection"  # the student's attribute holding the hidden-state loss's projection
+_TRAINING_ONLY = PROJECTION + "."
+
+
 def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_inference_adapter(directory: str | Path, model, config: dict) -> Path:
+    """save_adapter of what inference loads; parameters that only training uses (the hidden-state
+    projection) go to their own file beside it."""
+    weights = adapter_weights(model)
+    directory = save_adapter(directory, {k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)},
+                             config)
+    extra = {k: v for k, v in weights.items() if k.startswith(_TRAINING_ONLY)}
+    if extra:
+        atomic_write(directory / PROJECTION_FILE, lambda p: mx.save_safetensors(p, extra))
+    return directory
 
 
 def save_adapter(directory: str | Path, weights: dict[str, mx.array], config: dict) -> Path:
@@ -55,8 +72,12 @@ def load_adapter_weights(model, directory: str | Path) -> bool:
     Returns False (and loads nothing) when the shapes differ, e.g. a different LoRA rank.
     """
     weights = mx.load(str(Path(directory) / ADAPTER_FILE))
+    if (Path(directory) / PROJECTION_FILE).exists():
+        weights |= mx.load(str(Path(directory) / PROJECTION_FILE))
     own = adapter_weights(model)
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+    # training-only parameters may be missing (an adapter trained without them): they start fresh
+    needed = {k for k in own if not k.startswith(_TRAINING_ONLY)}
+    if not needed <= set(weights) <= set(own) or any(weights[k].shape != own[k].shape for k in weights):
         return False
     model.load_weights(list(weights.items()), strict=False)
     return True

@@ -64,6 +64,18 @@ def load_tokenizer_only(model_id: str):
         raise ModelLoadError(f"could not load the tokenizer of {model_id!r}: {exc}") from exc
 
 
+def model_dims(model_id: str) -> tuple[int, int]:
+    """(blocks, hidden width) of a model, from its config.json, without loading its weights."""
+    from mlx_lm.utils import _download
+
+    path = Path(_download(_ref(model_id))) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        return int(config["num_hidden_layers"]), int(config["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"could not read the depth and width of {model_id!r} from {path}: {exc}") from None
+
+
 def output_vocab_size(model) -> int:
     """Rows of the model's output layer (mlx-lm models keep their config in .args)."""
     return int(model.args.vocab_size)

@@ -12,7 +12,8 @@ APP = {"conch_dna.cli", "conch_dna.demo", "conch_dna.report", "conch_dna.progres
        "conch_dna.serve", "conch_dna.openai_api"}
 SERVICES = ("daemon", "neurons", "launchd")
 # The distillation engine, bottom up: a module may import those before it, never those after.
-ENGINE = ("conch_dna.training.losses", "conch_dna.training.kd_config", "conch_dna.training.callbacks",
+ENGINE = ("conch_dna.training.losses", "conch_dna.training.hidden", "conch_dna.training.kd_config",
+          "conch_dna.training.callbacks",
           "conch_dna.training.data", "conch_dna.training.evaluation", "conch_dna.training.on_policy",
           "conch_dna.training.topk_codec", "conch_dna.training.teacher", "conch_dna.training.mixture",
           "conch_dna.training.true_kd")

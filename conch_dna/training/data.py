@@ -21,6 +21,9 @@ class KDExample:
     # the answer is the student's own (on-policy): its CE target is the teacher's top-1 at each
     # position, since training the student towards its own sampled tokens would teach it nothing
     on_policy: bool = False
+    # the teacher's block outputs at the mapped layers, float16 [n - offset, layers, width], for the
+    # hidden-state loss (conch_dna.training.hidden); rows like topk_ids
+    hidden: np.ndarray | None = None
 
     @property
     def answer_tokens(self) -> np.ndarray:
@@ -56,7 +59,8 @@ def fit_window(example: KDExample, max_seq_length: int) -> KDExample:
 
 
 def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
-    """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step.
+    """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step, and the
+    teacher's hidden states [b, width, layers, hidden width] after them when every example has some.
 
     Position p of the inputs predicts token p + 1 (for an on-policy example, the teacher's top-1 there);
     the mask keeps the positions whose target is an answer token, and topk rows are placed at those
@@ -72,6 +76,8 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
     mask = np.zeros((b, width), np.float32)
     ids = np.zeros((b, width, k), np.int32)
     logprobs = np.full((b, width, k), PAD_LOGPROB, np.float32)
+    with_hidden = all(e.hidden is not None for e in examples)
+    hidden = np.zeros((b, width, *examples[0].hidden.shape[1:]), np.float32) if with_hidden else None
     for row, e in enumerate(examples):
         n = min(len(e.tokens) - 1, width)
         inputs[row, :n] = e.tokens[:n]
@@ -86,8 +92,10 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
             # a log-prob below float16's range was stored as -inf: it is a bucket with no mass, i.e.
             # padding (left as -inf it would make 0·log 0 a NaN in every KL over the batch)
             logprobs[row, start:stop] = np.maximum(e.topk_logprobs[: stop - start], PAD_LOGPROB)
-    return (mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(ids),
-            mx.array(logprobs))
+            if with_hidden:
+                hidden[row, start:stop] = e.hidden[: stop - start]
+    batch = (mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(ids), mx.array(logprobs))
+    return (*batch, mx.array(hidden)) if with_hidden else batch
 
 
 def iterate_kd_batches(examples: list[KDExample], batch_size: int, max_seq_length: int,

@@ -33,7 +33,7 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
         raise ValueError("no held-out examples to evaluate on")
     kl_sum = ce_sum = agree_sum = count = 0.0
     for i in range(0, len(examples), batch_size):
-        inputs, targets, mask, ids, logprobs = collate(examples[i : i + batch_size], max_seq_length)
+        inputs, targets, mask, ids, logprobs, *_ = collate(examples[i : i + batch_size], max_seq_length)
         logits = model(inputs)
         # the held-out metric is KL(teacher ‖ student) at T = 1, whatever divergence training used
         kl, ce = answer_token_losses(logits, ids, logprobs, targets, 1.0, "forward_kl", 0.5)

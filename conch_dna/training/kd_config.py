@@ -105,6 +105,11 @@ class KDConfig:
     divergence: str = _setting("forward_kl", f"KD divergence: {', '.join(DIVERGENCES)}")
     jsd_beta: float = _setting(0.5, "mixture weight of the jsd divergence", 0.0, 1.0, lo_open=True)
     seed: int = _setting(0, "seed of LoRA's initialisation and the batch order")
+    hidden_weight: float = _setting(0.0, "weight of the hidden-state (layer-wise) loss; 0: logits only", 0.0, 100.0)
+    hidden_loss: str = _setting("mse", "hidden-state loss: mse (relative) or cosine")
+    hidden_layers: dict[str, int] = _setting(
+        {}, "student layer -> teacher layer of the hidden-state loss, e.g. {\"3\": 7} (empty: 4 student "
+            "layers evenly spaced up to the last, each with the teacher's at the same depth)")
     lr_multipliers: dict[str, float] = _setting(
         {}, "learning-rate multiplier by trainable parameter name pattern (fnmatch, e.g. "
             "'model.layers.0.*'; the last matching pattern wins; 0 freezes)")
@@ -141,6 +146,13 @@ class KDConfig:
         self.lr_multipliers = _multipliers(self.lr_multipliers, "KDConfig.lr_multipliers")
         self.stages = _stages(self.stages)
         self.teachers = _teachers(self.teachers)
+        if self.hidden_loss not in ("mse", "cosine"):
+            raise ValueError(f"KDConfig.hidden_loss must be mse or cosine, got {self.hidden_loss!r}")
+        if not isinstance(self.hidden_layers, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.hidden_layers.items()):
+            raise ValueError(f'KDConfig.hidden_layers must map student layer numbers to teacher layer numbers, '
+                             f'e.g. {{"3": 7}}, got {self.hidden_layers!r}')
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"KDConfig.divergence must be one of {', '.join(DIVERGENCES)}, "

@@ -10,6 +10,7 @@ released before the next loads, so no two models are resident at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from conch_dna.training.data import KDExample
 from conch_dna.training.losses import PAD_LOGPROB
@@ -94,5 +95,5 @@ class TeacherMixture:
         out = []
         for i, e in enumerate(first):
             ids, logprobs = mix_topk([teacher[i] for teacher in scored], self.weights, self.top_k)
-            out.append(KDExample(e.tokens, e.offset, ids, logprobs, e.on_policy))
+            out.append(replace(e, topk_ids=ids, topk_logprobs=logprobs))  # hidden states: the first's
         return out

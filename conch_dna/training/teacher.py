@@ -17,15 +17,17 @@ from conch_dna.chat import encode_chat, prompt_tokens
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.models import free_memory, load_model
 from conch_dna.training.data import KDExample, window_cut
+from conch_dna.training.hidden import hidden_states
 from conch_dna.training.losses import PAD_LOGPROB
 from conch_dna.training.topk_codec import decode_topk, encode_topk
 
 import mlx.core as mx
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 TARGET_SUFFIX = ".topk"
 LEGACY_SUFFIX = ".safetensors"
+HIDDEN_SUFFIX = ".hidden"  # the teacher's hidden states at mapped layers: float16 safetensors
 
 
 class TeacherCache:
@@ -51,8 +53,36 @@ class TeacherCache:
         h.update(np.asarray(prompt_tokens, np.int32).tobytes())
         return h.hexdigest()
 
+    @staticmethod
+    def hidden_key(teacher_id: str, tokens, offset: int, layers: list[int]) -> str:
+        h = hashlib.sha256(f"hidden\0{teacher_id}\0{','.join(map(str, layers))}\0{offset}\0".encode())
+        h.update(np.asarray(tokens, np.int32).tobytes())
+        return h.hexdigest()
+
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{TARGET_SUFFIX}"
+
+    def hidden_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{HIDDEN_SUFFIX}"
+
+    def get_hidden(self, key: str) -> np.ndarray | None:
+        path = self.hidden_path(key)
+        try:
+            hidden = load_file(str(path))["hidden"]
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss
+            path.unlink(missing_ok=True)
+            return None
+        _touch(path)
+        return hidden
+
+    def put_hidden(self, key: str, hidden: np.ndarray) -> np.ndarray:
+        path = self.hidden_path(key)
+        private_dir(path.parent)
+        hidden = hidden.astype(np.float16)
+        atomic_write(path, lambda tmp: save_file({"hidden": hidden}, tmp))
+        return hidden
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(ids int32 [n, k], log-probs float32 [n, k], float16 from a legacy file) of a target, or None."""
@@ -95,7 +125,7 @@ class TeacherCache:
         """(last used, size, path) of every cached file."""
         out = []
         for path in self.root.rglob("*"):
-            if path.suffix in (TARGET_SUFFIX, LEGACY_SUFFIX, ".json") and not path.name.startswith("."):
+            if path.suffix in (TARGET_SUFFIX, LEGACY_SUFFIX, HIDDEN_SUFFIX, ".json") and not path.name.startswith("."):
                 try:
                     st = path.stat()
                 except FileNotFoundError:  # evicted by another process meanwhile
@@ -165,6 +195,7 @@ class TeacherScorer:
         self.vocab_limit = vocab_limit
         self.max_answer_tokens = max_answer_tokens
         self.max_seq_length = max_seq_length  # the training window: a longer prompt is cut from the left
+        self.hidden_layers: list[int] | None = None  # teacher blocks whose outputs examples carry
         self.forward_passes = 0
         self.generated_answers = 0
         self._model = None
@@ -205,16 +236,37 @@ class TeacherScorer:
         return [*messages, {"role": "assistant", "content": answer}]
 
     def targets(self, tokens: list[int], offset: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids and log-probs of the teacher for each answer token, from cache or one pass."""
+        """Top-k ids and log-probs of the teacher for each answer token, from cache or one pass
+        (which also caches the hidden states when hidden_layers is set)."""
         key = self.cache.key(self.teacher_model_id, tokens, offset, self.top_k)
         if (cached := self.cache.get(key)) is not None:
             return cached
+        return self._score(tokens, offset)[0]
+
+    def hidden(self, tokens: list[int], offset: int) -> np.ndarray:
+        """The teacher's outputs of the hidden_layers blocks at the answer positions (the positions
+        that predict each answer token), float16 [n - offset, layers, width], from cache or one pass."""
+        key = self.cache.hidden_key(self.teacher_model_id, tokens, offset, self.hidden_layers)
+        if (cached := self.cache.get_hidden(key)) is not None:
+            return cached
+        return self._score(tokens, offset)[1]
+
+    def _score(self, tokens: list[int], offset: int):
+        """One teacher pass: (top-k targets, hidden states or None), both cached."""
         model, _ = self._load()
-        logits = model(mx.array(tokens[:-1])[None])[0, offset - 1 :]
-        ids, logprobs = topk_logprobs(logits, self.top_k, self.vocab_limit)
+        inputs = mx.array(tokens[:-1])[None]
+        hidden = None
+        if self.hidden_layers:
+            logits, states = hidden_states(model, inputs, self.hidden_layers)
+            key = self.cache.hidden_key(self.teacher_model_id, tokens, offset, self.hidden_layers)
+            hidden = self.cache.put_hidden(key, np.array(states[0, offset - 1 :].astype(mx.float32)))
+        else:
+            logits = model(inputs)
+        ids, logprobs = topk_logprobs(logits[0, offset - 1 :], self.top_k, self.vocab_limit)
         mx.eval(ids, logprobs)
         self.forward_passes += 1
-        return self.cache.put(key, np.array(ids, np.int32), np.array(logprobs, np.float32))
+        key = self.cache.key(self.teacher_model_id, tokens, offset, self.top_k)
+        return self.cache.put(key, np.array(ids, np.int32), np.array(logprobs, np.float32)), hidden
 
     def example(self, messages: list[dict], tokenizer, topk: dict | None = None,
                 fingerprint: str | None = None) -> KDExample:
@@ -231,7 +283,9 @@ class TeacherScorer:
         if not captured:
             return self.token_example(tokens, offset)
         ids, logprobs = captured  # a capture cut short by max_tokens covers a prefix: the example ends with it
-        return KDExample(np.asarray(tokens[: offset + len(ids)], np.int32), offset, ids, logprobs)
+        tokens = tokens[: offset + len(ids)]
+        hidden = self.hidden(list(tokens), offset) if self.hidden_layers else None
+        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, hidden=hidden)
 
     def token_example(self, tokens: list[int], offset: int, on_policy: bool = False) -> KDExample:
         """A KD example of token ids whose answer starts at `offset`, scored by the teacher in the window.
@@ -242,7 +296,8 @@ class TeacherScorer:
             cut = window_cut(len(tokens), offset, self.max_seq_length)
             tokens, offset = tokens[cut:][: self.max_seq_length + 1], offset - cut
         ids, logprobs = self.targets(tokens, offset)
-        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, on_policy)
+        hidden = self.hidden(tokens, offset) if self.hidden_layers else None
+        return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, on_policy, hidden)
 
 
 # Rows a capture may lack: the chat template's own text after the answer's EOS (ChatML's "\n").

@@ -19,16 +19,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 
 from conch_dna.adapters import (
     KD_METRICS_FILE,
-    adapter_weights,
     apply_lora,
     load_adapter_weights,
     load_optimizer_state,
-    save_adapter,
     save_checkpoint,
+    save_inference_adapter,
 )
 from conch_dna.chat import split_prompts, to_messages  # noqa: F401 - split_prompts: the documented API
 from conch_dna.domains import DOMAINS, validate_domain_name
@@ -41,12 +41,14 @@ from conch_dna.models import (
     free_memory,
     load_model,
     load_tokenizer_only,
+    model_dims,
     output_vocab_size,
     tokenizer_fingerprint,
 )
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample, iterate_kd_batches
 from conch_dna.training.evaluation import heldout_metrics
+from conch_dna.training.hidden import attach_projection, kd_hidden_loss, layer_map, student_layers
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import (  # noqa: F401 - the documented public API
     DIVERGENCES,
@@ -143,10 +145,15 @@ def make_kd_step(model, optimizer, config: KDConfig, scale=None):
 
     `scale` (multiplier_tree) multiplies each parameter's step.
     """
+    if config.hidden_weight > 0:
+        layers = student_layers(config.hidden_layers, len(model.layers))
+        loss = partial(kd_hidden_loss, layers=layers, hidden_kind=config.hidden_loss,
+                       hidden_weight=config.hidden_weight)
+    else:
+        loss = kd_loss
     loss_and_grad = nn.value_and_grad(
-        model, lambda m, *batch: kd_loss(m, *batch, temperature=config.temperature,
-                                         alpha=config.alpha, kind=config.divergence,
-                                         beta=config.jsd_beta))
+        model, lambda m, *batch: loss(m, *batch, temperature=config.temperature, alpha=config.alpha,
+                                      kind=config.divergence, beta=config.jsd_beta))
     state = [model.state, optimizer.state, mx.random.state]
 
     # Token counts stay outside: mx.compile rejects an output that depends on inputs alone.
@@ -288,6 +295,12 @@ class TrueKnowledgeDistiller:
             [TeacherScorer(t["model"], cache, self.config.top_k, max_answer_tokens=self.config.max_answer_tokens,
                            max_seq_length=self.config.max_seq_length) for t in mixed],
             [t["weight"] for t in mixed], self.config.top_k)
+        self.hidden_widths = None  # (student, teacher) widths when the hidden-state loss is on
+        if self.config.hidden_weight > 0:
+            (s_depth, s_width), (t_depth, t_width) = model_dims(student_model_id), model_dims(self.teacher_model_id)
+            pairs = layer_map(self.config.hidden_layers, s_depth, t_depth)
+            self.teachers.scorers[0].hidden_layers = [t for _, t in pairs]
+            self.hidden_widths = (s_width, t_width)
         self.callbacks = callbacks or KDCallback()
         self.own_answer_passes = 0  # of all runs so far, like teachers.forward_passes
         self._vocab_checked = False
@@ -298,6 +311,8 @@ class TrueKnowledgeDistiller:
         mx.random.seed(self.config.seed)  # LoRA's initial lora_a is random: same seed, same run
         adapter_config = apply_lora(model, self.config.lora_layers, self.config.lora_rank,
                                     self.config.lora_scale, self.config.lora_dropout)
+        if self.hidden_widths:
+            attach_projection(model, *self.hidden_widths)
         if adapter_path and not load_adapter_weights(model, adapter_path):
             self.callbacks.on_stage("", f"adapter at {adapter_path} does not fit this LoRA shape; "
                                         "starting from the bare student")
@@ -420,7 +435,7 @@ class TrueKnowledgeDistiller:
             elapsed += time.perf_counter() - tic
         with clock("evaluate"):
             after = self._measure(model, held)
-            save_adapter(out, adapter_weights(model), adapter_config)
+            save_inference_adapter(out, model, adapter_config)
             del model
             free_memory()
         return history, elapsed, before, after

@@ -1,0 +1,98 @@
+"""Layer-wise (hidden-state) distillation: losses against NumPy, the taps, the cache, and a kit run."""
+
+import json
+
+from conch_dna.adapters import PROJECTION_FILE
+from conch_dna.chat import encode_chat
+from conch_dna.training.hidden import hidden_loss, layer_map, student_layers, tapped
+from conch_dna.training.kd_config import KDConfig
+from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.true_kd import TrueKnowledgeDistiller
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from tests.test_true_kd import CHAT
+
+
+def test_hidden_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 3, 8)), rng.normal(size=(2, 5, 3, 8)) * 4
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    mse = ((s - t) ** 2).sum(-1) / (t**2).sum(-1)
+    cos = 1 - (s * t).sum(-1) / np.sqrt((s**2).sum(-1) * (t**2).sum(-1))
+    for kind, per in (("mse", mse), ("cosine", cos)):
+        expected = (per.mean(-1) * mask).sum() / mask.sum()
+        got = hidden_loss(mx.array(s), mx.array(t), mx.array(mask), kind).item()
+        assert got == pytest.approx(expected, rel=1e-5), kind
+    assert hidden_loss(mx.array(t), mx.array(t), mx.array(mask), "mse").item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="must be one of mse, cosine"):
+        hidden_loss(mx.array(s), mx.array(t), mx.array(mask), "l1")
+
+
+def test_the_layer_map_spreads_the_student_evenly_or_takes_the_given_one():
+    assert layer_map({}, 15, 30) == [(2, 5), (6, 13), (10, 21), (14, 29)]
+    assert layer_map({}, 2, 3) == [(0, 0), (1, 2)]
+    assert layer_map({"1": 2, "0": 0}, 2, 3) == [(0, 0), (1, 2)]
+    assert student_layers({}, 15) == [2, 6, 10, 14]
+    with pytest.raises(ValueError, match="student layer 5 to teacher layer 1; the student has 2 layers"):
+        layer_map({"5": 1}, 2, 3)
+    with pytest.raises(ValueError, match="hidden_layers must map student layer numbers"):
+        KDConfig(hidden_layers={"a": 1})
+
+
+def test_a_tap_reads_a_blocks_output_and_leaves_the_model_as_it_was(student):
+    model, tokenizer = student
+    tokens, _ = encode_chat(tokenizer, CHAT)
+    inputs = mx.array(tokens)[None]
+    classes = [type(layer) for layer in model.layers]
+    with tapped(model.layers, [len(model.layers) - 1]) as outputs:
+        logits = model(inputs)
+    assert [type(layer) for layer in model.layers] == classes
+    # the last block's output, through the final norm and the (tied) output layer, is the logits
+    last = outputs[len(model.layers) - 1]
+    again = model.model.embed_tokens.as_linear(model.model.norm(last))
+    assert np.allclose(np.array(again), np.array(logits), atol=1e-4)
+
+
+def test_the_teacher_writes_hidden_states_in_the_same_pass_and_caches_them(kit, student, tmp_path):
+    _, tokenizer = student
+    tokens, offset = encode_chat(tokenizer, CHAT)
+    scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path), top_k=8)
+    scorer.hidden_layers = [0, 2]
+    example = scorer.token_example(tokens, offset)
+    assert scorer.forward_passes == 1
+    assert example.hidden.shape == (len(tokens) - offset, 2, 96) and example.hidden.dtype == np.float16
+    again = TeacherScorer(kit["teacher"], TeacherCache(tmp_path), top_k=8)
+    again.hidden_layers = [0, 2]
+    assert (again.token_example(tokens, offset).hidden == example.hidden).all() and again.forward_passes == 0
+    assert not again.loaded
+
+
+def test_a_run_with_the_hidden_loss_trains_a_projection_kept_apart_from_the_adapter(kit, tmp_path):
+    from mlx_lm import load
+
+    config = KDConfig(num_iters=6, learning_rate=1e-3, lora_rank=8, hidden_weight=1.0, max_answer_tokens=32)
+    distiller = TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
+    prompts = [f"Why did the build fail on step {i}?" for i in range(6)]
+    result = distiller.distill_domain("thinking", prompts, ["Why is it slow?"])
+    assert result.teacher_forward_passes == 7  # the hidden states came with the top-k, no extra pass
+    logits_only = config.alpha * result.final_kd_loss + (1 - config.alpha) * result.final_ce_loss
+    assert result.final_combined_loss > logits_only + 0.05  # the hidden term is in the loss
+    out = tmp_path / "adapters_kd" / "thinking"
+    projection = mx.load(str(out / PROJECTION_FILE))
+    assert list(projection) == ["hidden_projection.weight"] and projection["hidden_projection.weight"].shape == (96, 64)
+    assert not any(k.startswith("hidden_projection") for k in mx.load(str(out / "adapters.safetensors")))
+    assert json.loads((out / "adapter_config.json").read_text())["kd"]["hidden_weight"] == 1.0
+    load(kit["student"], adapter_path=str(out))  # inference needs no projection
+
+    # a run warm-started from an adapter without a projection still starts from its LoRA
+    plain = TrueKnowledgeDistiller(kit["teacher"], kit["student"], KDConfig(num_iters=2, lora_rank=8),
+                                   output_dir=tmp_path / "plain").distill_domain("thinking", prompts[:2])
+    model, _, _ = distiller.load_student(plain.adapter_path)
+    weights = dict(mx.load(str(tmp_path / "plain" / "adapters_kd" / "thinking" / "adapters.safetensors")))
+    own = dict(tree_flatten(model.trainable_parameters()))
+    assert "hidden_projection.weight" in own
+    assert all(np.array_equal(np.array(own[name]), np.array(value)) for name, value in weights.items())
