@@ -1,0 +1,95 @@
+"""Logits-only KD against KD plus the hidden-state (layer-wise) loss, at equal steps.
+
+Each variant trains a fresh LoRA on the same student for --iters steps on the same prompts, batches
+and teacher targets, and is measured on the same held-out prompts (KL to the teacher at T = 1 over
+its top-k + tail, and top-1 agreement). The hidden-state variants add --weights × the loss at the
+default layer map (4 student layers evenly spaced, each with the teacher's at the same depth).
+Prints the teacher cache's bytes per answer token of the hidden states next to the top-k's.
+
+    python bench/hidden_kd.py                                        # the tiny kit
+    python bench/hidden_kd.py --pair-dir /tmp/pair --domains task --cache-dir /tmp/pair_cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.training.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
+from conch_dna.training.topk_codec import decode_topk
+from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
+
+from safetensors.numpy import load_file
+
+
+def per_token(cache: Path, suffix: str) -> tuple[int, int, int]:
+    """(files, bytes, answer-token rows) of one kind of teacher-cache entry."""
+    files = sorted(cache.rglob(f"*{suffix}"))
+    rows = 0
+    for f in files:
+        if suffix == HIDDEN_SUFFIX:
+            rows += load_file(str(f))["hidden"].shape[0]
+        else:
+            rows += decode_topk(f.read_bytes())[0].shape[0]
+    return len(files), sum(f.stat().st_size for f in files), rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=TEACHER_PATH)
+    p.add_argument("--student", default=STUDENT_PATH)
+    p.add_argument("--pair-dir", help="the real pair's folder (teacher/, student/), e.g. from `conch models pair`")
+    p.add_argument("--domains", default="thinking,debug")
+    p.add_argument("--prompts", type=int, default=64, help="prompts per domain (then split train/held-out)")
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--max-answer-tokens", type=int, default=64)
+    p.add_argument("--weights", default="0.1,1.0", help="hidden-state loss weights to compare with 0")
+    p.add_argument("--hidden-loss", default="mse", choices=("mse", "cosine"))
+    p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
+    args = p.parse_args()
+    if args.pair_dir:
+        args.teacher, args.student = str(Path(args.pair_dir) / "teacher"), str(Path(args.pair_dir) / "student")
+    base = KDConfig(learning_rate=args.learning_rate, lora_rank=8, lora_layers=1024, num_iters=args.iters,
+                    max_answer_tokens=args.max_answer_tokens, steps_per_report=args.iters,
+                    hidden_loss=args.hidden_loss)
+    variants = {"logits only": base} | {f"+ hidden {args.hidden_loss}, weight {w:g}": replace(base, hidden_weight=w)
+                                        for w in (float(x) for x in args.weights.split(","))}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.cache_dir or Path(tmp) / "teacher_cache")
+        for name, config in variants.items():
+            distiller = TrueKnowledgeDistiller(args.teacher, args.student, config, output_dir=Path(tmp) / name,
+                                               cache_dir=cache)
+            results = []
+            for domain in args.domains.split(","):
+                train, held = split_prompts(DOMAIN_PROMPTS[domain]["examples"][: args.prompts], 0.25)
+                results.append(distiller.distill_domain(domain, train, held,
+                                                        DistillOptions(measure_on_policy=False)))
+            tokens = sum(r.heldout_after["tokens"] for r in results)
+            rows[name] = ({k: sum(r.heldout_after[k] * r.heldout_after["tokens"] for r in results) / tokens
+                           for k in ("kl", "agreement")}, results[0].heldout_before, tokens)
+            print(f"{name}: done", flush=True)
+        sizes = {suffix: per_token(cache, suffix) for suffix in (TARGET_SUFFIX, HIDDEN_SUFFIX)}
+
+    print(f"\nteacher {args.teacher}\nstudent {args.student}\ndomains {args.domains}, {args.iters} steps each, "
+          f"lr {args.learning_rate}, LoRA rank 8 on every layer, T {base.temperature}, alpha {base.alpha}")
+    before = next(iter(rows.values()))[1]
+    print(f"{'':32s} {'held-out KL':>11s} {'top-1':>7s}\n{'student before':32s} {before['kl']:11.4f} "
+          f"{before['agreement']:7.1%}")
+    logits_kl = rows["logits only"][0]["kl"]
+    for name, (metrics, _, _) in rows.items():
+        change = "" if name == "logits only" else \
+            f"   {100 * (metrics['kl'] / logits_kl - 1):+.1f}% KL against logits only"
+        print(f"{name:32s} {metrics['kl']:11.4f} {metrics['agreement']:7.1%}{change}")
+    for suffix, (files, size, rows) in sizes.items():
+        if rows:
+            print(f"teacher cache {suffix}: {files} files, {size / rows:.0f} bytes per answer token")
+
+
+if __name__ == "__main__":
+    main()
