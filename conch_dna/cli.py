@@ -177,8 +177,8 @@ def teacher_cache_export(output: Path = typer.Argument(..., help="the bundle to 
     if as_json:
         _print_json({"bundle": str(output), "teacher": config.teacher, **summary.as_dict()})
     else:
-        console.print(f"{summary.targets} targets and {summary.answers} answers of teacher {config.teacher} "
-                      f"written to {output}")
+        console.print(f"{summary.targets} targets, {summary.hidden} hidden states and {summary.answers} answers "
+                      f"of teacher {config.teacher} written to {output}")
 
 
 @cache_app.command("import")
@@ -197,8 +197,8 @@ def teacher_cache_import(bundle: Path = typer.Argument(..., help="a bundle from 
     if as_json:
         _print_json({"bundle": str(bundle), **summary.as_dict()})
         return
-    console.print(f"{summary.targets} targets and {summary.answers} answers imported, {summary.skipped} "
-                  f"already here")
+    console.print(f"{summary.targets} targets, {summary.hidden} hidden states and {summary.answers} answers "
+                  f"imported, {summary.skipped} already here")
     for line in summary.rejected:
         console.print(f"[yellow]not taken:[/yellow] {line}", soft_wrap=True)
 

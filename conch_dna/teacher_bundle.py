@@ -21,14 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
-from conch_dna.training.teacher import LEGACY_SUFFIX, TARGET_SUFFIX, TeacherCache
+from conch_dna.training.teacher import HIDDEN_SUFFIX, LEGACY_SUFFIX, TARGET_SUFFIX, TeacherCache
 from conch_dna.training.topk_codec import decode_topk, encode_topk
+
+import numpy as np
+from safetensors.numpy import load
 
 BUNDLE_FORMAT = "conch-teacher-cache/1"
 MANIFEST = "manifest.json"
 MAX_ENTRY_BYTES = 64 * 2**20  # one target of 64 MiB is ~500k answer tokens: anything larger is not ours
 _TARGET = re.compile(r"targets/([0-9a-f]{64})\.topk")
 _ANSWER = re.compile(r"answers/([0-9a-f]{64})\.json")
+_HIDDEN = re.compile(r"hidden/([0-9a-f]{64})\.hidden")
 
 
 class BundleError(ValueError):
@@ -39,11 +43,12 @@ class BundleError(ValueError):
 class BundleSummary:
     targets: int  # target entries written (export) or added (import)
     answers: int
+    hidden: int = 0  # hidden-state entries (the layer-wise loss's targets)
     skipped: int = 0  # import: entries this cache had already
     rejected: list[str] | None = None  # import: "member: reason" of entries not taken
 
     def as_dict(self) -> dict:
-        return {"targets": self.targets, "answers": self.answers, "skipped": self.skipped,
+        return {"targets": self.targets, "answers": self.answers, "hidden": self.hidden, "skipped": self.skipped,
                 "rejected": self.rejected or []}
 
 
@@ -72,6 +77,9 @@ def export_bundle(cache: TeacherCache, path: str | Path, teacher: str) -> Bundle
                         continue  # torn, or evicted meanwhile
                     _add(tar, f"targets/{key}{TARGET_SUFFIX}", encode_topk(*target))
                     summary.targets += 1
+                elif entry.suffix == HIDDEN_SUFFIX:
+                    _add(tar, f"hidden/{key}{HIDDEN_SUFFIX}", entry.read_bytes())
+                    summary.hidden += 1
                 elif (answer := cache.get_answer(key)) is not None:
                     _add(tar, f"answers/{key}.json", json.dumps({"answer": answer}).encode())
                     summary.answers += 1
@@ -122,15 +130,17 @@ def import_bundle(cache: TeacherCache, path: str | Path, teacher: str) -> Bundle
 
 def _import_member(cache: TeacherCache, tar: tarfile.TarFile, member: tarfile.TarInfo, summary) -> str | None:
     """Copy one member into the cache; returns why not, or None."""
-    target, answer = _TARGET.fullmatch(member.name), _ANSWER.fullmatch(member.name)
-    if not (target or answer):
-        return "not a target (targets/<64 hex>.topk) or an answer (answers/<64 hex>.json)"
+    target, answer, hidden = (_TARGET.fullmatch(member.name), _ANSWER.fullmatch(member.name),
+                              _HIDDEN.fullmatch(member.name))
+    if not (target or answer or hidden):
+        return ("not a target (targets/<64 hex>.topk), an answer (answers/<64 hex>.json) or hidden states "
+                "(hidden/<64 hex>.hidden)")
     if not member.isreg():
         return "not a plain file"
     if member.size > MAX_ENTRY_BYTES:
         return f"{member.size} bytes, more than any target ({MAX_ENTRY_BYTES})"
-    key = (target or answer).group(1)
-    destination = cache.path(key) if target else cache.answer_path(key)
+    key = (target or answer or hidden).group(1)
+    destination = cache.path(key) if target else cache.hidden_path(key) if hidden else cache.answer_path(key)
     if destination.exists() or (target and destination.with_suffix(LEGACY_SUFFIX).exists()):
         summary.skipped += 1
         return None
@@ -143,6 +153,16 @@ def _import_member(cache: TeacherCache, tar: tarfile.TarFile, member: tarfile.Ta
         private_dir(destination.parent)
         atomic_write(destination, lambda tmp: Path(tmp).write_bytes(data))
         summary.targets += 1
+    elif hidden:
+        try:
+            states = load(data)["hidden"]
+            if states.ndim != 3 or states.dtype != np.float16:
+                raise ValueError(f"hidden states of shape {states.shape} and {states.dtype}")
+        except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not taken
+            return f"not hidden states ({exc})"
+        private_dir(destination.parent)
+        atomic_write(destination, lambda tmp: Path(tmp).write_bytes(data))
+        summary.hidden += 1
     else:
         try:
             text = json.loads(data)["answer"]

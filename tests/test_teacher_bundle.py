@@ -45,8 +45,8 @@ def test_a_bundle_moves_the_targets_and_the_other_home_retrains_without_the_teac
     imported = json.loads(out.stdout)
     assert imported["targets"] == exported["targets"] and imported["rejected"] == []
     again = run_module("conch_dna.cli", "teacher-cache", "import", str(bundle), env={"CONCH_HOME": str(training)})
-    assert f"0 targets and 0 answers imported, {exported['targets'] + exported['answers']} already here" \
-        in again.stdout
+    assert f"0 targets, 0 hidden states and 0 answers imported, {exported['targets'] + exported['answers']} " \
+        "already here" in again.stdout
 
     loaded = []
     original = true_kd.load_model
@@ -88,6 +88,7 @@ def test_a_hostile_bundle_loses_nothing_and_writes_nothing_outside_the_cache(tmp
         f"targets/{'45' * 32}.topk": b"CONCHTK1" + b"\0" * 20,
         f"answers/{'ef' * 32}.json": b'{"answer": 7}',
         f"answers/{'01' * 32}.json": b'{"answer": "fine"}',
+        f"hidden/{'67' * 32}.hidden": b"not safetensors",
     }, links={f"targets/{'23' * 32}.topk": "/etc/passwd"})
     summary = import_bundle(cache, bundle, "t")
     assert (summary.targets, summary.answers) == (1, 1)
@@ -97,6 +98,7 @@ def test_a_hostile_bundle_loses_nothing_and_writes_nothing_outside_the_cache(tmp
     assert "width 0" in reasons[f"targets/{'45' * 32}.topk"]
     assert reasons[f"answers/{'ef' * 32}.json"].startswith("not an answer")
     assert reasons[f"targets/{'23' * 32}.topk"] == "not a plain file"
+    assert reasons[f"hidden/{'67' * 32}.hidden"].startswith("not hidden states")
     assert cache.get(key)[0].tolist() == [[3, 1]] and cache.get_answer("01" * 32) == "fine"
     assert not (tmp_path / "evil.topk").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b.tar", "cache"]
 
@@ -118,14 +120,16 @@ def test_export_packs_targets_of_an_older_cache(tmp_path):
     save_file({"ids": np.array([[4, 2]], np.int32), "logprobs": np.log(np.array([[0.7, 0.2]], np.float16))},
               str(legacy))
     cache.put_answer("cd" * 32, "an answer")
+    states = cache.put_hidden("ef" * 32, np.ones((3, 2, 4), np.float32))
     summary = export_bundle(cache, tmp_path / "b.tar", "t")
-    assert (summary.targets, summary.answers) == (1, 1)
+    assert (summary.targets, summary.answers, summary.hidden) == (1, 1, 1)
     with tarfile.open(tmp_path / "b.tar") as tar:
         assert sorted(tar.getnames()) == sorted(["manifest.json", f"targets/{'ab' * 32}.topk",
-                                                 f"answers/{'cd' * 32}.json"])
+                                                 f"answers/{'cd' * 32}.json", f"hidden/{'ef' * 32}.hidden"])
     other = TeacherCache(tmp_path / "other")
-    import_bundle(other, tmp_path / "b.tar", "t")
+    assert import_bundle(other, tmp_path / "b.tar", "t").hidden == 1
     assert other.get("ab" * 32)[0].tolist() == [[4, 2]] and other.get_answer("cd" * 32) == "an answer"
+    assert (other.get_hidden("ef" * 32) == states).all()
 
 
 def test_the_on_policy_gate_needs_the_on_policy_measure():
