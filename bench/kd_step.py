@@ -25,10 +25,11 @@ import time
 from dataclasses import replace
 
 from conch_dna.adapters import apply_lora
-from conch_dna.chat import encode_chat
+from conch_dna.chat import encode_chat, split_prompts, to_messages
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.models import load_model, output_vocab_size
 from conch_dna.training.data import KDExample, collate
+from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.losses import compute_kd_loss, masked_mean
 from conch_dna.training.teacher import TeacherCache, TeacherScorer, topk_logprobs
@@ -144,13 +145,23 @@ def packing_cost(args, teacher) -> dict:
     trained on raw targets against ones trained on packed targets, paired by seed (LoRA init, batch
     order): a one-seed pair says little, since a 1e-3 nudge to the targets moves a trained
     student's held-out KL by a few percent either way."""
-    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, num_iters=args.kl_iters, learning_rate=1e-3,
-                      steps_per_report=args.kl_iters)
+    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, num_iters=args.kl_iters,
+                      learning_rate=args.kl_learning_rate, steps_per_report=args.kl_iters)
     model, tokenizer = fresh_student(args.student, config)
     vocab = output_vocab_size(model)
     del model
-    train = raw_examples(teacher, tokenizer, corpus.dialogues(args.kl_chats, seed=11), args.top_k, vocab)
-    held = raw_examples(teacher, tokenizer, corpus.dialogues(args.kl_chats // 4, seed=12), args.top_k, vocab)
+    if args.kl_domain:  # the domain's seed prompts, answered by the teacher (answers cached in --answers-cache)
+        answers = TeacherScorer(args.teacher, TeacherCache(args.answers_cache or tempfile.mkdtemp()), args.top_k,
+                                max_answer_tokens=args.kl_max_answer_tokens)
+        prompts = split_prompts(DOMAIN_PROMPTS[args.kl_domain]["examples"][: args.kl_chats], 0.25)
+        train_chats, held_chats = ([answers.complete(to_messages(args.kl_domain, p), tokenizer) for p in side]
+                                   for side in prompts)
+        answers.release()
+    else:
+        train_chats = corpus.dialogues(args.kl_chats, seed=11)
+        held_chats = corpus.dialogues(args.kl_chats // 4, seed=12)
+    train = raw_examples(teacher, tokenizer, train_chats, args.top_k, vocab)
+    held = raw_examples(teacher, tokenizer, held_chats, args.top_k, vocab)
     tokens = sum(len(e.topk_ids) for e in train)
     raw_bytes = sum(len(safetensors_bytes({"ids": e.topk_ids, "logprobs": e.topk_logprobs})) for e in train)
     packed_bytes = sum(len(encode_topk(e.topk_ids, e.topk_logprobs)) for e in train)
@@ -180,7 +191,16 @@ def main() -> None:
     p.add_argument("--kl-iters", type=int, default=60, help="steps of each student of the packing comparison")
     p.add_argument("--kl-chats", type=int, default=64, help="train chats there (a quarter as many held out)")
     p.add_argument("--kl-seeds", type=int, default=5, help="seeds of that comparison, each a raw and a packed run")
+    p.add_argument("--kl-learning-rate", type=float, default=1e-3)
+    p.add_argument("--kl-domain", help="train on this domain's seed prompts answered by the teacher (split 3:1) "
+                                       "instead of the kit's dialogues; --kl-chats prompts")
+    p.add_argument("--kl-max-answer-tokens", type=int, default=64, help="answer length there")
+    p.add_argument("--answers-cache", help="a teacher cache holding those answers (e.g. /tmp/pair_cache)")
+    p.add_argument("--packing-only", action="store_true", help="only the packed cache's figures")
     args = p.parse_args()
+    if args.packing_only:
+        print_packing(args, load_model(args.teacher)[0])
+        return
     config = KDConfig(top_k=args.top_k, batch_size=args.batch_size)
 
     model, tokenizer = fresh_student(args.student, config)
@@ -235,6 +255,16 @@ def main() -> None:
     print(f"kd online / sft ratio: {runs['kd, online teacher'] / sft:.3f}")
     print(f"teacher cache: {cache_bytes} bytes for {answer_tokens} answer tokens = "
           f"{cache_bytes / answer_tokens:.1f} bytes/token at k={args.top_k} (target <= 150)")
+    print_packing(args, teacher)
+    if args.memory_vocab:
+        kd_mb, sft_mb = peak_memory(args.memory_vocab, args.batch_size, args.memory_length, args.top_k)
+        logits_mb = args.batch_size * args.memory_length * args.memory_vocab * 4 / 2**20
+        print(f"peak memory at a {args.memory_vocab}-row vocabulary, batch {args.batch_size} x "
+              f"{args.memory_length} (one float32 logits array: {logits_mb:.0f} MB): "
+              f"kd {kd_mb:.0f} MB, sft {sft_mb:.0f} MB, kd/sft ratio {kd_mb / sft_mb:.2f} (target <= 1.10)")
+
+
+def print_packing(args, teacher) -> None:
     cost = packing_cost(args, teacher)
     print(f"packed top-k over {cost['tokens']} answer tokens: {cost['packed_bytes']:.1f} bytes/token against "
           f"{cost['raw_bytes']:.1f} raw (ratio {cost['packed_bytes'] / cost['raw_bytes']:.3f})")
@@ -244,12 +274,6 @@ def main() -> None:
           f"{statistics.mean(kl['packed']):.4f}; packed against raw, seed by seed: mean "
           f"{100 * statistics.mean(change):+.2f}%, range {100 * min(change):+.2f}%..{100 * max(change):+.2f}% "
           "(target: the mean within 1%)")
-    if args.memory_vocab:
-        kd_mb, sft_mb = peak_memory(args.memory_vocab, args.batch_size, args.memory_length, args.top_k)
-        logits_mb = args.batch_size * args.memory_length * args.memory_vocab * 4 / 2**20
-        print(f"peak memory at a {args.memory_vocab}-row vocabulary, batch {args.batch_size} x "
-              f"{args.memory_length} (one float32 logits array: {logits_mb:.0f} MB): "
-              f"kd {kd_mb:.0f} MB, sft {sft_mb:.0f} MB, kd/sft ratio {kd_mb / sft_mb:.2f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

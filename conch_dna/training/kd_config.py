@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
+from conch_dna.training.hidden import HIDDEN_LOSSES
 from conch_dna.training.losses import DIVERGENCES
 
 from pydantic import ConfigDict, with_config
@@ -106,7 +107,7 @@ class KDConfig:
     jsd_beta: float = _setting(0.5, "mixture weight of the jsd divergence", 0.0, 1.0, lo_open=True)
     seed: int = _setting(0, "seed of LoRA's initialisation and the batch order")
     hidden_weight: float = _setting(0.0, "weight of the hidden-state (layer-wise) loss; 0: logits only", 0.0, 100.0)
-    hidden_loss: str = _setting("mse", "hidden-state loss: mse (relative) or cosine")
+    hidden_loss: str = _setting("mse", f"hidden-state loss: {', '.join(HIDDEN_LOSSES)} (mse relative to the teacher's)")
     hidden_layers: dict[str, int] = _setting(
         {}, "student layer -> teacher layer of the hidden-state loss, e.g. {\"3\": 7} (empty: 4 student "
             "layers evenly spaced up to the last, each with the teacher's at the same depth)")
@@ -146,8 +147,9 @@ class KDConfig:
         self.lr_multipliers = _multipliers(self.lr_multipliers, "KDConfig.lr_multipliers")
         self.stages = _stages(self.stages)
         self.teachers = _teachers(self.teachers)
-        if self.hidden_loss not in ("mse", "cosine"):
-            raise ValueError(f"KDConfig.hidden_loss must be mse or cosine, got {self.hidden_loss!r}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"KDConfig.hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, "
+                             f"got {self.hidden_loss!r}")
         if not isinstance(self.hidden_layers, dict) or not all(
                 isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 for k, v in self.hidden_layers.items()):
@@ -177,7 +179,8 @@ def add_kd_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distillation settings (config.toml [kd])")
     types = {"int": int, "float": float, "str": str}
     for f in fields(KDConfig):
-        extra = {"choices": DIVERGENCES} if f.name == "divergence" else {}
+        extra = {"choices": {"divergence": DIVERGENCES, "hidden_loss": HIDDEN_LOSSES}[f.name]} \
+            if f.name in ("divergence", "hidden_loss") else {}
         is_json = f.metadata.get("json", False)
         group.add_argument(kd_flag(f.name), dest=f.name, type=_json_flag if is_json else types[f.type],
                            default=setting_default(f),
