@@ -17,12 +17,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
 from conch_dna.training.topk_codec import decode_topk
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
 
+from pair_args import add_model_args, parse_model_args
 from safetensors.numpy import load_file
 
 
@@ -40,20 +40,14 @@ def per_token(cache: Path, suffix: str) -> tuple[int, int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=TEACHER_PATH)
-    p.add_argument("--student", default=STUDENT_PATH)
-    p.add_argument("--pair-dir", help="the real pair's folder (teacher/, student/), e.g. from `conch models pair`")
-    p.add_argument("--domains", default="thinking,debug")
-    p.add_argument("--prompts", type=int, default=64, help="prompts per domain (then split train/held-out)")
+    add_model_args(p)
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--weights", default="0.1,1.0", help="hidden-state loss weights to compare with 0")
     p.add_argument("--hidden-loss", default="mse", choices=("mse", "cosine"))
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
-    args = p.parse_args()
-    if args.pair_dir:
-        args.teacher, args.student = str(Path(args.pair_dir) / "teacher"), str(Path(args.pair_dir) / "student")
+    args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=8, lora_layers=1024, num_iters=args.iters,
                     max_answer_tokens=args.max_answer_tokens, steps_per_report=args.iters,
                     hidden_loss=args.hidden_loss)

@@ -22,9 +22,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
+
+from pair_args import add_model_args, parse_model_args
 
 
 def pooled(results, side: str, on_policy: bool) -> dict:
@@ -37,11 +38,7 @@ def pooled(results, side: str, on_policy: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=TEACHER_PATH)
-    p.add_argument("--student", default=STUDENT_PATH)
-    p.add_argument("--pair-dir", help="the real pair's folder (teacher/, student/), e.g. from `conch models pair`")
-    p.add_argument("--domains", default="thinking,debug")
-    p.add_argument("--prompts", type=int, default=64, help="prompts per domain (then split train/held-out)")
+    add_model_args(p)
     p.add_argument("--heldout-fraction", type=float, default=0.25)
     p.add_argument("--warmup-iters", type=int, default=60, help="steps of the round that makes the current version")
     p.add_argument("--iters", type=int, default=60, help="steps of each method's retrain")
@@ -53,9 +50,7 @@ def main() -> None:
     p.add_argument("--lambdas", default="0.5,1.0")
     p.add_argument("--rounds", type=int, default=1, help="on_policy_rounds of the on-policy methods")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
-    args = p.parse_args()
-    if args.pair_dir:
-        args.teacher, args.student = str(Path(args.pair_dir) / "teacher"), str(Path(args.pair_dir) / "student")
+    args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_layers=1024,
                     max_answer_tokens=args.max_answer_tokens, sample_max_tokens=args.sample_max_tokens,
                     sample_temperature=args.sample_temperature, steps_per_report=max(args.iters, args.warmup_iters))
