@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.training.hidden import HIDDEN_LOSSES
 from conch_dna.training.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
 from conch_dna.training.topk_codec import decode_topk
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
@@ -45,7 +46,9 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--weights", default="0.1,1.0", help="hidden-state loss weights to compare with 0")
-    p.add_argument("--hidden-loss", default="mse", choices=("mse", "cosine"))
+    p.add_argument("--hidden-loss", default="mse", choices=HIDDEN_LOSSES)
+    p.add_argument("--seeds", type=int, default=1, help="train each variant with seeds 0..N-1 (LoRA init, batch "
+                   "order); KL is compared seed by seed")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
     args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=8, lora_layers=1024, num_iters=args.iters,
@@ -53,33 +56,40 @@ def main() -> None:
                     hidden_loss=args.hidden_loss)
     variants = {"logits only": base} | {f"+ hidden {args.hidden_loss}, weight {w:g}": replace(base, hidden_weight=w)
                                         for w in (float(x) for x in args.weights.split(","))}
-    rows = {}
+    runs = {}  # (variant, seed) -> (metrics, metrics before, tokens)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir or Path(tmp) / "teacher_cache")
-        for name, config in variants.items():
-            distiller = TrueKnowledgeDistiller(args.teacher, args.student, config, output_dir=Path(tmp) / name,
-                                               cache_dir=cache)
-            results = []
-            for domain in args.domains.split(","):
-                train, held = split_prompts(DOMAIN_PROMPTS[domain]["examples"][: args.prompts], 0.25)
-                results.append(distiller.distill_domain(domain, train, held,
-                                                        DistillOptions(measure_on_policy=False)))
-            tokens = sum(r.heldout_after["tokens"] for r in results)
-            rows[name] = ({k: sum(r.heldout_after[k] * r.heldout_after["tokens"] for r in results) / tokens
-                           for k in ("kl", "agreement")}, results[0].heldout_before, tokens)
-            print(f"{name}: done", flush=True)
+        for seed in range(args.seeds):
+            for name, config in variants.items():
+                distiller = TrueKnowledgeDistiller(args.teacher, args.student, replace(config, seed=seed),
+                                                   output_dir=Path(tmp) / f"{name} {seed}", cache_dir=cache)
+                results = []
+                for domain in args.domains.split(","):
+                    train, held = split_prompts(DOMAIN_PROMPTS[domain]["examples"][: args.prompts], 0.25)
+                    results.append(distiller.distill_domain(domain, train, held,
+                                                            DistillOptions(measure_on_policy=False)))
+                tokens = sum(r.heldout_after["tokens"] for r in results)
+                runs[name, seed] = ({k: sum(r.heldout_after[k] * r.heldout_after["tokens"] for r in results) / tokens
+                                     for k in ("kl", "agreement")}, results[0].heldout_before)
+                print(f"{name}, seed {seed}: KL {runs[name, seed][0]['kl']:.4f}", flush=True)
         sizes = {suffix: per_token(cache, suffix) for suffix in (TARGET_SUFFIX, HIDDEN_SUFFIX)}
 
     print(f"\nteacher {args.teacher}\nstudent {args.student}\ndomains {args.domains}, {args.iters} steps each, "
-          f"lr {args.learning_rate}, LoRA rank 8 on every layer, T {base.temperature}, alpha {base.alpha}")
-    before = next(iter(rows.values()))[1]
-    print(f"{'':32s} {'held-out KL':>11s} {'top-1':>7s}\n{'student before':32s} {before['kl']:11.4f} "
-          f"{before['agreement']:7.1%}")
-    logits_kl = rows["logits only"][0]["kl"]
-    for name, (metrics, _, _) in rows.items():
-        change = "" if name == "logits only" else \
-            f"   {100 * (metrics['kl'] / logits_kl - 1):+.1f}% KL against logits only"
-        print(f"{name:32s} {metrics['kl']:11.4f} {metrics['agreement']:7.1%}{change}")
+          f"lr {args.learning_rate}, LoRA rank 8 on every layer, T {base.temperature}, alpha {base.alpha}, "
+          f"seeds 0..{args.seeds - 1}")
+    before = runs["logits only", 0][1]
+    print(f"{'':32s} {'held-out KL':>11s} {'top-1':>7s}   (means over seeds)\n{'student before':32s} "
+          f"{before['kl']:11.4f} {before['agreement']:7.1%}")
+    seeds = range(args.seeds)
+    for name in variants:
+        kl = sum(runs[name, s][0]["kl"] for s in seeds) / args.seeds
+        top1 = sum(runs[name, s][0]["agreement"] for s in seeds) / args.seeds
+        change = ""
+        if name != "logits only":
+            ratios = [100 * (runs[name, s][0]["kl"] / runs["logits only", s][0]["kl"] - 1) for s in seeds]
+            change = (f"   KL against logits only, seed by seed: mean {sum(ratios) / len(ratios):+.1f}% "
+                      f"({', '.join(f'{r:+.1f}%' for r in ratios)})")
+        print(f"{name:32s} {kl:11.4f} {top1:7.1%}{change}")
     for suffix, (files, size, rows) in sizes.items():
         if rows:
             print(f"teacher cache {suffix}: {files} files, {size / rows:.0f} bytes per answer token")

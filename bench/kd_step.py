@@ -140,6 +140,20 @@ def packed(example: KDExample) -> KDExample:
     return KDExample(example.tokens, example.offset, ids, logprobs)
 
 
+def target_shift(raw: KDExample, packed_: KDExample) -> np.ndarray:
+    """Per answer token, KL(raw targets ‖ packed targets) over the top-k (the same ids, matched) and the
+    tail: how far packing moves what the student is trained toward, with no training noise in it."""
+    def aligned(e: KDExample) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(e.topk_ids, axis=-1)
+        p = np.exp(np.take_along_axis(e.topk_logprobs.astype(np.float64), order, axis=-1))
+        tail = np.clip(1.0 - p.sum(-1, keepdims=True), 1e-12, None)
+        return np.take_along_axis(e.topk_ids, order, axis=-1), np.concatenate([p, tail], axis=-1)
+    (ids_r, p_r), (ids_p, p_p) = aligned(raw), aligned(packed_)
+    assert (ids_r == ids_p).all(), "packing must keep the top-k ids exactly"
+    p_r, p_p = np.clip(p_r, 1e-30, None), np.clip(p_p, 1e-30, None)
+    return (p_r * (np.log(p_r) - np.log(p_p))).sum(-1)
+
+
 def packing_cost(args, teacher) -> dict:
     """Bytes per answer token raw and packed, and the held-out KL (against raw targets) of students
     trained on raw targets against ones trained on packed targets, paired by seed (LoRA init, batch
@@ -165,16 +179,22 @@ def packing_cost(args, teacher) -> dict:
     tokens = sum(len(e.topk_ids) for e in train)
     raw_bytes = sum(len(safetensors_bytes({"ids": e.topk_ids, "logprobs": e.topk_logprobs})) for e in train)
     packed_bytes = sum(len(encode_topk(e.topk_ids, e.topk_logprobs)) for e in train)
+    train_packed = [packed(e) for e in train]
+    shift = float(np.concatenate([target_shift(r, q) for r, q in zip(train, train_packed)]).mean())
+    untrained, _ = fresh_student(args.student, config)
+    to_cover = heldout_metrics(untrained, train).kl
+    del untrained
     kl: dict[str, list[float]] = {"raw": [], "packed": []}
     for seed in range(args.kl_seeds):
-        for name, examples in (("raw", train), ("packed", [packed(e) for e in train])):
+        for name, examples in (("raw", train), ("packed", train_packed)):
             student, _ = fresh_student(args.student, config, seed)
             train_kd(student, examples, replace(config, seed=seed), adapter_config={})
             kl[name].append(heldout_metrics(student, held).kl)
             del student
     change = [p / r - 1 for r, p in zip(kl["raw"], kl["packed"])]
     return {"raw_bytes": raw_bytes / tokens, "packed_bytes": packed_bytes / tokens, "tokens": tokens,
-            "held_tokens": sum(len(e.topk_ids) for e in held), "kl": kl, "change": change}
+            "held_tokens": sum(len(e.topk_ids) for e in held), "kl": kl, "change": change,
+            "shift": shift, "to_cover": to_cover}
 
 
 def main() -> None:
@@ -268,6 +288,9 @@ def print_packing(args, teacher) -> None:
     cost = packing_cost(args, teacher)
     print(f"packed top-k over {cost['tokens']} answer tokens: {cost['packed_bytes']:.1f} bytes/token against "
           f"{cost['raw_bytes']:.1f} raw (ratio {cost['packed_bytes'] / cost['raw_bytes']:.3f})")
+    print(f"packing moves the training targets by KL(raw || packed) {cost['shift']:.2e} nats per answer token, "
+          f"{100 * cost['shift'] / cost['to_cover']:.4f}% of the untrained student's KL to them "
+          f"({cost['to_cover']:.4f})")
     kl, change = cost["kl"], cost["change"]
     print(f"held-out KL ({cost['held_tokens']} tokens) after {args.kl_iters} steps, {args.kl_seeds} seeds: raw targets "
           f"{statistics.mean(kl['raw']):.4f} (seeds {min(kl['raw']):.4f}..{max(kl['raw']):.4f}), packed "
