@@ -113,7 +113,7 @@ def peak_memory(vocab: int, batch_size: int, length: int, k: int) -> tuple[float
     mask = mx.ones((batch_size, length))
     full = mx.concatenate([inputs, targets[:, -1:]], axis=1)
     lengths = mx.array([[1, length]] * batch_size)
-    config = KDConfig(top_k=k, lora_layers=2, lora_rank=8)
+    config = KDConfig(top_k=k, lora_layers=2, lora_rank=8, hidden_weight=0.0)
     model = random_student(vocab)
     kd = step_peak_mb(*make_kd_step(model, optim.Adam(learning_rate=1e-5), config),
                       (inputs, targets, mask, ids, logprobs))
@@ -159,7 +159,7 @@ def packing_cost(args, teacher) -> dict:
     trained on raw targets against ones trained on packed targets, paired by seed (LoRA init, batch
     order): a one-seed pair says little, since a 1e-3 nudge to the targets moves a trained
     student's held-out KL by a few percent either way."""
-    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, num_iters=args.kl_iters,
+    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, num_iters=args.kl_iters, hidden_weight=0.0,
                       learning_rate=args.kl_learning_rate, steps_per_report=args.kl_iters)
     model, tokenizer = fresh_student(args.student, config)
     vocab = output_vocab_size(model)
@@ -221,7 +221,7 @@ def main() -> None:
     if args.packing_only:
         print_packing(args, load_model(args.teacher)[0])
         return
-    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size)
+    config = KDConfig(top_k=args.top_k, batch_size=args.batch_size, hidden_weight=0.0)  # the logit loss alone
 
     model, tokenizer = fresh_student(args.student, config)
     chats = corpus.dialogues(args.batch_size * 8, seed=5)

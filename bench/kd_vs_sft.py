@@ -84,7 +84,8 @@ def main() -> None:
     steps = sorted({int(s) for s in args.eval_at.split(",") if s} | {args.iters})
     config = KDConfig(num_iters=args.iters, learning_rate=args.learning_rate, temperature=args.temperature,
                       alpha=args.alpha, lora_rank=args.lora_rank, lora_layers=1024,
-                      max_answer_tokens=args.max_answer_tokens, steps_per_report=10 if len(steps) > 1 else args.iters)
+                      max_answer_tokens=args.max_answer_tokens, steps_per_report=10 if len(steps) > 1 else args.iters,
+                      hidden_weight=0.0)  # logits against tokens; bench/hidden_kd.py measures the hidden-state loss
 
     with tempfile.TemporaryDirectory() as tmp:
         distiller = TrueKnowledgeDistiller(args.teacher, args.student, config, output_dir=tmp,

@@ -42,6 +42,10 @@ def test_ego_records_traces_whose_topk_matches_the_teacher_and_saves_a_pass(tmp_
     fresh = TeacherScorer(TEACHER_PATH, TeacherCache(tmp_path / "cache2"), top_k=16, vocab_limit=len(ego.tokenizer))
     fresh.example(trace["messages"], ego.tokenizer, topk, tokenizer_fingerprint(ego.tokenizer))
     assert fresh.forward_passes == 0 and not fresh.loaded
+    fresh.hidden_layers = [0, 1]  # with the hidden-state loss on too: the capture has none, none is made
+    assert fresh.example(trace["messages"], ego.tokenizer, topk, tokenizer_fingerprint(ego.tokenizer)).hidden is None
+    assert fresh.forward_passes == 0 and not fresh.loaded
+    fresh.hidden_layers = None
 
     # a capture holding ids of the teacher's padded rows (576 vs the student's 512) is still used:
     # those entries become padding, their mass goes to the tail bucket

@@ -1,13 +1,15 @@
 """Layer-wise (hidden-state) distillation: losses against NumPy, the taps, the cache, and a kit run."""
 
 import json
+from dataclasses import replace
 
-from conch_dna.adapters import PROJECTION_FILE
+from conch_dna.adapters import PROJECTION_FILE, apply_lora
 from conch_dna.chat import encode_chat
-from conch_dna.training.hidden import hidden_loss, layer_map, student_layers, tapped
+from conch_dna.training.data import collate
+from conch_dna.training.hidden import attach_projection, hidden_loss, kd_hidden_loss, layer_map, student_layers, tapped
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
-from conch_dna.training.true_kd import TrueKnowledgeDistiller
+from conch_dna.training.true_kd import TrueKnowledgeDistiller, train_kd
 
 import mlx.core as mx
 import numpy as np
@@ -89,10 +91,38 @@ def test_a_run_with_the_hidden_loss_trains_a_projection_kept_apart_from_the_adap
     load(kit["student"], adapter_path=str(out))  # inference needs no projection
 
     # a run warm-started from an adapter without a projection still starts from its LoRA
-    plain = TrueKnowledgeDistiller(kit["teacher"], kit["student"], KDConfig(num_iters=2, lora_rank=8),
+    plain = TrueKnowledgeDistiller(kit["teacher"], kit["student"], KDConfig(num_iters=2, lora_rank=8, hidden_weight=0),
                                    output_dir=tmp_path / "plain").distill_domain("thinking", prompts[:2])
     model, _, _ = distiller.load_student(plain.adapter_path)
     weights = dict(mx.load(str(tmp_path / "plain" / "adapters_kd" / "thinking" / "adapters.safetensors")))
     own = dict(tree_flatten(model.trainable_parameters()))
     assert "hidden_projection.weight" in own
     assert all(np.array_equal(np.array(own[name]), np.array(value)) for name, value in weights.items())
+
+
+def test_train_kd_uses_hidden_states_where_examples_have_them_and_says_when_none_do(kit, tmp_path):
+    from mlx_lm import load
+
+    model, tokenizer = load(kit["student"])
+    adapter_config = apply_lora(model, 2, 4, 20.0, 0.0)
+    attach_projection(model, 64, 96)
+    tokens, offset = encode_chat(tokenizer, CHAT)
+    scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path), top_k=8)
+    scorer.hidden_layers = [0, 2]
+    with_hidden = scorer.token_example(tokens, offset)
+    captured = replace(with_hidden, hidden=None)  # as a trace whose top-k came from the EGO
+    assert train_kd(model, [with_hidden], KDConfig(num_iters=1, top_k=8, hidden_weight=0.0), adapter_config)
+    with_loss = KDConfig(num_iters=1, top_k=8, hidden_weight=1.0, batch_size=2)
+    mixed = train_kd(model, [with_hidden, captured], with_loss, adapter_config)[-1]
+    # the hidden term counts the one example that has hidden states, not the other's zeros
+    batch = collate([with_hidden, captured], 2048, hidden_shape=(2, 96))
+    assert batch[-1].sum().item() == len(with_hidden.topk_ids) and batch[-1][1].sum().item() == 0
+
+    def hidden_term(examples):
+        combined, kd, ce = kd_hidden_loss(model, *collate(examples, 2048, hidden_shape=(2, 96)), temperature=2.0,
+                                          alpha=0.5, layers=[0, 1], hidden_kind="mse", hidden_weight=1.0)
+        return (combined - 0.5 * kd - 0.5 * ce).item()
+    assert hidden_term([with_hidden, captured]) == pytest.approx(hidden_term([with_hidden]), rel=1e-4)
+    assert mixed["combined"] > with_loss.alpha * mixed["kd"] + (1 - with_loss.alpha) * mixed["ce"] + 0.05
+    with pytest.raises(ValueError, match="hidden_weight > 0 needs the teacher's hidden states"):
+        train_kd(model, [captured], with_loss, adapter_config)

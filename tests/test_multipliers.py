@@ -51,7 +51,7 @@ def params(model) -> dict[str, np.ndarray]:
 
 def test_one_step_scales_each_groups_adam_step_as_numpy_says(kit):
     model, tokenizer = warm_student(kit)
-    config = KDConfig(top_k=8)
+    config = KDConfig(top_k=8, hidden_weight=0.0)
     batch = collate(examples(tokenizer)[:4], 256)
     patterns = {"*lora_a": 0.5, "model.layers.1.*": 0.0, "model.layers.1.mlp.*": 2.0}
     before = params(model)
@@ -81,7 +81,7 @@ def test_one_step_scales_each_groups_adam_step_as_numpy_says(kit):
 
 def test_a_frozen_group_stays_bit_identical_and_a_stage_switches_at_its_step(kit):
     model, tokenizer = warm_student(kit)
-    config = KDConfig(top_k=8, batch_size=2, num_iters=6, learning_rate=1e-2, steps_per_report=1,
+    config = KDConfig(top_k=8, hidden_weight=0.0, batch_size=2, num_iters=6, learning_rate=1e-2, steps_per_report=1,
                       lr_multipliers={"model.layers.0.*": 0},
                       stages=[{"steps": 3, "multipliers": {"*": 0}}])
     start = params(model)
@@ -99,7 +99,7 @@ def test_a_frozen_group_stays_bit_identical_and_a_stage_switches_at_its_step(kit
 
 def test_a_pattern_that_matches_nothing_is_an_error_naming_it(kit):
     model, tokenizer = warm_student(kit)
-    config = KDConfig(top_k=8, num_iters=2, lr_multipliers={"model.layer.0.*": 0})
+    config = KDConfig(top_k=8, hidden_weight=0.0, num_iters=2, lr_multipliers={"model.layer.0.*": 0})
     with pytest.raises(ValueError, match=r"pattern 'model.layer.0.\*' matches no trainable parameter"):
         train_kd(model, examples(tokenizer), config, {})
     assert multiplier_tree(model, {"*": 1.0}) is None

@@ -45,7 +45,9 @@ def test_a_bundle_moves_the_targets_and_the_other_home_retrains_without_the_teac
     imported = json.loads(out.stdout)
     assert imported["targets"] == exported["targets"] and imported["rejected"] == []
     again = run_module("conch_dna.cli", "teacher-cache", "import", str(bundle), env={"CONCH_HOME": str(training)})
-    assert f"0 targets, 0 hidden states and 0 answers imported, {exported['targets'] + exported['answers']} " \
+    here = exported["targets"] + exported["hidden"] + exported["answers"]
+    assert exported["hidden"] == exported["targets"]  # the default hidden-state loss: one per scored chat
+    assert f"0 targets, 0 hidden states and 0 answers imported, {here} " \
         "already here" in again.stdout
 
     loaded = []

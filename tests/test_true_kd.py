@@ -259,7 +259,7 @@ def test_interrupted_and_resumed_training_ends_where_an_uninterrupted_one_does(d
     distiller, _, _, held = distilled
     examples = distiller.teacher_examples("action", held, load_student(distiller.student_model_id)[1])
     config = KDConfig(num_iters=12, learning_rate=2e-3, lora_rank=4, batch_size=2,
-                      steps_per_save=100, steps_per_report=4)
+                      steps_per_save=100, steps_per_report=4, hidden_weight=0.0)
 
     def fresh_model():
         model, _ = load_student(distiller.student_model_id)

@@ -58,9 +58,12 @@ def fit_window(example: KDExample, max_seq_length: int) -> KDExample:
     return replace(example, tokens=example.tokens[cut:], offset=example.offset - cut)
 
 
-def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
-    """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step, and the
-    teacher's hidden states [b, width, layers, hidden width] after them when every example has some.
+def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32,
+            hidden_shape: tuple[int, int] | None = None):
+    """Pad examples into (inputs, targets, mask, topk_ids, topk_logprobs) for one step; with
+    `hidden_shape` (layers, width), then the teacher's hidden states [b, positions, layers, width] and
+    their mask: the answer positions of the examples that carry hidden states (a trace whose top-k
+    was captured from the EGO has none).
 
     Position p of the inputs predicts token p + 1 (for an on-policy example, the teacher's top-1 there);
     the mask keeps the positions whose target is an answer token, and topk rows are placed at those
@@ -76,8 +79,8 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
     mask = np.zeros((b, width), np.float32)
     ids = np.zeros((b, width, k), np.int32)
     logprobs = np.full((b, width, k), PAD_LOGPROB, np.float32)
-    with_hidden = all(e.hidden is not None for e in examples)
-    hidden = np.zeros((b, width, *examples[0].hidden.shape[1:]), np.float32) if with_hidden else None
+    hidden = np.zeros((b, width, *hidden_shape), np.float32) if hidden_shape else None
+    hidden_mask = np.zeros((b, width), np.float32)
     for row, e in enumerate(examples):
         n = min(len(e.tokens) - 1, width)
         inputs[row, :n] = e.tokens[:n]
@@ -92,18 +95,19 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32):
             # a log-prob below float16's range was stored as -inf: it is a bucket with no mass, i.e.
             # padding (left as -inf it would make 0·log 0 a NaN in every KL over the batch)
             logprobs[row, start:stop] = np.maximum(e.topk_logprobs[: stop - start], PAD_LOGPROB)
-            if with_hidden:
+            if hidden is not None and e.hidden is not None:
                 hidden[row, start:stop] = e.hidden[: stop - start]
+                hidden_mask[row, start:stop] = 1.0
     batch = (mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(ids), mx.array(logprobs))
-    return (*batch, mx.array(hidden)) if with_hidden else batch
+    return (*batch, mx.array(hidden), mx.array(hidden_mask)) if hidden is not None else batch
 
 
 def iterate_kd_batches(examples: list[KDExample], batch_size: int, max_seq_length: int,
-                       seed: int = 0, skip: int = 0):
-    """Endless shuffled, padded KD batches; `skip` passes over the first ones (a resumed run)."""
+                       seed: int = 0, skip: int = 0, hidden_shape: tuple[int, int] | None = None):
+    """Endless shuffled, padded KD batches (see collate); `skip` passes over the first ones (a resumed run)."""
     if not examples:
         raise ValueError("no training examples")
     rng = np.random.default_rng(seed)
     for n, idx in enumerate(_batch_order(len(examples), batch_size, rng)):
         if n >= skip:
-            yield collate([examples[i] for i in idx], max_seq_length)
+            yield collate([examples[i] for i in idx], max_seq_length, hidden_shape=hidden_shape)

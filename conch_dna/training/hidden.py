@@ -96,14 +96,14 @@ def attach_projection(model, student_width: int, teacher_width: int) -> None:
         setattr(model, PROJECTION, nn.Linear(student_width, teacher_width, bias=False))
 
 
-def kd_hidden_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, teacher_hidden, *, temperature,
-                   alpha, kind="forward_kl", beta=0.5, layers, hidden_kind, hidden_weight):
-    """kd_loss plus hidden_weight · the hidden-state loss at the student `layers`; returns
-    (combined, kd, ce) like kd_loss."""
+def kd_hidden_loss(model, inputs, targets, mask, topk_ids, topk_logprobs, teacher_hidden, hidden_mask, *,
+                   temperature, alpha, kind="forward_kl", beta=0.5, layers, hidden_kind, hidden_weight):
+    """kd_loss plus hidden_weight · the hidden-state loss at the student `layers`, over the positions of
+    `hidden_mask`; returns (combined, kd, ce) like kd_loss."""
     logits, student = hidden_states(model, inputs, layers)
     if PROJECTION in model:
         student = model[PROJECTION](student)
     kd, ce = answer_token_losses(logits, topk_ids, topk_logprobs, targets, temperature, kind, beta)
     kd, ce = masked_mean(kd, mask), masked_mean(ce, mask)
-    hs = hidden_loss(student, teacher_hidden, mask, hidden_kind)
+    hs = hidden_loss(student, teacher_hidden, hidden_mask, hidden_kind)
     return alpha * kd + (1.0 - alpha) * ce + hidden_weight * hs, kd, ce

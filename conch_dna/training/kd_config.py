@@ -106,7 +106,8 @@ class KDConfig:
     divergence: str = _setting("forward_kl", f"KD divergence: {', '.join(DIVERGENCES)}")
     jsd_beta: float = _setting(0.5, "mixture weight of the jsd divergence", 0.0, 1.0, lo_open=True)
     seed: int = _setting(0, "seed of LoRA's initialisation and the batch order")
-    hidden_weight: float = _setting(0.0, "weight of the hidden-state (layer-wise) loss; 0: logits only", 0.0, 100.0)
+    # 0.1 from bench/hidden_kd.py on the real pair (README, "Layer-wise distillation")
+    hidden_weight: float = _setting(0.1, "weight of the hidden-state (layer-wise) loss; 0: logits only", 0.0, 100.0)
     hidden_loss: str = _setting("mse", f"hidden-state loss: {', '.join(HIDDEN_LOSSES)} (mse relative to the teacher's)")
     hidden_layers: dict[str, int] = _setting(
         {}, "student layer -> teacher layer of the hidden-state loss, e.g. {\"3\": 7} (empty: 4 student "

@@ -284,7 +284,10 @@ class TeacherScorer:
             return self.token_example(tokens, offset)
         ids, logprobs = captured  # a capture cut short by max_tokens covers a prefix: the example ends with it
         tokens = tokens[: offset + len(ids)]
-        hidden = self.hidden(list(tokens), offset) if self.hidden_layers else None
+        # a capture has logits only; the teacher is not run for the hidden states a trace lacks, or
+        # capturing would save no pass: the hidden-state loss skips such examples
+        hidden = self.cache.get_hidden(self.cache.hidden_key(self.teacher_model_id, list(tokens), offset,
+                                                             self.hidden_layers)) if self.hidden_layers else None
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, hidden=hidden)
 
     def token_example(self, tokens: list[int], offset: int, on_policy: bool = False) -> KDExample:

@@ -203,6 +203,14 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     `until` < num_iters stops at that step with a checkpoint_<until> there (a round of on-policy
     training ends; the next resumes from it on more examples).
     """
+    hidden_shape = None
+    if config.hidden_weight > 0:
+        shapes = {e.hidden.shape[1:] for e in examples if e.hidden is not None}
+        if len(shapes) != 1:
+            raise ValueError(f"hidden_weight > 0 needs the teacher's hidden states, of one shape, on some "
+                             f"examples (TrueKnowledgeDistiller caches them); found shapes {sorted(shapes)}; "
+                             "set hidden_weight = 0 for logits only")
+        hidden_shape = shapes.pop()
     callbacks = callbacks or KDCallback()
     mx.random.seed(config.seed)
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
@@ -210,7 +218,8 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     if resume and not load_optimizer_state(optimizer, model, resume[0]):
         optimizer.state["step"] = mx.array(start, dtype=mx.uint64)  # at least the schedule goes on
     in_force = None  # the multiplier patterns the compiled step was made with
-    batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed, skip=start)
+    batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed, skip=start,
+                                 hidden_shape=hidden_shape)
 
     model.train()
     history: list[dict] = []
