@@ -9,11 +9,16 @@ import pytest
 
 
 class Hooks(KDCallback):
-    """A KDCallback from plain callables: `on_report(report)`, `should_stop()`; records the reports."""
+    """A KDCallback from plain callables: `on_report(report)`, `should_stop()`; records the reports and
+    the stage messages."""
 
     def __init__(self, on_report=None, should_stop=None):
         self.reports: list[dict] = []
+        self.stages: list[str] = []
         self._on_report, self._should_stop = on_report, should_stop
+
+    def on_stage(self, domain: str, message: str) -> None:
+        self.stages.append(message)
 
     def on_train_report(self, report: dict) -> None:
         self.reports.append(report)

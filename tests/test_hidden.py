@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from tests.test_true_kd import CHAT
+from tests.test_true_kd import CHAT, Hooks
 
 
 def test_hidden_losses_match_numpy():
@@ -100,7 +100,7 @@ def test_a_run_with_the_hidden_loss_trains_a_projection_kept_apart_from_the_adap
     assert all(np.array_equal(np.array(own[name]), np.array(value)) for name, value in weights.items())
 
 
-def test_train_kd_uses_hidden_states_where_examples_have_them_and_says_when_none_do(kit, tmp_path):
+def test_train_kd_uses_hidden_states_where_examples_have_them_and_logits_alone_when_none_do(kit, tmp_path):
     from mlx_lm import load
 
     model, tokenizer = load(kit["student"])
@@ -124,5 +124,12 @@ def test_train_kd_uses_hidden_states_where_examples_have_them_and_says_when_none
         return (combined - 0.5 * kd - 0.5 * ce).item()
     assert hidden_term([with_hidden, captured]) == pytest.approx(hidden_term([with_hidden]), rel=1e-4)
     assert mixed["combined"] > with_loss.alpha * mixed["kd"] + (1 - with_loss.alpha) * mixed["ce"] + 0.05
-    with pytest.raises(ValueError, match="hidden_weight > 0 needs the teacher's hidden states"):
-        train_kd(model, [captured], with_loss, adapter_config)
+    hooks = Hooks()
+    history = train_kd(model, [captured], with_loss, adapter_config, callbacks=hooks)
+    assert hooks.stages == ["no example carries the teacher's hidden states (a top-k captured from the EGO has none): "
+                    "this run trains on the logit loss alone"]
+    assert history[-1]["combined"] == pytest.approx(
+        with_loss.alpha * history[-1]["kd"] + (1 - with_loss.alpha) * history[-1]["ce"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"hidden states differ in shape \(layers, width\): \[\(1, 96\), \(2, 96\)\]"):
+        train_kd(model, [with_hidden, replace(with_hidden, hidden=with_hidden.hidden[:, :1])], with_loss,
+                 adapter_config)

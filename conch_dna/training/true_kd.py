@@ -17,7 +17,7 @@ from __future__ import annotations
 import runpy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
@@ -203,15 +203,15 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
     `until` < num_iters stops at that step with a checkpoint_<until> there (a round of on-policy
     training ends; the next resumes from it on more examples).
     """
-    hidden_shape = None
-    if config.hidden_weight > 0:
-        shapes = {e.hidden.shape[1:] for e in examples if e.hidden is not None}
-        if len(shapes) != 1:
-            raise ValueError(f"hidden_weight > 0 needs the teacher's hidden states, of one shape, on some "
-                             f"examples (TrueKnowledgeDistiller caches them); found shapes {sorted(shapes)}; "
-                             "set hidden_weight = 0 for logits only")
-        hidden_shape = shapes.pop()
     callbacks = callbacks or KDCallback()
+    shapes = {e.hidden.shape[1:] for e in examples if e.hidden is not None} if config.hidden_weight > 0 else set()
+    if len(shapes) > 1:
+        raise ValueError(f"the examples' hidden states differ in shape (layers, width): {sorted(shapes)}")
+    if config.hidden_weight > 0 and not shapes:
+        callbacks.on_stage("", "no example carries the teacher's hidden states (a top-k captured from the EGO "
+                               "has none): this run trains on the logit loss alone")
+        config = replace(config, hidden_weight=0.0)
+    hidden_shape = next(iter(shapes), None)
     mx.random.seed(config.seed)
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
     start = resume[1] if resume else 0
