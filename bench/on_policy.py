@@ -8,6 +8,8 @@ steps on the second half, where every prompt costs one teacher pass over one ans
   - on-policy KD at each --lambdas λ: that share of the prompts answered by the student itself
     (sampled at --sample-temperature), the teacher scoring every token of those answers; with
     --rounds R, a share answered at the start of each of R rounds by the student as it stands.
+With --seeds N every method trains N times (seeds 0..N-1) from the same current version: one
+real-pair student's held-out KL moves by several percent between seeds at these step counts.
 Each candidate is measured on the held-out prompts twice: teacher-forced (the teacher's answers) and
 on-policy (its own greedy answers, scored by the teacher), as the retrain gate measures it.
 
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--sample-temperature", type=float, default=1.0)
     p.add_argument("--lambdas", default="0.5,1.0")
     p.add_argument("--rounds", type=int, default=1, help="on_policy_rounds of the on-policy methods")
+    p.add_argument("--seeds", type=int, default=1, help="train each method with seeds 0..N-1 (LoRA init, batch "
+                   "order, samples) from the same current version; the table pools them, the ratios come per seed")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
     args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_layers=1024,
@@ -71,17 +75,21 @@ def main() -> None:
                                             output_dir=tmp, cache_dir=cache)
             warm[domain] = warmup.distill_domain(domain, train[:half], held, DistillOptions(
                 adapter_dir=Path(tmp) / "warm" / domain))
-        results = {}
+        results, by_seed = {}, {}  # name -> results over seeds and domains; (name, seed) -> over domains
         for name, config in methods.items():
             results[name] = []
-            for domain in domains:
-                _, new, held = data[domain]
-                distiller = TrueKnowledgeDistiller(args.teacher, args.student, replace(config, num_iters=args.iters),
-                                                   output_dir=tmp, cache_dir=cache)
-                options = DistillOptions(warm_start=Path(tmp) / "warm" / domain,
-                                         adapter_dir=Path(tmp) / name.replace(" ", "_") / domain)
-                results[name].append(distiller.distill_domain(domain, new, held, options))
-                print(f"{name} / {domain}: done", flush=True)
+            for seed in range(args.seeds):
+                by_seed[name, seed] = []
+                for domain in domains:
+                    _, new, held = data[domain]
+                    distiller = TrueKnowledgeDistiller(args.teacher, args.student,
+                                                       replace(config, num_iters=args.iters, seed=seed),
+                                                       output_dir=tmp, cache_dir=cache)
+                    options = DistillOptions(warm_start=Path(tmp) / "warm" / domain,
+                                             adapter_dir=Path(tmp) / name.replace(" ", "_") / str(seed) / domain)
+                    by_seed[name, seed].append(distiller.distill_domain(domain, new, held, options))
+                    print(f"{name} / seed {seed} / {domain}: done", flush=True)
+                results[name] += by_seed[name, seed]
 
     first = next(iter(results.values()))
     print(f"\nteacher {args.teacher}\nstudent {args.student}")
@@ -107,8 +115,11 @@ def main() -> None:
     for name, rs in results.items():
         if name.startswith("on-policy"):
             op, tf = pooled(rs, "after", True)["kl"], pooled(rs, "after", False)["kl"]
-            print(f"{name}: on-policy held-out KL {100 * (1 - op / off):.1f}% below off-policy KD's; "
-                  f"teacher-forced {100 * (1 - tf / off_tf):.1f}% below")
+            seeds = [100 * (1 - pooled(by_seed[name, k], "after", True)["kl"]
+                            / pooled(by_seed["off-policy kd", k], "after", True)["kl"]) for k in range(args.seeds)]
+            print(f"{name}: on-policy held-out KL {100 * (1 - op / off):.1f}% below off-policy KD's "
+                  f"(seed by seed: {', '.join(f'{x:.1f}%' for x in seeds)}); teacher-forced "
+                  f"{100 * (1 - tf / off_tf):.1f}% below")
 
 
 if __name__ == "__main__":
