@@ -58,9 +58,9 @@ def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_model
     n_train = store.counts("debug").train
     models = ResidentModels(parse_config(config_text).teacher, monkeypatch)
     scored = []
-    original_targets = TeacherScorer.targets
-    monkeypatch.setattr(TeacherScorer, "targets", lambda self, tokens, offset: scored.append(tokens)
-                        or original_targets(self, tokens, offset))
+    original_scored = TeacherScorer.scored
+    monkeypatch.setattr(TeacherScorer, "scored", lambda self, tokens, offset: scored.append(tokens)
+                        or original_scored(self, tokens, offset))
 
     result = retrain(home, "debug", iters=6, force=True)
 

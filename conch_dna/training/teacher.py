@@ -243,13 +243,18 @@ class TeacherScorer:
             return cached
         return self._score(tokens, offset)[0]
 
-    def hidden(self, tokens: list[int], offset: int) -> np.ndarray:
-        """The teacher's outputs of the hidden_layers blocks at the answer positions (the positions
-        that predict each answer token), float16 [n - offset, layers, width], from cache or one pass."""
-        key = self.cache.hidden_key(self.teacher_model_id, tokens, offset, self.hidden_layers)
-        if (cached := self.cache.get_hidden(key)) is not None:
-            return cached
-        return self._score(tokens, offset)[1]
+    def cached_hidden(self, tokens: list[int], offset: int) -> np.ndarray | None:
+        """The teacher's cached outputs of the hidden_layers blocks at the answer positions (the positions
+        that predict each answer token), float16 [n - offset, layers, width], or None."""
+        return self.cache.get_hidden(self.cache.hidden_key(self.teacher_model_id, tokens, offset, self.hidden_layers))
+
+    def scored(self, tokens: list[int], offset: int):
+        """(top-k targets, hidden states or None without hidden_layers) from cache, or both from one pass."""
+        targets = self.cache.get(self.cache.key(self.teacher_model_id, tokens, offset, self.top_k))
+        hidden = self.cached_hidden(tokens, offset) if self.hidden_layers else None
+        if targets is None or (self.hidden_layers and hidden is None):
+            return self._score(tokens, offset)
+        return targets, hidden
 
     def _score(self, tokens: list[int], offset: int):
         """One teacher pass: (top-k targets, hidden states or None), both cached."""
@@ -286,8 +291,7 @@ class TeacherScorer:
         tokens = tokens[: offset + len(ids)]
         # a capture has logits only; the teacher is not run for the hidden states a trace lacks, or
         # capturing would save no pass: the hidden-state loss skips such examples
-        hidden = self.cache.get_hidden(self.cache.hidden_key(self.teacher_model_id, list(tokens), offset,
-                                                             self.hidden_layers)) if self.hidden_layers else None
+        hidden = self.cached_hidden(list(tokens), offset) if self.hidden_layers else None
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, hidden=hidden)
 
     def token_example(self, tokens: list[int], offset: int, on_policy: bool = False) -> KDExample:
@@ -298,8 +302,7 @@ class TeacherScorer:
         if self.max_seq_length:
             cut = window_cut(len(tokens), offset, self.max_seq_length)
             tokens, offset = tokens[cut:][: self.max_seq_length + 1], offset - cut
-        ids, logprobs = self.targets(tokens, offset)
-        hidden = self.hidden(tokens, offset) if self.hidden_layers else None
+        (ids, logprobs), hidden = self.scored(tokens, offset)
         return KDExample(np.asarray(tokens, np.int32), offset, ids, logprobs, on_policy, hidden)
 
 
