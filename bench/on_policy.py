@@ -53,13 +53,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="on_policy_rounds of the on-policy methods")
     p.add_argument("--seeds", type=int, default=1, help="train each method with seeds 0..N-1 (LoRA init, batch "
                    "order, samples) from the same current version; the table pools them, the ratios come per seed")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True,
+                   help="train SFT too (--no-sft: off-policy and on-policy KD only, the comparison the goal is on)")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
     args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_layers=1024,
                     max_answer_tokens=args.max_answer_tokens, sample_max_tokens=args.sample_max_tokens,
                     sample_temperature=args.sample_temperature, steps_per_report=max(args.iters, args.warmup_iters),
                     hidden_weight=0.0)  # as measured in the README: the logit loss alone
-    methods = {"sft (alpha 0)": replace(base, alpha=0.0), "off-policy kd": base}
+    methods = ({"sft (alpha 0)": replace(base, alpha=0.0)} if args.sft else {}) | {"off-policy kd": base}
     methods |= {f"on-policy kd, lambda {lam:g}": replace(base, on_policy=lam, on_policy_rounds=args.rounds)
                 for lam in (float(x) for x in args.lambdas.split(","))}
     domains = args.domains.split(",")
