@@ -38,6 +38,12 @@ def pooled(results, side: str, on_policy: bool) -> dict:
     return {k: sum(m[k] * m["tokens"] for m in rows) / tokens for k in ("kl", "ce", "agreement")} | {"tokens": tokens}
 
 
+def parse_method(text: str, rounds: int) -> tuple[float, int]:
+    """(λ, rounds) of a --lambdas entry: "0.5" (the default rounds) or "0.5x8"."""
+    lam, _, own = text.partition("x")
+    return float(lam), int(own) if own else rounds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -49,7 +55,8 @@ def main() -> None:
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--sample-max-tokens", type=int, default=64)
     p.add_argument("--sample-temperature", type=float, default=1.0)
-    p.add_argument("--lambdas", default="0.5,1.0")
+    p.add_argument("--lambdas", default="0.5,1.0",
+                   help="on-policy methods: λ, or λxR for λ in R rounds (default rounds: --rounds), e.g. 0.5,1.0x8")
     p.add_argument("--rounds", type=int, default=1, help="on_policy_rounds of the on-policy methods")
     p.add_argument("--seeds", type=int, default=1, help="train each method with seeds 0..N-1 (LoRA init, batch "
                    "order, samples) from the same current version; the table pools them, the ratios come per seed")
@@ -62,8 +69,9 @@ def main() -> None:
                     sample_temperature=args.sample_temperature, steps_per_report=max(args.iters, args.warmup_iters),
                     hidden_weight=0.0)  # as measured in the README: the logit loss alone
     methods = ({"sft (alpha 0)": replace(base, alpha=0.0)} if args.sft else {}) | {"off-policy kd": base}
-    methods |= {f"on-policy kd, lambda {lam:g}": replace(base, on_policy=lam, on_policy_rounds=args.rounds)
-                for lam in (float(x) for x in args.lambdas.split(","))}
+    for lam, rounds in (parse_method(x, args.rounds) for x in args.lambdas.split(",")):
+        methods[f"on-policy kd, lambda {lam:g}" + (f" x{rounds}" if rounds != args.rounds else "")] = replace(
+            base, on_policy=lam, on_policy_rounds=rounds)
     domains = args.domains.split(",")
 
     with tempfile.TemporaryDirectory() as tmp:
