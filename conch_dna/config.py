@@ -137,6 +137,11 @@ class Config(BaseModel):
     def _gate_measured(self) -> Config:
         if self.gate_metric is GateMetric.ON_POLICY and not self.measure_on_policy:
             raise ValueError('gate_metric = "on_policy" needs measure_on_policy = true')
+        if self.kd.on_policy > 0 and not self.measure_on_policy:
+            # a machine without the teacher cannot score the student's own answers either
+            raise ValueError(f"[kd] on_policy = {self.kd.on_policy:g} needs measure_on_policy = true: the teacher "
+                             "scores the student's own answers; set [kd] on_policy = 0 to train on imported "
+                             "targets alone")
         return self
 
     @field_validator("domains")

@@ -260,7 +260,8 @@ def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path
     from conch_dna.models import load_model
     from conch_dna.versions import current_version, promote
 
-    home, config = kit_home(tmp_path, kit, "", "num_iters = 3\nsteps_per_report = 1", traces=12, seed=3)
+    home, config = kit_home(tmp_path, kit, "", "num_iters = 3\nsteps_per_report = 1\non_policy = 0", traces=12,
+                            seed=3)
     model, _ = load_model(kit["student"])
     other = tmp_path / "other"
     save_adapter(other, adapter_weights(model), {"model": kit["student"], **apply_lora(model, 2, 4, 20.0, 0.0)})

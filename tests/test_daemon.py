@@ -25,8 +25,9 @@ def write_config(home: Path, **extra) -> None:
                 "retrain_threshold": 24, "check_minutes": 0.02, "min_heldout": 4, "heldout_fraction": 0.25,
                 "replay_count": 8, **extra}
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    # off-policy: these tests are about the service, and on the kit on-policy KD does not pay (README)
     lines += ["[kd]", "num_iters = 40", "learning_rate = 1e-3", "lora_rank = 8", "max_answer_tokens = 64",
-              "steps_per_save = 10"]
+              "steps_per_save = 10", "on_policy = 0"]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 

@@ -76,7 +76,8 @@ def test_the_teacher_writes_hidden_states_in_the_same_pass_and_caches_them(kit, 
 def test_a_run_with_the_hidden_loss_trains_a_projection_kept_apart_from_the_adapter(kit, tmp_path):
     from mlx_lm import load
 
-    config = KDConfig(num_iters=6, learning_rate=1e-3, lora_rank=8, hidden_weight=1.0, max_answer_tokens=32)
+    config = KDConfig(num_iters=6, learning_rate=1e-3, lora_rank=8, hidden_weight=1.0, max_answer_tokens=32,
+                      on_policy=0.0)
     distiller = TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
     prompts = [f"Why did the build fail on step {i}?" for i in range(6)]
     result = distiller.distill_domain("thinking", prompts, ["Why is it slow?"])

@@ -53,7 +53,7 @@ def test_a_run_with_two_teachers_trains_on_their_mixture_one_model_at_a_time(kit
 
     # the kit's student base stands in for a second teacher: it shares the teacher's vocabulary
     teachers = [{"model": kit["teacher"], "weight": 3.0}, {"model": kit["student"], "weight": 1.0}]
-    config = KDConfig(num_iters=2, lora_rank=8, top_k=16, max_answer_tokens=24, teachers=teachers)
+    config = KDConfig(num_iters=2, lora_rank=8, top_k=16, max_answer_tokens=24, teachers=teachers, on_policy=0.0)
     # every load asserts the model of the other path is gone: teacher 1 is released before teacher 2
     # (the student's path) loads, and both before the student trains
     models = ResidentModels(kit["teacher"], monkeypatch)

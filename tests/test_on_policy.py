@@ -12,7 +12,7 @@ from conch_dna.training import true_kd
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
-from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part
+from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part, round_groups
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.versions import current_adapter_path
 
@@ -48,7 +48,8 @@ class ResidentModels:
 def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_models(tmp_path, monkeypatch):
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)  # --force promotes past the gate: this test is about what is measured
-    config_text = (home / "config.toml").read_text().replace("[kd]", "[kd]\non_policy = 0.5\nsample_max_tokens = 24")
+    config_text = (home / "config.toml").read_text().replace("on_policy = 0\n", "on_policy = 0.5\non_policy_rounds = 1\n"
+                                                                 "sample_max_tokens = 24\n")
     (home / "config.toml").write_text(config_text)
     drop(home, "d.jsonl", teacher_traces("debug", 36, seed=5))
     store = TraceStore.for_home(home, parse_config(config_text))
@@ -194,7 +195,7 @@ def test_on_policy_rounds_answer_each_share_with_the_student_as_it_stands(kit, t
 
     monkeypatch.setattr(true_kd, "answer_tokens", recorded)
     config = KDConfig(num_iters=6, learning_rate=1e-2, lora_rank=8, sample_max_tokens=12, on_policy=1.0,
-                      on_policy_rounds=3, seed=5)
+                      on_policy_rounds=3, sample_temperature=1.0, seed=5)  # sampled, told from greedy held-out
     distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)
     prompts = [f"Why did the build fail on step {i}?" for i in range(9)]
     result = distiller.distill_domain("thinking", prompts, ["Why is the queue slow?", "Why is it late?"])
@@ -218,6 +219,23 @@ def test_on_policy_rounds_answer_each_share_with_the_student_as_it_stands(kit, t
     assert result.teacher_forward_passes == 2 and 9 + 2 <= result.own_answer_passes <= 9 + 4
     assert [r["iteration"] for r in result.history] == [2, 4, 6]
     assert set(result.phase_seconds) == {"sample", "teacher", "train", "evaluate"}
+
+
+def test_rounds_are_never_more_than_the_prompts_to_answer():
+    assert round_groups([], 8) == [[]]
+    assert round_groups([4, 7, 9], 8) == [[4], [7], [9]]
+    assert round_groups(list(range(11)), 8) == [[0, 8], [1, 9], [2, 10], [3], [4], [5], [6], [7]]
+
+
+def test_an_off_policy_run_loads_each_model_for_its_phases_only_whatever_the_rounds(kit, tmp_path, monkeypatch):
+    models = ResidentModels(kit["teacher"], monkeypatch)
+    config = KDConfig(num_iters=4, lora_rank=8, sample_max_tokens=8, on_policy=0.0, on_policy_rounds=8)
+    result = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path).distill_domain(
+        "thinking", [f"Why did the build fail on step {i}?" for i in range(6)], ["Why is the queue slow?"])
+    # held-out answers, targets, training, then the candidate's answers, their targets (the teacher only
+    # for answers not in the cache), its measure: no round reloads the student with nothing to answer
+    assert models.loads[:3] == ["student", "teacher", "student"] and models.loads.count("student") == 4
+    assert result.samples_generated == 0 and [r["iteration"] for r in result.history][-1] == 4
 
 
 def test_a_run_in_rounds_resumes_from_its_checkpoint(kit, tmp_path):

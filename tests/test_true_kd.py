@@ -202,7 +202,7 @@ def test_lora_on_a_quantized_student(kit, tmp_path):
     train, held = split_prompts(DOMAIN_PROMPTS["task"]["examples"][:32], 0.25)
     distiller = TrueKnowledgeDistiller(
         kit["teacher"], str(qdir),
-        KDConfig(num_iters=25, learning_rate=1e-3, lora_rank=8, max_answer_tokens=64),
+        KDConfig(num_iters=25, learning_rate=1e-3, lora_rank=8, max_answer_tokens=64, on_policy=0.0),
         output_dir=tmp_path / "out")
     result = distiller.distill_domain("task", train, held)
     assert result.heldout_after["kl"] < result.heldout_before["kl"]

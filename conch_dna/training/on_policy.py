@@ -23,7 +23,9 @@ def pick_on_policy(n: int, share: float, seed: int) -> list[int]:
 def round_groups(picked: list[int], rounds: int) -> list[list[int]]:
     """The picked prompts dealt into `rounds` groups, one answered at the start of each round; every
     prompt is answered once, so rounds cost no extra teacher pass (DistiLLM's replay buffer: earlier
-    rounds' answers stay in the training set)."""
+    rounds' answers stay in the training set). Never more groups than prompts: a round with nothing
+    to answer would reload both models for nothing (λ = 0 is one round with none)."""
+    rounds = max(1, min(rounds, len(picked)))
     return [picked[r::rounds] for r in range(rounds)]
 
 

@@ -416,7 +416,7 @@ class TrueKnowledgeDistiller:
                               "kd": {**asdict(self.config), "teacher": self.teacher_model_id, "domain": domain}}
             self.callbacks.on_train_start(domain, c.num_iters, resume[1] if resume else 0)
         history, elapsed, step = [], 0.0, resume[1] if resume else 0
-        for boundary, chats in zip(round_boundaries(c.num_iters, c.on_policy_rounds), later_chats):
+        for boundary, chats in zip(round_boundaries(c.num_iters, len(later_chats) + 1), later_chats):
             if boundary > step:
                 with clock("train"):
                     tic = time.perf_counter()
