@@ -48,8 +48,8 @@ class ResidentModels:
 def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_models(tmp_path, monkeypatch):
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)  # --force promotes past the gate: this test is about what is measured
-    config_text = (home / "config.toml").read_text().replace("on_policy = 0\n", "on_policy = 0.5\non_policy_rounds = 1\n"
-                                                                 "sample_max_tokens = 24\n")
+    config_text = (home / "config.toml").read_text().replace(
+        "on_policy = 0\n", "on_policy = 0.5\non_policy_rounds = 1\nsample_max_tokens = 24\n")
     (home / "config.toml").write_text(config_text)
     drop(home, "d.jsonl", teacher_traces("debug", 36, seed=5))
     store = TraceStore.for_home(home, parse_config(config_text))
