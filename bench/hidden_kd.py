@@ -53,7 +53,7 @@ def main() -> None:
     args = parse_model_args(p)
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=8, lora_layers=1024, num_iters=args.iters,
                     max_answer_tokens=args.max_answer_tokens, steps_per_report=args.iters,
-                    hidden_weight=0.0, hidden_loss=args.hidden_loss)
+                    hidden_weight=0.0, hidden_loss=args.hidden_loss, on_policy=0.0)  # off-policy, as measured
     variants = {"logits only": base} | {f"+ hidden {args.hidden_loss}, weight {w:g}": replace(base, hidden_weight=w)
                                         for w in (float(x) for x in args.weights.split(","))}
     runs = {}  # (variant, seed) -> (metrics, metrics before, tokens)

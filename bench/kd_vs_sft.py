@@ -85,7 +85,8 @@ def main() -> None:
     config = KDConfig(num_iters=args.iters, learning_rate=args.learning_rate, temperature=args.temperature,
                       alpha=args.alpha, lora_rank=args.lora_rank, lora_layers=1024,
                       max_answer_tokens=args.max_answer_tokens, steps_per_report=10 if len(steps) > 1 else args.iters,
-                      hidden_weight=0.0)  # logits against tokens; bench/hidden_kd.py measures the hidden-state loss
+                      hidden_weight=0.0, on_policy=0.0)  # logits against tokens, off-policy (bench/hidden_kd.py
+    # measures the hidden-state loss, bench/on_policy.py on-policy KD)
 
     with tempfile.TemporaryDirectory() as tmp:
         distiller = TrueKnowledgeDistiller(args.teacher, args.student, config, output_dir=tmp,

@@ -67,7 +67,8 @@ def main() -> None:
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_layers=1024,
                     max_answer_tokens=args.max_answer_tokens, sample_max_tokens=args.sample_max_tokens,
                     sample_temperature=args.sample_temperature, steps_per_report=max(args.iters, args.warmup_iters),
-                    hidden_weight=0.0)  # as measured in the README: the logit loss alone
+                    hidden_weight=0.0, on_policy=0.0)  # as measured in the README: the logit loss alone;
+    # the warm-up and "off-policy kd" are λ = 0 whatever KDConfig's default
     methods = ({"sft (alpha 0)": replace(base, alpha=0.0)} if args.sft else {}) | {"off-policy kd": base}
     for lam, rounds in (parse_method(x, args.rounds) for x in args.lambdas.split(",")):
         methods[f"on-policy kd, lambda {lam:g}" + (f" x{rounds}" if rounds != args.rounds else "")] = replace(
