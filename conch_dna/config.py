@@ -134,7 +134,7 @@ class Config(BaseModel):
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _gate_measured(self) -> Config:
+    def _measures_need_the_teacher(self) -> Config:
         if self.gate_metric is GateMetric.ON_POLICY and not self.measure_on_policy:
             raise ValueError('gate_metric = "on_policy" needs measure_on_policy = true')
         if self.kd.on_policy > 0 and not self.measure_on_policy:
