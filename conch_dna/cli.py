@@ -387,16 +387,15 @@ def serve(host: str = typer.Option(None, help="address to listen on (default: [s
 
     from conch_dna.serve import ServeError, Server
 
-    home, config = _home_and_config()
+    home, _ = _home_and_config()
     # each request's model, version, finish reason and token count; never its messages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = Server(home, host=host, port=port)
     except ServeError as exc:
         _fail(str(exc))
-    console.print(f"conch serve: http://{server.host}:{port or config.server.port}/v1 "
-                  f"(model = a domain, domain@vNNNN or ego/<domain>); Ctrl-C stops it")
-    server.run()
+    server.run(ready=lambda url: console.print(f"conch serve: {url} (model = a domain, domain@vNNNN or "
+                                                f"ego/<domain>); Ctrl-C stops it"))
 
 
 @daemon_app.command("status")

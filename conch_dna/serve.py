@@ -20,9 +20,11 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from neurons.registry import NeuronRegistry, VersionRefused
 
 log = logging.getLogger("conch.serve")
 EGO_PREFIX = "ego/"
+GRACE_S = 10  # on stop, answers still streaming get this long to finish before they are cut
 PINNED_KEPT = 4  # pinned versions kept loaded between requests (each is one adapter's weights)
 _DONE = object()
 
@@ -475,7 +478,8 @@ class Server:
         self.api = ConchAPI(self.home, config, self.registry, token)
         port = config.server.port if port is None else port
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.api), host=self.host, port=port,
-                                                    log_level="warning", lifespan="on"))
+                                                    log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=GRACE_S))
         self.thread: threading.Thread | None = None
 
     @property
@@ -497,17 +501,28 @@ class Server:
         log.info("serving the OpenAI API on %s", self.url)
         return self
 
-    def run(self) -> None:
-        """In the foreground until SIGINT / SIGTERM (uvicorn's handlers)."""
+    def run(self, ready: Callable[[str], None] | None = None) -> None:
+        """In the foreground until SIGINT / SIGTERM, then as stop(); `ready(url)` once it listens.
+        The handlers only set a flag: the server runs on its own thread, so uvicorn installs none
+        of its own (which would end the process by the signal, not with status 0)."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
         try:
-            self.server.run()
+            if ready:
+                ready(self.url)
+            while not stop.wait(0.5) and self.thread.is_alive():
+                pass
         finally:
-            self._close_registry()
+            self.stop()
 
     def stop(self) -> None:
+        """Take no new connection, let the answers in flight finish (up to GRACE_S), close the
+        registry. Twice is harmless."""
         self.server.should_exit = True
         if self.thread is not None:
-            self.thread.join(timeout=30)
+            self.thread.join(timeout=GRACE_S + 30)
         self._close_registry()
 
     def _close_registry(self) -> None:

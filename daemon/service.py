@@ -83,6 +83,7 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600})
         self._stopping = threading.Event()
         self._worker: subprocess.Popen | None = None
+        self._worker_lock = threading.Lock()
         self._running: dict | None = None
         self._lock_file = None
         self._told_backoff: dict[str, float] = {}  # domain -> the retry time last logged
@@ -114,16 +115,19 @@ class Daemon:
         return self
 
     def stop(self, timeout: float = 25.0) -> None:
-        """Stop taking work, interrupt the worker, and return within `timeout` seconds."""
-        self._stopping.set()
-        worker = self._worker
+        """Stop taking work, interrupt the worker, and return within `timeout` seconds (and
+        the time the scheduler's job needs to read the worker's last lines): every thread the
+        daemon started is joined."""
+        with self._worker_lock:  # no worker can start after this
+            self._stopping.set()
+            worker = self._worker
         if worker and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 worker.kill()
-        self.scheduler.shutdown(wait=False)
+        self.scheduler.shutdown(wait=True)
         self.inbox.stop()
         (self.home / STATE_FILE).unlink(missing_ok=True)
         log.info("daemon stopped")
@@ -214,7 +218,10 @@ class Daemon:
         self._write_state()
         result: dict = {"status": RunStatus.FAILED.value, "reason": "the worker exited without a result",
                         "domain": domain}
-        with open_private(private_dir(self.home / LOGS_DIR) / "worker.log") as worker_log:
+        with self._worker_lock, open_private(private_dir(self.home / LOGS_DIR) / "worker.log") as worker_log:
+            if self._stopping.is_set():
+                self._running = None
+                return {"status": RunStatus.FAILED.value, "reason": "the daemon is stopping", "domain": domain}
             self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True)
         for line in self._worker.stdout:
             try:

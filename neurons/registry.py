@@ -18,11 +18,13 @@ any more is freed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,7 +126,11 @@ class NeuronRegistry:
         self.mlx = MLXThread("conch-neurons")
         self._state_lock = threading.Lock()
         self._closed = False
-        self.mlx.call(self._load, student or self.config.student)
+        try:
+            self.mlx.call(self._load, student or self.config.student)
+        except BaseException:
+            self.mlx.close()
+            raise
         self._serving: dict[str, Adapter] = {d: self._base for d in self.domains}
         self.swapped_at: dict[tuple[str, str], float] = {}
         self.refused: dict[tuple[str, str], str] = {}
@@ -134,6 +140,7 @@ class NeuronRegistry:
         self._poller = None
         self.stats_path = self.home / NEURONS_DIR / f"{os.getpid()}.json"
         self.refresh()
+        _open_registries.add(self)
         if watch:
             self._start_watching(poll_seconds)
 
@@ -149,6 +156,7 @@ class NeuronRegistry:
         self._base = Adapter(BASE, {k: np.zeros(shape, dtype) for k, (shape, dtype) in own.items()})
         self.engine = BatchEngine(self.model, self.tokenizer, RowAdapters(self.model), self.config.neurons)
         self.mlx.step = self.engine.step
+        self.mlx.on_close = self.engine.close
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -308,10 +316,32 @@ class NeuronRegistry:
         atomic_write_json(self.stats_path, {**self.stats(), "at": time.time()})
 
     def close(self) -> None:
-        """Stop serving: calls still queued or running end with EngineClosed."""
-        self._closed = True
+        """Stop serving: calls still queued or running end with EngineClosed; the watchers and the
+        MLX thread are stopped and joined. Twice is harmless; a registry still open when the
+        interpreter exits is closed then (before it finalizes: see conch_dna.mlx_thread)."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open_registries.discard(self)
         self._stop.set()
         stop_watching(self._observer, self._poller)
-        self.mlx.call(self.engine.close)
         self.mlx.close()
         self.stats_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> NeuronRegistry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_open_registries: weakref.WeakSet[NeuronRegistry] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_registries() -> None:
+    # registered after conch_dna.mlx_thread's hook, so it runs first: the watchers stop before
+    # the MLX threads are closed under them
+    for registry in list(_open_registries):
+        registry.close()
