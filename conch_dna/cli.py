@@ -140,7 +140,7 @@ def traces_purge_quarantine(older_than: float = typer.Option(..., "--older-than"
 def traces_export(domain: str = typer.Option(..., help="the domain to export"),
                   split: str = typer.Option("train", help="train or heldout"),
                   output: Path = typer.Option(None, "--output", "-o", help="file (default: stdout)")) -> None:
-    """Write a domain's traces as mlx-lm chat JSONL ({"messages": [...]} per line)."""
+    """Write a domain's traces as mlx-lm chat JSONL ({"messages": [...]} per line, and "tools" where offered)."""
     import json
 
     from conch_dna.domains import UnknownDomainError, check_domain
@@ -153,7 +153,7 @@ def traces_export(domain: str = typer.Option(..., help="the domain to export"),
     if split not in ("train", "heldout"):
         console.print(f"[red]error:[/red] --split must be train or heldout, got {split!r}")
         raise typer.Exit(2)
-    lines = [json.dumps({"messages": chat}, ensure_ascii=False) for chat in _store().chats(domain, split)]
+    lines = [json.dumps(chat, ensure_ascii=False) for chat in _store().chats(domain, split)]
     text = "".join(line + "\n" for line in lines)
     if output:
         from conch_dna.fsutil import atomic_write_text

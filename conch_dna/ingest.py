@@ -178,10 +178,11 @@ def home_store() -> TraceStore:
 
 
 def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = None,
-           meta: dict | None = None, store: TraceStore | None = None) -> str | None:
+           meta: dict | None = None, store: TraceStore | None = None, tools: list[dict] | None = None) -> str | None:
     """Keep one teacher answer as a trace; agent code calls this after each EGO call.
 
-    `messages`: the OpenAI-style chat, the teacher's assistant answer last. `topk`: optional
+    `messages`: the OpenAI-style chat, the teacher's assistant answer last (text, or tool_calls
+    with content None). `tools`: the OpenAI function tools the request offered. `topk`: optional
     {"token_ids": [[int] * k] * n, "logprobs": [[float] * k] * n, "tokenizer": fingerprint}, one
     row per answer token. `store` defaults to $CONCH_HOME's (home_store()).
     Returns the trace id, or None when the trace is invalid: then it is quarantined with the
@@ -189,6 +190,8 @@ def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = 
     """
     store = store or home_store()
     data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk, "meta": meta or {}}
+    if tools:
+        data["tools"] = tools
     try:
         raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
     except (Exception, RecursionError) as exc:  # noqa: BLE001 - e.g. a circular meta: kept as text, with why

@@ -25,7 +25,7 @@ import numpy as np
 import sqlite_utils
 
 log = logging.getLogger("conch.store")
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
@@ -73,9 +73,13 @@ def _add_run_settings_v6(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("kd_settings", str)
 
 
+def _add_trace_tools_v7(db: sqlite_utils.Database) -> None:
+    db["traces"].add_column("tools", str)  # the tools a chat offered, as JSON; NULL for a text chat
+
+
 # version -> the function that brings version - 1 up to it
 MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4, 5: _add_run_phases_v5,
-              6: _add_run_settings_v6}
+              6: _add_run_settings_v6, 7: _add_trace_tools_v7}
 
 
 @dataclass
@@ -203,7 +207,8 @@ class TraceStore:
         """The row a trace is stored as, id first; raises for a trace that cannot be stored, so a
         caller can quarantine that one trace instead of failing a whole batch."""
         return (trace.trace_id(), trace.domain, trace.split(self.heldout_fraction), trace.teacher,
-                trace.chat_json, *_encode_topk(trace), trace.created_at.isoformat() if trace.created_at else None,
+                trace.chat_json, trace.tools_json, *_encode_topk(trace),
+                trace.created_at.isoformat() if trace.created_at else None,
                 json.dumps(trace.meta, ensure_ascii=False) if trace.meta else "{}")
 
     def add(self, traces: Iterable[Trace], source: str, conn: sqlite3.Connection | None = None) -> list[bool]:
@@ -232,8 +237,8 @@ class TraceStore:
                 known.add(row[0])
                 new_rows.append((*row[:-1], now, source, row[-1]))
         conn.executemany(
-            "INSERT INTO traces (id, domain, split, teacher, messages, topk_ids, topk_logprobs, topk_k,"
-            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", new_rows)
+            "INSERT INTO traces (id, domain, split, teacher, messages, tools, topk_ids, topk_logprobs, topk_k,"
+            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", new_rows)
         return fresh
 
     def quarantine(self, items: Iterable[tuple[int, str, bytes]], source: str, source_hash: str,
@@ -302,10 +307,13 @@ class TraceStore:
                                     (domain,)).fetchone()[0]
 
     def chats(self, domain: str, split: str = "train", since_rowid: int = 0,
-              limit: int | None = None) -> list[list[dict]]:
-        sql = ("SELECT messages FROM traces WHERE domain = ? AND split = ? AND rowid > ? ORDER BY rowid"
+              limit: int | None = None) -> list[dict]:
+        """{"messages": [...]} of each trace, oldest first, with "tools" where the chat offered some
+        (mlx-lm's chat data format)."""
+        sql = ("SELECT messages, tools FROM traces WHERE domain = ? AND split = ? AND rowid > ? ORDER BY rowid"
                + (f" LIMIT {int(limit)}" if limit else ""))
-        return [json.loads(r[0]) for r in self.db.conn.execute(sql, (domain, split, since_rowid))]
+        return [{"messages": json.loads(m), **({"tools": json.loads(t)} if t else {})}
+                for m, t in self.db.conn.execute(sql, (domain, split, since_rowid))]
 
     def quarantined(self, limit: int = 100) -> list[dict]:
         rows = self.db.conn.execute(
@@ -369,9 +377,9 @@ class TraceStore:
 
     def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
                   sample: int | None = None, limit: int | None = None) -> list[dict]:
-        """Trace rows (chat + top-k) of a domain's split, oldest first; `sample` draws that many at
+        """Trace rows (chat, tools + top-k) of a domain's split, oldest first; `sample` draws that many at
         random instead; `limit` keeps the first that many."""
-        sql = "SELECT rowid, messages, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
+        sql = "SELECT rowid, messages, tools, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
               "WHERE domain = ? AND split = ? AND rowid > ?"
         args: list = [domain, split, since_rowid]
         if upto_rowid is not None:
@@ -380,12 +388,13 @@ class TraceStore:
         sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid LIMIT ?"
         args.append(sample if sample is not None else (limit if limit is not None else -1))
         out = []
-        for rowid, messages, ids, lps, k, tok in self.db.conn.execute(sql, args):
+        for rowid, messages, tools, ids, lps, k, tok in self.db.conn.execute(sql, args):
             topk = None
             if ids is not None:
                 topk = {"token_ids": np.frombuffer(ids, np.int32).reshape(-1, k),
                         "logprobs": np.frombuffer(lps, np.float16).reshape(-1, k), "tokenizer": tok}
-            out.append({"rowid": rowid, "messages": json.loads(messages), "topk": topk})
+            out.append({"rowid": rowid, "messages": json.loads(messages), "tools": json.loads(tools) if tools else None,
+                        "topk": topk})
         return out
 
     def checkpoint(self) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from conch_dna.chat import prompt_text
 from conch_dna.domains import DOMAINS, is_heldout, validate_domain_name
+from conch_dna.tools import ToolError, check_tool_calls, check_tools, tool_names
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import NotRequired, TypedDict
@@ -21,14 +22,30 @@ MAX_TOKEN_ID = 2**31 - 1
 MIN_STORED_LOGPROB = -65504.0  # float16's lowest finite value; below it a log-prob would be stored as -inf
 
 
+class FunctionCall(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(TypedDict):
-    """One chat message; a TypedDict rather than a model, since ingest validates millions of them."""
+    """One chat message; a TypedDict rather than a model, since ingest validates millions of them.
+    An assistant message may carry `tool_calls` (its content then text or None); a `tool` message
+    answers one of them by its `tool_call_id` (conch_dna.tools)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: NotRequired[str | None]
     name: NotRequired[str]
     tool_call_id: NotRequired[str]
+    tool_calls: NotRequired[list[ToolCall]]
 
 
 class TopK(BaseModel):
@@ -70,6 +87,7 @@ class Trace(BaseModel):
     domain: str
     messages: list[Message]
     teacher: str
+    tools: list[dict] | None = None  # the OpenAI function tools the chat offered (conch_dna.tools)
     topk: TopK | None = None
     created_at: datetime | None = None
     meta: dict = Field(default_factory=dict)
@@ -86,21 +104,59 @@ class Trace(BaseModel):
             raise ValueError("teacher must be a non-empty model id of at most 512 characters")
         return v
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict] | None) -> list[dict] | None:
+        return check_tools(v) if v is not None else None
+
     @field_validator("messages")
     @classmethod
     def _messages(cls, v: list[Message]) -> list[Message]:
         if len(v) < 2:
             raise ValueError("messages must hold at least a prompt and the teacher's answer")
+        for i, m in enumerate(v):
+            m.setdefault("content", None)
+            if m.get("tool_calls") and m["role"] != "assistant":
+                raise ValueError(f"message {i}: only an assistant message makes tool calls, not {m['role']!r}")
+            if m["content"] is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+                raise ValueError(f"message {i}: a {m['role']} message needs text content "
+                                 "(only an assistant message that makes tool calls may have none)")
         if v[-1]["role"] != "assistant":
             raise ValueError(f"the last message must be the teacher's assistant answer, not {v[-1]['role']!r}")
-        if not v[-1]["content"].strip():
+        if not (v[-1]["content"] or "").strip() and not v[-1].get("tool_calls"):
             raise ValueError("the teacher's answer (last message) is empty")
         if all(m["role"] == "assistant" for m in v[:-1]):
             raise ValueError("messages hold no prompt before the teacher's answer")
         return v
 
+    @model_validator(mode="after")
+    def _tool_use(self):
+        """Every call names an offered tool with JSON-object arguments; every tool result answers a
+        call made before it."""
+        names, made = tool_names(self.tools), set()
+        for i, m in enumerate(self.messages):
+            if m.get("tool_calls"):
+                try:
+                    check_tool_calls(m["tool_calls"], names)
+                except ToolError as exc:
+                    raise ValueError(f"message {i}: {exc}") from None
+                made.update(c["id"] for c in m["tool_calls"])
+            if m["role"] == "tool" and m.get("tool_call_id") not in made:
+                raise ValueError(f"message {i}: a tool result must answer a call made before it, by its "
+                                 f"tool_call_id (got {m.get('tool_call_id')!r})")
+        return self
+
     def chat(self) -> list[dict]:
         return [dict(m) for m in self.messages]
+
+    @property
+    def answer_calls(self) -> list[dict]:
+        """The tool calls of the teacher's answer (none for a text answer)."""
+        return list(self.messages[-1].get("tool_calls") or ())
+
+    @cached_property
+    def tools_json(self) -> str | None:
+        return json.dumps(self.tools, ensure_ascii=False, separators=(",", ":")) if self.tools else None
 
     @cached_property
     def chat_json(self) -> str:
@@ -115,6 +171,8 @@ class Trace(BaseModel):
         """Hash of the canonical content (domain, chat, teacher): the same trace twice is one."""
         h = hashlib.sha256(f"{self.domain}\0{self.teacher}\0".encode())
         h.update(self.chat_json.encode("utf-8"))
+        if self.tools_json:  # the same chat offered other tools is another trace; a text trace's id is as ever
+            h.update(f"\0tools\0{self.tools_json}".encode())
         return h.hexdigest()
 
     def split(self, heldout_fraction: float = 0.1) -> str:

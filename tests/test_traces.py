@@ -148,7 +148,8 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
     db.conn.commit()
     db.conn.close()
     store = TraceStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6 and {"settings", "set_aside"} <= set(store.db.table_names())
+    assert store.schema_version() == SCHEMA_VERSION == 7 and {"settings", "set_aside"} <= set(store.db.table_names())
+    assert "tools" in store.db["traces"].columns_dict
     assert store.runs() == [] and {"samples_generated", "phase_seconds"} <= set(store.db["runs"].columns_dict)
     path2 = tmp_path / "future.db"
     sqlite_utils.Database(path2).execute("PRAGMA user_version = 99")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from conch_dna.chat import Chat
 from conch_dna.training.data import KDExample
 from conch_dna.training.losses import PAD_LOGPROB
 from conch_dna.training.teacher import TeacherScorer
@@ -60,14 +61,14 @@ class TeacherMixture:
         for s in self.scorers:
             s.release()
 
-    def examples(self, chats: list[tuple[list[dict], dict | None]], tokenizer, fingerprint: str | None,
+    def examples(self, chats: list[tuple[Chat, dict | None]], tokenizer, fingerprint: str | None,
                  check: Callable[[], None]) -> list[KDExample]:
-        """KD examples of (messages, captured top-k) chats: the first teacher answers and scores (or its
+        """KD examples of (chat, captured top-k) pairs: the first teacher answers and scores (or its
         capture is used), the others score the same tokens. `check()` runs before each chat (it may raise)."""
         first = []
-        for messages, topk in chats:
+        for (messages, tools), topk in chats:
             check()
-            first.append(self.scorers[0].example(messages, tokenizer, topk, fingerprint))
+            first.append(self.scorers[0].example(messages, tokenizer, topk, fingerprint, tools))
         return self._mixed(first, check)
 
     def token_examples(self, sequences: list[tuple[list[int], int]], on_policy: bool,

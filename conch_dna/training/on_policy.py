@@ -8,7 +8,7 @@ answered greedily: KL(teacher ‖ student) over those tokens is what a user of t
 
 from __future__ import annotations
 
-from conch_dna.chat import prompt_tokens
+from conch_dna.chat import as_chat, prompt_tokens
 
 import mlx.core as mx
 import numpy as np
@@ -39,9 +39,10 @@ def prompt_part(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
 
 
-def answer_tokens(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float,
+def answer_tokens(model, tokenizer, chats: list, max_tokens: int, temperature: float,
                   seed: int, batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of each chat's prompt answered by the model, with mlx-lm's BatchGenerator.
+    A chat is a Chat (messages and tools) or a list of messages.
 
     The answer is the tokens the model wrote, its end-of-turn token included when it stopped, so
     the teacher scores exactly the student's trajectory (decoding and re-encoding the text could
@@ -52,7 +53,7 @@ def answer_tokens(model, tokenizer, chats: list[list[dict]], max_tokens: int, te
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
-    prompts = [prompt_tokens(tokenizer, prompt_part(c)) for c in chats]
+    prompts = [prompt_tokens(tokenizer, prompt_part(messages), tools) for messages, tools in map(as_chat, chats)]
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     mx.random.seed(seed)
     model.eval()

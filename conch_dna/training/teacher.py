@@ -215,8 +215,9 @@ class TeacherScorer:
         self._tokenizer = None
         free_memory()
 
-    def complete(self, messages: list[dict], tokenizer) -> list[dict]:
-        """The chat with the teacher's answer last: the given one, or one it writes now (greedy).
+    def complete(self, messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[dict]:
+        """The chat with the teacher's answer last: the given one, or one it writes now (greedy; a
+        tool call it writes stays the text it wrote, so the tokens trained are the tokens it chose).
 
         `tokenizer` shares the teacher's ids (the student's), so a cached answer needs no teacher.
         """
@@ -224,7 +225,7 @@ class TeacherScorer:
             return messages
         from mlx_lm import generate
 
-        prompt = prompt_tokens(tokenizer, messages)
+        prompt = prompt_tokens(tokenizer, messages, tools)
         key = self.cache.answer_key(self.teacher_model_id, prompt, self.max_answer_tokens)
         answer = self.cache.get_answer(key)
         if answer is None:
@@ -274,13 +275,13 @@ class TeacherScorer:
         return self.cache.put(key, np.array(ids, np.int32), np.array(logprobs, np.float32)), hidden
 
     def example(self, messages: list[dict], tokenizer, topk: dict | None = None,
-                fingerprint: str | None = None) -> KDExample:
-        """A KD example for a chat (answered by the teacher if it has no answer yet).
+                fingerprint: str | None = None, tools: list[dict] | None = None) -> KDExample:
+        """A KD example for a chat offering `tools` (answered by the teacher if it has no answer yet).
 
         `topk` captured with the trace is used as is when it was made with this tokenizer
         (`fingerprint`) and covers every answer token; otherwise the teacher scores the chat.
         """
-        tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer))
+        tokens, offset = encode_chat(tokenizer, self.complete(messages, tokenizer, tools), tools)
         if self.max_seq_length:  # the teacher sees what the student will: its memory stays bounded too
             cut = window_cut(len(tokens), offset, self.max_seq_length)
             tokens, offset = tokens[cut:], offset - cut

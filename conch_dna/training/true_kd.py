@@ -30,7 +30,7 @@ from conch_dna.adapters import (
     save_checkpoint,
     save_inference_adapter,
 )
-from conch_dna.chat import split_prompts, to_messages  # noqa: F401 - split_prompts: the documented API
+from conch_dna.chat import split_prompts, to_chat, to_messages  # noqa: F401 - split_prompts, to_messages: the documented API
 from conch_dna.domains import DOMAINS, validate_domain_name
 from conch_dna.fsutil import atomic_write_json
 from conch_dna.home import ADAPTERS_DIR, TEACHER_CACHE_DIR, conch_home
@@ -337,7 +337,7 @@ class TrueKnowledgeDistiller:
             for scorer in self.teachers.scorers:
                 check_shared_vocab(load_tokenizer_only(scorer.teacher_model_id), tokenizer)
             self._vocab_checked = True
-        chats = [(to_messages(domain, p), p.get("topk") if isinstance(p, dict) else None) for p in prompts]
+        chats = [(to_chat(domain, p), p.get("topk") if isinstance(p, dict) else None) for p in prompts]
         return self.teachers.examples(chats, tokenizer, tokenizer_fingerprint(tokenizer), self._check_stop)
 
     def _check_stop(self) -> None:
@@ -349,7 +349,7 @@ class TrueKnowledgeDistiller:
         """Train the domain's adapter on `prompts`; evaluate on `heldout` before and after.
 
         Prompts are strings, chat message lists (answered if the last message is not the
-        assistant's) or traces ({"messages": ..., "topk": ...}). The adapter is written to
+        assistant's) or traces ({"messages": ..., "tools": ..., "topk": ...}). The adapter is written to
         get_kd_adapter_path(domain, output_dir) (or options.adapter_dir), with checkpoints inside it,
         and kd_metrics.json next to it. With options.resume the "before" metrics are still those of
         options.warm_start; training goes on from the checkpoint's weights and step.
@@ -372,7 +372,7 @@ class TrueKnowledgeDistiller:
         held_sets = {name: items for name, items in {"": heldout or [], **(options.heldout_groups or {})}.items()
                      if items}
         picked = pick_on_policy(len(prompts), self.config.on_policy, self.config.seed)
-        chats = [[to_messages(domain, prompts[i]) for i in group]
+        chats = [[to_chat(domain, prompts[i]) for i in group]
                  for group in round_groups(picked, self.config.on_policy_rounds)]
         passes_before, own_before = self.teachers.forward_passes, self.own_answer_passes
         with clock("sample"):
@@ -461,7 +461,7 @@ class TrueKnowledgeDistiller:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
                                             f"and {n_held} held-out")
         sampled = answer_tokens(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
-        flat = [to_messages(domain, p) for items in held_sets.values() for p in items]
+        flat = [to_chat(domain, p) for items in held_sets.values() for p in items]
         answered = iter(answer_tokens(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
         held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
         del model
