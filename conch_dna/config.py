@@ -51,6 +51,7 @@ class GateMetric(str, Enum):
 
     TEACHER_FORCED = "teacher_forced"  # the student read along the teacher's answers
     ON_POLICY = "on_policy"  # the version's own greedy answers, scored by the teacher: what a user gets
+    TOOL_CALLS = "tool_calls"  # the share of held-out tool calls answered with the teacher's call (then KL)
 
 
 class DomainSettings(BaseModel):
@@ -119,6 +120,8 @@ class Config(BaseModel):
     # that trains on imported teacher targets without the teacher
     measure_on_policy: bool = True
     max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    # how far the share of held-out tool calls whose answer parses may fall (1: not checked)
+    max_tool_parse_drop: float = Field(default=0.0, ge=0.0, le=1.0)
     min_heldout: int = Field(default=8, ge=0)
     train_on_battery: bool = False
     keep_versions: int = Field(default=5, ge=1)  # per domain, besides the current and pinned ones

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conch_dna.chat import to_messages
+from conch_dna.chat import to_chat, to_messages
 from conch_dna.config import load_config
 from conch_dna.fsutil import atomic_write_text, open_private, private_dir
 from conch_dna.home import CONFIG_TOML, INBOX_DIR, LOGS_DIR
@@ -37,6 +37,7 @@ from rich.table import Table
 from daemon.inbox import PROCESSING
 
 DOMAINS = ("thinking", "action")
+TOOL_DOMAIN = "action"
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,9 @@ class _Agent:
 
     def __init__(self, home: Path, setup: DemoSetup, daemon: subprocess.Popen):
         from conch_dna.ego import Ego
+        from conch_dna.serve import Server
+
+        from openai import OpenAI
 
         from neurons import NeuronRegistry
 
@@ -202,8 +206,13 @@ class _Agent:
         self.ego = Ego(home=home, top_k=32, max_tokens=setup.ego_max_tokens)
         self.registry = NeuronRegistry(home, poll_seconds=0.5)
         self.view = DemoView(home, self.registry)
-        self.prompts = {d: corpus.prompts(d, setup.ego_prompts, seed=setup.prompt_seed + i)
+        # `action` is asked in tool calls: the EGO gets the tools, and the neuron is called as an
+        # OpenAI client calls it, through `conch serve` on loopback
+        self.prompts = {d: corpus.tool_prompts(setup.ego_prompts, seed=setup.prompt_seed + i) if d == TOOL_DOMAIN
+                        else corpus.prompts(d, setup.ego_prompts, seed=setup.prompt_seed + i)
                         for i, d in enumerate(DOMAINS)}
+        self.server = Server(home, port=0, registry=self.registry).start()
+        self.client = OpenAI(base_url=self.server.url, api_key="unused")
         self.live = None
         self.calls = 0
         self._idle_since: float | None = None
@@ -214,7 +223,15 @@ class _Agent:
         if self.live is not None:
             self.live.update(self.view.render())
 
-    def ask(self, domain: str, prompt: str, max_tokens: int) -> None:
+    def ask(self, domain: str, prompt, max_tokens: int) -> None:
+        if isinstance(prompt, dict):  # a tool-use prompt: the OpenAI client parses the neuron's tool calls
+            reply = self.client.chat.completions.create(model=domain, messages=prompt["messages"],
+                                                        tools=prompt["tools"], max_tokens=max_tokens)
+            message = reply.choices[0].message
+            calls = [f"{c.function.name}({c.function.arguments})" for c in message.tool_calls or ()]
+            answer = "tool call " + ", ".join(calls) if calls else f"no tool call: {message.content}"
+            self.view.calls.append((domain, reply.system_fingerprint.split("@")[1], answer))
+            return
         neuron = self.registry.get(domain)
         answer = neuron.generate(to_messages(domain, prompt), max_tokens=max_tokens)
         self.view.calls.append((domain, neuron.served_version, answer))
@@ -224,7 +241,8 @@ class _Agent:
         for d in DOMAINS:
             prompt = self.prompts[d][i % len(self.prompts[d])]
             if i < len(self.prompts[d]):
-                self.ego.generate(d, to_messages(d, prompt))
+                chat = to_chat(d, prompt)
+                self.ego.generate(d, chat.messages, tools=chat.tools)
             self.ask(d, prompt, self.setup.neuron_max_tokens)
         self.show()
 
@@ -276,6 +294,7 @@ class _Agent:
         return time.monotonic() - self._idle_since > SETTLED_SECONDS
 
     def close(self) -> None:
+        self.server.stop()
         self.registry.close()
         self.ego.close()
         self.store.close()
@@ -288,7 +307,8 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
     config = load_config(home)
     data = kd_status_data(home, config)
     table = Table(title="conch kd status")
-    for col in ("domain", "version", "held-out KL", "on-policy KL", "top-1", "runs, oldest first"):
+    for col in ("domain", "version", "held-out KL", "on-policy KL", "top-1", "tool calls right (parse)",
+                "runs, oldest first"):
         table.add_column(col)
     store = TraceStore.for_home(home, config)
     promoted = rejected = 0

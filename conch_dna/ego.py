@@ -9,7 +9,7 @@ second pass), so a later retrain needs no teacher forward pass for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conch_dna.chat import prompt_tokens
@@ -20,6 +20,7 @@ from conch_dna.ingest import record
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model, tokenizer_fingerprint
 from conch_dna.store import TraceStore
+from conch_dna.tools import Answer, ParsedAnswer, parse_answer, tool_use
 
 import mlx.core as mx
 import numpy as np
@@ -27,13 +28,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class EgoAnswer:
-    """The teacher's answer to a chat: its text, top-k (a trace's `topk`), and token counts."""
+    """The teacher's answer to a chat: its text, top-k (a trace's `topk`), token counts, and the
+    tool calls read out of the text when the chat offered tools."""
 
     text: str
     topk: dict
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
+    finish_reason: str  # "stop" (end of sequence), "length" (max_tokens) or "tool_calls"
+    tool_calls: list[dict] = field(default_factory=list)
+    content: str | None = None  # the text outside the tool calls (None: all of it)
+
+    def message(self) -> dict:
+        """The answer as the trace's last message: text, or tool calls (content None if it has none)."""
+        return Answer.read(self.text, ParsedAnswer(self.text if self.content is None else self.content,
+                                                   self.tool_calls)).message()
 
 
 class Ego:
@@ -60,11 +69,14 @@ class Ego:
             self.model, self.tokenizer = load_model(self.teacher_model_id)
             self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
-    def _answer(self, messages: list[dict], max_tokens: int) -> EgoAnswer:
+    def _answer(self, messages: list[dict], max_tokens: int, tools: list[dict] | None, tool_choice) -> EgoAnswer:
         from mlx_lm import stream_generate
 
         self._load()
-        prompt = prompt_tokens(self.tokenizer, messages)
+        use = tool_use(self.tokenizer, tools, tool_choice)
+        prompt = prompt_tokens(self.tokenizer, messages, use.tools if use else None)
+        if use and use.prefix:
+            prompt += self.tokenizer.encode(use.prefix, add_special_tokens=False)
         text, ids, logprobs, finish = [], [], [], "length"
         for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens):
             text.append(response.text)
@@ -76,27 +88,39 @@ class Ego:
             logprobs.append(np.array(lp[top], np.float32))
         topk = {"token_ids": np.stack(ids).tolist(), "logprobs": np.minimum(np.stack(logprobs), 0.0).tolist(),
                 "tokenizer": self.fingerprint}
-        return EgoAnswer("".join(text), topk, len(prompt), len(ids), finish)
+        text = "".join(text)
+        if use is None:
+            return EgoAnswer(text, topk, len(prompt), len(ids), finish)
+        parsed = parse_answer(use.prefix + text, use.format, use.tools)
+        finish = "tool_calls" if parsed.tool_calls and finish == "stop" else finish
+        return EgoAnswer(use.prefix + text, topk, len(prompt), len(ids), finish, parsed.tool_calls, parsed.content)
 
-    def answer(self, messages: list[dict], max_tokens: int | None = None) -> EgoAnswer:
-        """The teacher's answer to the chat, with its top-k; nothing is recorded (see record())."""
-        return self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens)
+    def answer(self, messages: list[dict], max_tokens: int | None = None, tools: list[dict] | None = None,
+               tool_choice=None) -> EgoAnswer:
+        """The teacher's answer to the chat offering `tools` (OpenAI's `tool_choice` honoured, see
+        conch_dna.tools.tool_use), with its top-k; nothing is recorded (see record())."""
+        return self.mlx.call(self._answer, list(messages), max_tokens or self.max_tokens, tools, tool_choice)
 
-    def record(self, domain: str, messages: list[dict], answer: EgoAnswer, meta: dict | None = None) -> str | None:
-        """Keep the answer to `messages` as a trace of `domain` (never raises; see ingest.record)."""
-        self.last_trace_id = record(domain, [*messages, {"role": "assistant", "content": answer.text}],
-                                    teacher=self.teacher_model_id, topk=answer.topk, meta=meta, store=self.store)
+    def record(self, domain: str, messages: list[dict], answer: EgoAnswer, meta: dict | None = None,
+               tools: list[dict] | None = None) -> str | None:
+        """Keep the answer to `messages` (which offered `tools`) as a trace of `domain` (never raises;
+        see ingest.record)."""
+        self.last_trace_id = record(domain, [*messages, answer.message()], teacher=self.teacher_model_id,
+                                    topk=answer.topk, meta=meta, store=self.store, tools=tools)
         return self.last_trace_id
 
-    def generate(self, domain: str, messages: list[dict], max_tokens: int | None = None) -> str:
-        """The teacher's answer to the chat; the trace (with top-k) is recorded before it returns.
+    def generate(self, domain: str, messages: list[dict], max_tokens: int | None = None,
+                 tools: list[dict] | None = None, tool_choice=None) -> Answer:
+        """The teacher's answer to the chat (a str, with its `tool_calls` and `content`); the trace
+        (with top-k) is recorded before it returns.
 
         Raises UnknownDomainError for a domain the config does not have, before the model loads.
         """
         check_domain(domain, self.config.domains)
-        answer = self.answer(messages, max_tokens)
-        self.record(domain, messages, answer)
-        return answer.text
+        answer = self.answer(messages, max_tokens, tools, tool_choice)
+        self.record(domain, messages, answer, tools=tools)
+        return Answer.read(answer.text, ParsedAnswer(answer.content if answer.content is not None else answer.text,
+                                                     answer.tool_calls))
 
     def close(self) -> None:
         self.mlx.close()

@@ -31,16 +31,45 @@ def _on_policy(metrics: dict | None) -> dict | None:
     return metrics.get("on_policy") if metrics else None
 
 
+def _tool_words(metrics: dict) -> str:
+    return f"{metrics['arguments']:.0%} of {metrics['traces']} held-out tool calls right, {metrics['parsed']:.0%} parse"
+
+
 def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
            force: bool, established: dict | None = None) -> tuple[bool, str]:
     """The promotion gate: (promote?, the reason in words).
 
     Metrics are held-out metrics as distill_domain measures them; config.gate_metric picks the
-    teacher-forced ones or those under "on_policy" (each version's own answers).
+    teacher-forced ones, those under "on_policy" (each version's own answers), or "tool_calls":
+    the share of held-out tool calls the version answers with the teacher's call, the
+    teacher-forced KL deciding a tie. Whatever the metric, a candidate whose tool calls parse less
+    often than the current version's (by more than max_tool_parse_drop) is not promoted.
     `established` = {"before", "after"} metrics on the held-out traces the current version was
     validated on: a candidate may not get worse there by more than the margin, so a bad batch
     whose own held-out share the candidate has learned cannot vote itself in.
     """
+    minimum = config.heldout_minimum(domain)
+    if n_heldout < minimum:
+        if force:
+            return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
+        return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
+    promoted, words = _decide_kl(current, candidate, config, force, established)
+    tools = [(m or {}).get("tool_calls") for m in (current, candidate)]
+    if not all(tools):
+        return promoted, words
+    old, new = tools
+    if config.gate_metric is GateMetric.TOOL_CALLS and new["arguments"] != old["arguments"] and _finite(candidate):
+        better = new["arguments"] > old["arguments"]
+        promoted, words = better, (f"tool calls: {_tool_words(old)} -> {_tool_words(new)}"
+                                   + ("" if better else ": fewer are right"))
+    if promoted and new["parsed"] < old["parsed"] - config.max_tool_parse_drop:
+        return False, (f"{words}; but the share of held-out tool calls that parse fell "
+                       f"{old['parsed']:.0%} -> {new['parsed']:.0%}")
+    return promoted, words
+
+
+def _decide_kl(current: dict | None, candidate: dict | None, config: Config, force: bool,
+               established: dict | None) -> tuple[bool, str]:
     held = "held-out"
     if config.gate_metric is GateMetric.ON_POLICY:
         held = "on-policy held-out"
@@ -48,11 +77,6 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
         if established:
             established = {side: _on_policy(established[side]) for side in ("before", "after")}
             established = established if all(established.values()) else None
-    minimum = config.heldout_minimum(domain)
-    if n_heldout < minimum:
-        if force:
-            return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
-        return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
     if not current or not candidate:
         return force, f"forced without {held} metrics" if force else f"no {held} metrics"
     if not _finite(candidate):

@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import Literal
 
+from conch_dna.tools import check_tools
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP = 4  # stop strings a request may give (OpenAI's limit)
@@ -30,15 +32,41 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, tool_calls, ...: accepted, not used
+    model_config = ConfigDict(extra="ignore")  # refusal, audio, ...: accepted, not used
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def plain(self) -> dict:
+        """The message as a trace keeps it: text content ("developer" as "system"), its tool
+        calls (content None when it has no text) and the call a tool result answers."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            out["content"] = out["content"] or None
+        if self.role == "tool" and self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -48,7 +76,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """A chat-completions request; fields the neurons cannot honour are accepted and ignored
-    (tools, seed, user, ...), except `n` above 1, which would silently answer less."""
+    (seed, user, parallel_tool_calls, ...), except `n` above 1, which would silently answer less."""
 
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=256)
@@ -63,6 +91,13 @@ class ChatRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     n: int = Field(default=1, ge=1, le=1)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        return check_tools(v) if v else None
 
     @field_validator("stop")
     @classmethod
@@ -79,8 +114,8 @@ class ChatRequest(BaseModel):
         return self
 
     def chat(self) -> list[dict]:
-        """The messages as plain {"role", "content"} dicts, text only ("developer" is "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as a trace keeps them (ChatMessage.plain)."""
+        return [m.plain() for m in self.messages]
 
     def wanted_max_tokens(self, default: int, limit: int) -> int:
         wanted = self.max_completion_tokens or self.max_tokens or default
@@ -124,13 +159,17 @@ def token_logprobs(items, decode) -> list[dict]:
     return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in items]
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, usage: dict,
-               fingerprint: str | None = None, logprobs: list[dict] | None = None) -> dict:
-    """A whole chat.completion object."""
+def completion(cid: str, model: str, text: str | None, finish_reason: str, usage: dict,
+               fingerprint: str | None = None, logprobs: list[dict] | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
+    """A whole chat.completion object; with `tool_calls`, its message carries them."""
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": {"content": logprobs} if logprobs is not None else None,
                      "finish_reason": finish_reason}],
         "usage": usage,
@@ -148,6 +187,36 @@ def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = 
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def tool_call_deltas(calls: list[dict]) -> list[dict]:
+    """Tool calls as a stream's `delta.tool_calls`: each whole, with its index."""
+    return [{"index": i, **call} for i, call in enumerate(calls)]
+
+
+class StreamedCalls:
+    """An answer's tool calls put back together from a stream's `delta.tool_calls` fragments
+    (OpenAI sends a call's id and name first, then its arguments in pieces, keyed by `index`)."""
+
+    def __init__(self):
+        self._calls: dict[int, dict] = {}
+
+    def add(self, fragments) -> None:
+        for fragment in fragments if isinstance(fragments, list) else ():
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index", 0)
+            call = self._calls.setdefault(index if isinstance(index, int) else 0,
+                                          {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            if isinstance(fragment.get("id"), str):
+                call["id"] += fragment["id"]
+            function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str):
+                    call["function"][key] += function[key]
+
+    def calls(self) -> list[dict]:
+        return [self._calls[i] for i in sorted(self._calls)]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

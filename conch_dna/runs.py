@@ -59,5 +59,20 @@ class RunRecord:
             current, candidate = (current or {}).get("on_policy"), (candidate or {}).get("on_policy")
         return f"{current['kl']:.4f} -> {candidate['kl']:.4f}" if current and candidate else "-"
 
+    def tool_change(self) -> str:
+        """Held-out tool calls of the current version -> the candidate: the share that give the
+        teacher's call (name and arguments), and the share that parse; "-" where none were measured."""
+        current, candidate = ((m or {}).get("tool_calls") for m in (self.current_metrics, self.candidate_metrics))
+        return tool_cells(current, candidate)
+
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status.value}
+
+
+def tool_words(metrics: dict | None) -> str:
+    """A version's held-out tool calls in a few characters: right (parse)."""
+    return f"{metrics['arguments']:.0%} ({metrics['parsed']:.0%})" if metrics else "-"
+
+
+def tool_cells(current: dict | None, candidate: dict | None) -> str:
+    return f"{tool_words(current)} -> {tool_words(candidate)}" if current and candidate else "-"

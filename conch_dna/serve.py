@@ -34,6 +34,7 @@ from conch_dna.ego import Ego
 from conch_dna.ingest import record
 from conch_dna.models import load_tokenizer_only, tokenizer_fingerprint
 from conch_dna.store import TraceStore
+from conch_dna.tools import ToolError
 from conch_dna.upstream import TokenMap, topk_from_logprobs, trace_messages
 from conch_dna.versions import list_versions
 
@@ -45,7 +46,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from neurons.batching import EngineClosed
+from neurons.batching import EngineClosed, Finish
 from neurons.registry import NeuronRegistry, VersionRefused
 
 log = logging.getLogger("conch.serve")
@@ -194,9 +195,12 @@ class ConchAPI:
                 sampling["top_p"] = req.top_p
         neuron = await asyncio.to_thread(self.neuron, domain, version)
         try:
-            call = await asyncio.to_thread(neuron.submit, req.chat(), max_tokens, **sampling)
+            call = await asyncio.to_thread(neuron.submit, req.chat(), max_tokens, tools=req.tools,
+                                           tool_choice=req.tool_choice, **sampling)
         except EngineClosed as exc:
             raise wire.APIError(503, str(exc), type="server_error", code="shutting_down") from None
+        except ToolError as exc:
+            raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
         except (ValueError, TypeError) as exc:
             raise wire.APIError(400, f"cannot answer this chat: {exc}") from None
         cid, fingerprint = wire.completion_id(), f"{domain}@{call.version}"
@@ -212,23 +216,37 @@ class ConchAPI:
             log.info("%s %s on %s: %s after %d tokens", kind, req.model, call.version,
                      call.finish_reason.value if call.finish_reason else "error", call.completion_tokens)
 
+        def finish() -> tuple[str, list[dict]]:
+            calls = call.parsed().tool_calls
+            return ("tool_calls" if calls and call.finish_reason is Finish.STOP else call.finish_reason.value), calls
+
         if not req.stream:
             text = "".join([part async for part in _chunks(call)])
             done("answered")
             counts = wire.usage(call.prompt_tokens, call.completion_tokens)
-            whole = wire.completion(cid, req.model, text, call.finish_reason.value, counts, fingerprint, logprobs_of(0))
+            reason, calls = finish()
+            content = call.parsed().content if calls else text
+            whole = wire.completion(cid, req.model, content or (None if calls else ""), reason, counts, fingerprint,
+                                    logprobs_of(0), calls)
             return JSONResponse(whole, headers=headers)
 
         async def events():
             yield wire.sse(wire.chunk(cid, req.model, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
-            seen = 0
+            seen, text = 0, _ContentOnly(call.tools.format if call.tools else None)
             async for part in _chunks(call):
                 # the tokens of this text; a token decoded since may come along, none is sent twice
                 end = len(call.token_logprobs)
-                yield wire.sse(wire.chunk(cid, req.model, {"content": part}, fingerprint=fingerprint,
-                                          logprobs=logprobs_of(seen, end)))
-                seen = end
-            yield wire.sse(wire.chunk(cid, req.model, {}, call.finish_reason.value, fingerprint, logprobs_of(seen)))
+                if content := text.add(part):
+                    yield wire.sse(wire.chunk(cid, req.model, {"content": content}, fingerprint=fingerprint,
+                                              logprobs=logprobs_of(seen, end)))
+                    seen = end
+            reason, calls = finish()
+            if calls:
+                yield wire.sse(wire.chunk(cid, req.model, {"tool_calls": wire.tool_call_deltas(calls)},
+                                          fingerprint=fingerprint))
+            elif held := text.held():  # tool-call markup that read as no call is the answer's text
+                yield wire.sse(wire.chunk(cid, req.model, {"content": held}, fingerprint=fingerprint))
+            yield wire.sse(wire.chunk(cid, req.model, {}, reason, fingerprint, logprobs_of(seen)))
             if req.stream_options and req.stream_options.include_usage:
                 counts = wire.usage(call.prompt_tokens, call.completion_tokens)
                 yield wire.sse(wire.chunk(cid, req.model, None, usage=counts, fingerprint=fingerprint))
@@ -244,17 +262,25 @@ class ConchAPI:
         with self._lock:
             if self._local_ego is None:
                 self._local_ego = Ego(home=self.home, store=self.store)
-        messages = trace_messages([m.model_dump() for m in req.messages], "")[:-1]
-        answer = await asyncio.to_thread(self._local_ego.answer, messages, max_tokens)
-        keep = BackgroundTask(self._local_ego.record, domain, messages, answer, {"via": "conch serve"})
+        messages = trace_messages(req.chat(), "")[:-1]
+        try:
+            answer = await asyncio.to_thread(self._local_ego.answer, messages, max_tokens, req.tools, req.tool_choice)
+        except ToolError as exc:
+            raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
+        keep = BackgroundTask(self._local_ego.record, domain, messages, answer, {"via": "conch serve"}, req.tools)
         cid, counts = wire.completion_id(), wire.usage(answer.prompt_tokens, answer.completion_tokens)
+        message = answer.message()
         if not req.stream:
-            whole = wire.completion(cid, req.model, answer.text, answer.finish_reason, counts)
+            whole = wire.completion(cid, req.model, message["content"], answer.finish_reason, counts,
+                                    tool_calls=answer.tool_calls)
             return JSONResponse(whole, background=keep)
 
         async def events():
             yield wire.sse(wire.chunk(cid, req.model, {"role": "assistant", "content": ""}))
-            yield wire.sse(wire.chunk(cid, req.model, {"content": answer.text}))
+            if message["content"]:
+                yield wire.sse(wire.chunk(cid, req.model, {"content": message["content"]}))
+            if answer.tool_calls:
+                yield wire.sse(wire.chunk(cid, req.model, {"tool_calls": wire.tool_call_deltas(answer.tool_calls)}))
             yield wire.sse(wire.chunk(cid, req.model, {}, answer.finish_reason))
             if req.stream_options and req.stream_options.include_usage:
                 yield wire.sse(wire.chunk(cid, req.model, None, usage=counts))
@@ -284,21 +310,23 @@ class ConchAPI:
             await response.aclose()
             raise wire.APIError(502, f"the upstream teacher at {url} answered {response.status_code}: {detail}",
                                 type="upstream_error", code="upstream_error")
-        messages = [m.model_dump() for m in req.messages]
+        messages = req.chat()
         if not req.stream:
             try:
                 data = await _read_json(response)
                 choice = data["choices"][0]
-                text, content = choice["message"]["content"] or "", (choice.get("logprobs") or {}).get("content")
-            except (ValueError, KeyError, IndexError, TypeError, httpx.HTTPError) as exc:
+                message, content = choice["message"], (choice.get("logprobs") or {}).get("content")
+                answer = {"role": "assistant", "content": message.get("content"),
+                          "tool_calls": message.get("tool_calls")}
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, httpx.HTTPError) as exc:
                 raise wire.APIError(502, f"the upstream teacher at {url} sent no chat completion: {exc!r}",
                                     type="upstream_error", code="upstream_error") from None
             data["model"] = req.model
             _as_asked(choice, req)
-            keep = BackgroundTask(self.record_upstream, domain, messages, text, content)
+            keep = BackgroundTask(self.record_upstream, domain, messages, answer, content, req.tools)
             return JSONResponse(data, background=keep)
 
-        answer = {"parts": [], "content": [], "complete": False}
+        answer = {"parts": [], "content": [], "calls": wire.StreamedCalls(), "complete": False}
 
         async def events():
             try:
@@ -315,7 +343,9 @@ class ConchAPI:
                     except ValueError:
                         continue  # not ours to repair; the answer's other chunks still count
                     for choice in data.get("choices") or []:
-                        answer["parts"].append((choice.get("delta") or {}).get("content") or "")
+                        delta = choice.get("delta") or {}
+                        answer["parts"].append(delta.get("content") or "")
+                        answer["calls"].add(delta.get("tool_calls"))
                         answer["content"] += (choice.get("logprobs") or {}).get("content") or []
                         _as_asked(choice, req)
                     data["model"] = req.model
@@ -325,12 +355,16 @@ class ConchAPI:
 
         def keep() -> None:
             if answer["complete"]:  # an answer cut off by a caller who left is not the teacher's answer
-                self.record_upstream(domain, messages, "".join(answer["parts"]), answer["content"])
+                message = {"role": "assistant", "content": "".join(answer["parts"]) or None,
+                           "tool_calls": answer["calls"].calls() or None}
+                self.record_upstream(domain, messages, message, answer["content"], req.tools)
 
         return StreamingResponse(_guarded(events()), media_type="text/event-stream", background=BackgroundTask(keep))
 
-    def record_upstream(self, domain: str, messages: list[dict], text: str, content) -> None:
-        """The trace of an upstream answer; top-k when its logprobs map to the teacher's token ids."""
+    def record_upstream(self, domain: str, messages: list[dict], answer: dict, content,
+                        tools: list[dict] | None = None) -> None:
+        """The trace of an upstream answer (text or tool calls); top-k when its logprobs map to the
+        teacher's token ids."""
         topk = None
         if content:
             try:
@@ -338,8 +372,8 @@ class ConchAPI:
                 topk = topk_from_logprobs(content, token_map, fingerprint)
             except Exception:  # noqa: BLE001 - without top-k the retrain's teacher pass makes it
                 log.exception("cannot map the upstream's logprobs to %s's tokens", self.config.teacher)
-        trace_id = record(domain, trace_messages(messages, text), teacher=self.teacher_name, topk=topk,
-                          meta={"via": "conch serve"}, store=self.store)
+        trace_id = record(domain, trace_messages(messages, answer), teacher=self.teacher_name, topk=topk,
+                          meta={"via": "conch serve"}, store=self.store, tools=tools)
         log.info("recorded an EGO answer of %s (%s top-k)", domain, "with" if topk else "without")
         return trace_id
 
@@ -355,6 +389,33 @@ class ConchAPI:
             await self.client.aclose()
         if self._local_ego is not None:
             await asyncio.to_thread(self._local_ego.close)
+
+
+class _ContentOnly:
+    """A streamed answer's text with its tool calls held back: what may be sent as `content` now.
+    A possible start of a call's markup is held until it is one, or is not."""
+
+    def __init__(self, fmt):
+        self.fmt, self.pending, self.in_call = fmt, "", False
+
+    def add(self, part: str) -> str:
+        if self.fmt is None:
+            return part
+        self.pending += part
+        if self.in_call:
+            return ""
+        at = self.pending.find(self.fmt.start)
+        if at >= 0:
+            self.in_call = True
+            sent, self.pending = self.pending[:at], self.pending[at:]
+            return sent
+        keep = next((n for n in range(min(len(self.fmt.start) - 1, len(self.pending)), 0, -1)
+                     if self.fmt.start.startswith(self.pending[-n:])), 0)
+        sent, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return sent
+
+    def held(self) -> str:
+        return self.pending
 
 
 async def _chunks(call):

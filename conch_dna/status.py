@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conch_dna.adapters import KD_METRICS_FILE
 from conch_dna.failures import retry_at
+from conch_dna.runs import tool_words
 from conch_dna.store import TraceStore
 from conch_dna.versions import domain_dir, version_label
 
@@ -54,11 +55,12 @@ def read_state(home: str | Path) -> dict | None:
     return state if pid_alive(state.get("pid")) and daemon_holds_lock(home) else None
 
 
-def metric_cells(metrics: dict | None) -> tuple[str, str, str]:
-    """A version's held-out KL, on-policy KL and top-1 as table cells; "-" where unmeasured."""
+def metric_cells(metrics: dict | None) -> tuple[str, str, str, str]:
+    """A version's held-out KL, on-policy KL, top-1 and tool calls (the share right, the share that
+    parse) as table cells; "-" where unmeasured."""
     own = (metrics or {}).get("on_policy")
     return (f"{metrics['kl']:.4f}" if metrics else "-", f"{own['kl']:.4f}" if own else "-",
-            f"{metrics['agreement']:.1%}" if metrics else "-")
+            f"{metrics['agreement']:.1%}" if metrics else "-", tool_words((metrics or {}).get("tool_calls")))
 
 
 def kd_status_data(home, config) -> dict:

@@ -124,10 +124,10 @@ def openai_call(name: str, arguments: dict, call_id: str | None = None) -> dict:
 
 def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as chat templates want them: a tool call's arguments as an object, not a string
-    (Qwen's and Llama's templates apply `tojson` to them), content None as none at all."""
+    (Qwen's and Llama's templates apply `tojson` to them), content None as "" (templates read it)."""
     out = []
     for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
+        m = {k: ("" if v is None else v) for k, v in m.items() if v is not None or k == "content"}
         if m.get("tool_calls"):
             m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": call_arguments(c)}}
                                for c in m["tool_calls"]]
@@ -192,6 +192,49 @@ def tool_call_format(tokenizer) -> ToolCallFormat | None:
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """What one generation needs to know of tools: those offered, the format calls come back in,
+    and the text its answer is forced to begin with (tool_choice "required" or a named function)."""
+
+    tools: list[dict]
+    format: ToolCallFormat | None
+    prefix: str = ""
+
+
+def tool_use(tokenizer, tools: list[dict] | None, tool_choice=None) -> ToolUse | None:
+    """A generation's ToolUse for OpenAI's `tools` and `tool_choice` ("auto", the default; "none":
+    the tools are not shown; "required": some call; {"type": "function", "function": {"name"}}:
+    that one); None when no tools are shown. ToolError for a choice that cannot be honoured."""
+    if tool_choice in (None, "auto") and not tools:
+        return None
+    if tool_choice == "none":
+        return None
+    if not tools:
+        raise ToolError(f"tool_choice {tool_choice!r} needs tools")
+    check_tools(tools)
+    fmt = tool_call_format(tokenizer)
+    if tool_choice in (None, "auto"):
+        return ToolUse(tools, fmt)
+    if fmt is None:
+        raise ToolError("this model's chat template takes tools, but mlx-lm has no parser for its calls: "
+                        "only tool_choice \"auto\" or \"none\" can be honoured")
+    if tool_choice == "required":
+        return ToolUse(tools, fmt, fmt.start)
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
+        raise ToolError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": '
+                        f'{{"name": ...}}}}, got {tool_choice!r}')
+    if name not in tool_names(tools):
+        raise ToolError(f"tool_choice names {name!r}, which is not in tools")
+    if fmt.parse is not fallback_format().parse:
+        raise ToolError("tool_choice naming a function needs calls written as JSON (<tool_call>{...}); "
+                        "this model writes them otherwise: use \"required\"")
+    # ends at the colon, where a byte-level BPE's pre-tokens break: a trailing space would be a token
+    # the model never saw there (it writes ' {' as one)
+    return ToolUse(tools, fmt, fmt.start + json.dumps({"name": name}, ensure_ascii=False)[:-1] + ', "arguments":')
+
+
+@dataclass(frozen=True)
 class ParsedAnswer:
     """A model's answer read for tool calls: the text outside them, the calls in OpenAI's shape,
     and how many call spans could not be read (a truncated or malformed call)."""
@@ -224,6 +267,26 @@ def parse_answer(text: str, fmt: ToolCallFormat | None, tools: list[dict] | None
             unparsed += 1
     content.append(rest)
     return ParsedAnswer("".join(content).strip(), calls, unparsed)
+
+
+class Answer(str):
+    """A model's answer: the text as it wrote it (a str), and, read out of it, `content` (the text
+    outside tool calls) and `tool_calls` (OpenAI's shape, [] when it made none)."""
+
+    content: str
+    tool_calls: list[dict]
+
+    @classmethod
+    def read(cls, text: str, parsed: ParsedAnswer) -> Answer:
+        answer = cls(text)
+        answer.content, answer.tool_calls = parsed.content, parsed.tool_calls
+        return answer
+
+    def message(self) -> dict:
+        """The answer as an OpenAI assistant message (content None when it only calls tools)."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": str(self)}
+        return {"role": "assistant", "content": self.content or None, "tool_calls": self.tool_calls}
 
 
 def _as_object(arguments) -> dict:

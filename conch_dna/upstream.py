@@ -64,15 +64,28 @@ def topk_from_logprobs(content, token_map: TokenMap, fingerprint: str) -> dict |
             "logprobs": [[lp for _, lp in r[:width]] for r in rows], "tokenizer": fingerprint}
 
 
-def trace_messages(messages: list[dict], answer: str) -> list[dict]:
-    """An OpenAI request's messages and the answer, as a trace keeps them: text content only
-    (a list of text parts is joined), "developer" as "system", no tool-call fields."""
-    out = []
-    for m in messages:
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if role in ROLES and isinstance(content, str) and content:
-            out.append({"role": role, "content": content})
-    return [*out, {"role": "assistant", "content": answer}]
+def trace_messages(messages: list[dict], answer: str | dict) -> list[dict]:
+    """An OpenAI request's messages and the answer (its text, or an assistant message with
+    tool_calls), as a trace keeps them: text content (a list of text parts is joined),
+    "developer" as "system", tool calls and the call a tool result answers kept, messages with
+    neither text nor calls left out (the answer never: an empty one is quarantined as such)."""
+    kept = [k for k in map(_plain, messages) if k["role"] in ROLES and (k["content"] or k.get("tool_calls"))]
+    return [*kept, _plain(answer if isinstance(answer, dict) else {"role": "assistant", "content": answer})]
+
+
+def _plain(m: dict) -> dict:
+    role = "system" if m.get("role") == "developer" else m.get("role")
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    out = {"role": role, "content": content if isinstance(content, str) else None}
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if calls:
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": {
+            "name": (c.get("function") or {}).get("name"), "arguments": (c.get("function") or {}).get("arguments")}}
+            if isinstance(c, dict) else c for c in calls]
+    elif role == "assistant" and out["content"] is None:
+        out["content"] = ""
+    if role == "tool" and "tool_call_id" in m:
+        out["tool_call_id"] = m["tool_call_id"]
+    return out

@@ -18,9 +18,9 @@ from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.home import conch_home
 
-from neurons.registry import Neuron, NeuronRegistry, VersionRefused
+from neurons.registry import Answer, Neuron, NeuronRegistry, VersionRefused
 
-__all__ = ["Neuron", "NeuronRegistry", "VersionRefused", "get", "pinned", "registry"]
+__all__ = ["Answer", "Neuron", "NeuronRegistry", "VersionRefused", "get", "pinned", "registry"]
 
 _registry: NeuronRegistry | None = None
 _lock = threading.Lock()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from conch_dna.config import NeuronSettings
+from conch_dna.tools import ParsedAnswer, ToolUse, parse_answer
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -65,7 +66,7 @@ class Call:
 
     def __init__(self, prompt: list[int], adapter: Adapter, max_tokens: int,
                  sampler: Callable | None = None, logits_processors: list | None = None,
-                 stop: tuple[str, ...] = (), logprobs: int | None = None):
+                 stop: tuple[str, ...] = (), logprobs: int | None = None, tools: ToolUse | None = None):
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
@@ -87,12 +88,25 @@ class Call:
         self.completion_tokens = 0
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
+        self.tools = tools  # the tools offered, how calls are read, the text the answer was forced to begin with
+        self._parts: list[str] = []
         self._chunks: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt)
+
+    @property
+    def text(self) -> str:
+        """The answer so far, as the model wrote it (a forced tool-call start included)."""
+        return (self.tools.prefix if self.tools else "") + "".join(self._parts)
+
+    def parsed(self) -> ParsedAnswer:
+        """The answer read for tool calls (none when the call offered no tools)."""
+        if self.tools is None:
+            return ParsedAnswer(self.text, [])
+        return parse_answer(self.text, self.tools.format, self.tools.tools)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -118,6 +132,7 @@ class Call:
 
     def _put(self, text: str) -> None:
         if text:
+            self._parts.append(text)
             self._chunks.put(text)
 
     def _end(self, reason: Finish | BaseException) -> None:
@@ -199,6 +214,7 @@ class BatchEngine:
         self.rows: list[_Row] = []
         self.cache: list | None = None  # one batch cache per layer, rows in self.rows's order
         self.calls_served = 0
+        self.calls_cancelled = 0  # calls whose caller cancelled or stopped reading before they ended
         self.peak_running = 0  # the largest batch so far
         self.tokens_generated = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
@@ -228,15 +244,17 @@ class BatchEngine:
     # -- steps -------------------------------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
-        for call in [c for c in self.waiting if c.cancelled]:
+        dropped = [c for c in self.waiting if c.cancelled]
+        for call in dropped:
             self.waiting.remove(call)
-            call._end(Finish.CANCELLED)
         if self.prefilling and self.prefilling.call.cancelled:
-            self.prefilling.call._end(Finish.CANCELLED)
+            dropped.append(self.prefilling.call)
             self.prefilling = None
         gone = [i for i, r in enumerate(self.rows) if r.call.cancelled]
-        for i in gone:
-            self.rows[i].call._end(Finish.CANCELLED)
+        dropped += [self.rows[i].call for i in gone]
+        for call in dropped:
+            call._end(Finish.CANCELLED)
+        self.calls_cancelled += len(dropped)
         self._remove(gone)
 
     def _prefill(self) -> None:
@@ -391,6 +409,7 @@ class BatchEngine:
             "peak_running": self.peak_running,
             "queued": len(self.waiting) + (1 if self.prefilling else 0),
             "calls_served": self.calls_served,
+            "calls_cancelled": self.calls_cancelled,
             "tokens_generated": self.tokens_generated,
             "tokens_per_s": round(sum(n for _, n in recent) / span, 1) if span > 0 else 0.0,
             "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1) if ttft else None,

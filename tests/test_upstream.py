@@ -63,12 +63,17 @@ def test_what_cannot_be_mapped_gives_no_top_k(token_map, content):
     assert topk_from_logprobs(content, token_map, "fp") is None
 
 
-def test_trace_messages_keep_text_only_as_a_trace_does():
+def test_trace_messages_keep_text_and_tool_calls_as_a_trace_does():
+    call = {"id": "x", "type": "function", "function": {"name": "read_file", "arguments": "{}"}, "index": 0}
     messages = [{"role": "developer", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Plan "}, {"type": "image_url"},
                                              {"type": "text", "text": "it."}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
-                {"role": "tool", "content": "done", "tool_call_id": "x"}]
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "done", "tool_call_id": "x"}, {"role": "user", "content": ""}]
+    kept = {"id": "x", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}
     assert trace_messages(messages, "OK.") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Plan it."},
-        {"role": "tool", "content": "done"}, {"role": "assistant", "content": "OK."}]
+        {"role": "assistant", "content": None, "tool_calls": [kept]},
+        {"role": "tool", "content": "done", "tool_call_id": "x"}, {"role": "assistant", "content": "OK."}]
+    assert trace_messages(messages[:2], {"role": "assistant", "content": None, "tool_calls": [call]})[-1] == {
+        "role": "assistant", "content": None, "tool_calls": [kept]}

@@ -18,6 +18,7 @@ import math
 import time
 from pathlib import Path
 
+from conch_dna.chat import render
 from conch_dna.kit import corpus
 
 import mlx.core as mx
@@ -30,12 +31,24 @@ from mlx_lm.utils import save_config
 
 KIT_DIR = Path(__file__).parent / "models"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, with tools as Qwen2.5 writes them: the schemas in the system turn, each call as
+# <tool_call>{"name", "arguments"}</tool_call> (mlx-lm reads them with its json_tools parser), a
+# result in a `tool` turn. A chat without tools renders exactly as plain ChatML.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "<tools>\n{% for tool in tools %}{{ tool['function'] | tojson }}\n{% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for tool_call in message['tool_calls'] or [] %}"
+    "{% if tool_call.function is defined %}{% set tool_call = tool_call.function %}{% endif %}"
+    '<tool_call>{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}</tool_call>'
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TOKENIZER_VOCAB = 512
+TOOL_DIALOGUES = 4800  # tool-use chats of `action` in the corpus, beside its 12000 text dialogues
 
 TEACHER = dict(hidden_size=96, num_hidden_layers=3, intermediate_size=256,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=TOKENIZER_VOCAB + 64)
@@ -86,8 +99,11 @@ def build_tokenizer(texts: list[str], out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
-def encode_dialogues(tokenizer, dialogues: list[list[dict]]) -> list[list[int]]:
-    return [tokenizer.apply_chat_template(d, return_dict=False) for d in dialogues]
+def encode_dialogues(tokenizer, dialogues: list) -> list[list[int]]:
+    """Token ids of chats: lists of messages, or tool-use chats ({"messages", "tools"}) rendered by
+    conch's one rule (conch_dna.chat.render), as training and serving will render them."""
+    return [render(tokenizer, d["messages"], d["tools"]) if isinstance(d, dict) else render(tokenizer, d)
+            for d in dialogues]
 
 
 def lm_loss(model, inputs, targets, mask):
@@ -164,11 +180,13 @@ def save_model_dir(model, shape: dict, tokenizer_dir: Path, out: Path) -> None:
 def build(out_dir: Path, teacher_steps: int, student_steps: int) -> dict:
     from transformers import PreTrainedTokenizerFast
 
-    train_dialogues = corpus.dialogues(12000, seed=1)
+    train_dialogues = corpus.dialogues(12000, seed=1) + corpus.tool_dialogues(TOOL_DIALOGUES, seed=1)
     eval_dialogues = corpus.dialogues(300, seed=2)
     texts = [m["content"] for d in train_dialogues[:3000] for m in d]
+    tool_texts = [json.dumps([t["function"] for t in d["tools"]]) + json.dumps(d["messages"])
+                  for d in train_dialogues[-TOOL_DIALOGUES // 4:]]
     tok_dir = out_dir / "_tokenizer"
-    build_tokenizer(texts, tok_dir)
+    build_tokenizer(texts + tool_texts, tok_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     seqs = encode_dialogues(tokenizer, train_dialogues)
     print(f"corpus: {len(seqs)} dialogues, {sum(map(len, seqs))} tokens, vocab {len(tokenizer)}")
@@ -198,7 +216,7 @@ def build(out_dir: Path, teacher_steps: int, student_steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=KIT_DIR)
-    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--teacher-steps", type=int, default=1400)
     parser.add_argument("--student-steps", type=int, default=200)
     args = parser.parse_args()
     print(json.dumps(build(args.out, args.teacher_steps, args.student_steps), indent=2))

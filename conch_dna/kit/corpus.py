@@ -7,6 +7,7 @@ the same seed gives the same dialogues on every machine.
 
 from __future__ import annotations
 
+import json
 import random
 
 from conch_dna.domains import SYSTEM_PROMPTS
@@ -140,6 +141,70 @@ def noise_dialogues(domain: str, n: int, seed: int) -> list[list[dict]]:
     for d in noisy:
         d[2]["content"] = " ".join(r.choice(words) for _ in range(30))
     return noisy
+
+
+def _tool(name: str, description: str, **params: str) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {k: {"type": "string"} for k in params},
+                       "required": list(params)}}}
+
+
+TOOLS = {
+    "read_file": _tool("read_file", "Read a file.", path="the file"),
+    "delete_file": _tool("delete_file", "Delete a file.", path="the file"),
+    "archive_file": _tool("archive_file", "Archive a file.", path="the file"),
+    "send_email": _tool("send_email", "Email someone about a thing.", to="who", subject="what"),
+}
+
+
+def _tool_use(r: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+    """(tools offered, the user's ask, the call that answers it, a result of the call) for `action`."""
+    name = r.choice(sorted(TOOLS))
+    other = r.choice([t for t in sorted(TOOLS) if t != name])
+    if name == "send_email":
+        person, obj = r.choice(PEOPLE), r.choice(OBJECTS)
+        ask, arguments = f"Email {person} about the {obj}.", {"to": person, "subject": obj}
+        result = f"The email to {person} was sent."
+    else:
+        path = r.choice(FILES)
+        verb = name.split("_")[0]
+        ask, arguments = f"Please {verb} {path} for me.", {"path": path}
+        result = f"Done: {verb} {path} worked."
+    offered = [TOOLS[t] for t in sorted({name, other})]
+    call = {"id": f"call_{r.randrange(10**6):06d}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return offered, ask, call, {"result": result}
+
+
+def tool_dialogue(r: random.Random) -> dict:
+    """One tool-use chat of `action` ({"messages", "tools"}): the answer is a tool call, or, after
+    the call's result came back, the text that reports it."""
+    tools, ask, call, result = _tool_use(r)
+    messages = [{"role": "system", "content": SYSTEM_PROMPTS["action"]}, {"role": "user", "content": ask},
+                {"role": "assistant", "content": None, "tool_calls": [call]}]
+    if r.random() < 0.3:
+        messages += [{"role": "tool", "tool_call_id": call["id"], "content": result["result"]},
+                     {"role": "assistant", "content": f"{result['result']} Anything else?"}]
+    return {"messages": messages, "tools": tools}
+
+
+def tool_dialogues(n: int, seed: int) -> list[dict]:
+    """n tool-use chats of `action`, deterministically from the seed."""
+    r = random.Random(seed)
+    return [tool_dialogue(r) for _ in range(n)]
+
+
+def tool_prompts(n: int, seed: int) -> list[dict]:
+    """n distinct tool-use prompts of `action` ({"messages": [system, user], "tools"}), unanswered."""
+    seen: dict[str, dict] = {}
+    r = random.Random(seed)
+    for _ in range(n * 50):
+        chat = tool_dialogue(r)
+        seen.setdefault(chat["messages"][1]["content"], {"messages": chat["messages"][:2], "tools": chat["tools"]})
+        if len(seen) == n:
+            break
+    return list(seen.values())
 
 
 def prompts(domain: str, n: int, seed: int) -> list[str]:

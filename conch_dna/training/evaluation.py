@@ -1,9 +1,11 @@
-"""Held-out metrics of a student against the teacher's cached targets."""
+"""Held-out metrics of a student: against the teacher's cached targets, and, on traces whose answer
+is a tool call, its own greedy calls against the teacher's."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from conch_dna.tools import parse_answer, same_calls, tool_call_format
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import answer_token_losses
 
@@ -45,3 +47,23 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     if count == 0:
         raise ValueError("the held-out examples hold no answer token inside the window")
     return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count))
+
+
+def answers_tool_call(trace) -> bool:
+    """Whether a held-out trace's teacher answer is a tool call."""
+    return isinstance(trace, dict) and bool(trace["messages"][-1].get("tool_calls"))
+
+
+def tool_call_metrics(tokenizer, traces: list[dict], answers: list[list[int]]) -> dict:
+    """How a version's greedy answers to held-out traces whose teacher answer is a tool call compare
+    with the teacher's calls: the share that parse (every call readable, at least one), that call the
+    teacher's functions (in order), and that give them the teacher's arguments too (as JSON)."""
+    fmt = tool_call_format(tokenizer)
+    eos = set(tokenizer.eos_token_ids)
+    parsed = names = arguments = 0
+    for trace, answer in zip(traces, answers, strict=True):
+        got = parse_answer(tokenizer.decode([t for t in answer if t not in eos]), fmt, trace.get("tools"))
+        same_name, same_arguments = same_calls(got.tool_calls, trace["messages"][-1]["tool_calls"])
+        parsed, names, arguments = parsed + got.parsed, names + same_name, arguments + same_arguments
+    n = len(traces)
+    return {"traces": n, "parsed": parsed / n, "name": names / n, "arguments": arguments / n}

@@ -47,7 +47,7 @@ from conch_dna.models import (
 )
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample, iterate_kd_batches
-from conch_dna.training.evaluation import heldout_metrics
+from conch_dna.training.evaluation import answers_tool_call, heldout_metrics, tool_call_metrics
 from conch_dna.training.hidden import attach_projection, kd_hidden_loss, layer_map, student_layers
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import (  # noqa: F401 - the documented public API
@@ -375,19 +375,25 @@ class TrueKnowledgeDistiller:
         chats = [[to_chat(domain, prompts[i]) for i in group]
                  for group in round_groups(picked, self.config.on_policy_rounds)]
         passes_before, own_before = self.teachers.forward_passes, self.own_answer_passes
+        tool_held = [p for p in heldout or [] if answers_tool_call(p)]
         with clock("sample"):
-            tokenizer, sampled, held_own = self._answers(domain, options.warm_start, chats[0],
-                                                         held_sets if options.measure_on_policy else {})
+            tokenizer, sampled, held_own, tool_own = self._answers(
+                domain, options.warm_start, chats[0], held_sets if options.measure_on_policy else {}, tool_held)
         with clock("teacher"):
             kept = [p for i, p in enumerate(prompts) if i not in frozenset(picked)]
             train, held, own = self._targets(domain, tokenizer, kept, sampled, held_sets, held_own)
         out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
         history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
                                                       options, clock)
-        if options.measure_on_policy:
+        if options.measure_on_policy or tool_held:
             with clock("evaluate"):
-                for name, metrics in self._measure_own(domain, out, held_sets).items():
+                measured, tool_after = self._measure_own(domain, out, held_sets if options.measure_on_policy else {},
+                                                         tool_held)
+                for name, metrics in measured.items():
                     after[name]["on_policy"] = metrics
+        if tool_held:
+            before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
+            after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
         own_passes = self.own_answer_passes - own_before
         result = self._result(domain, history, elapsed, out, len(kept) + len(picked),
                               self.teachers.forward_passes - passes_before - own_passes, before, after)
@@ -449,10 +455,11 @@ class TrueKnowledgeDistiller:
             free_memory()
         return history, elapsed, before, after
 
-    def _answers(self, domain, adapter, train_chats, held_sets):
+    def _answers(self, domain, adapter, train_chats, held_sets, tool_held=()):
         """The student with `adapter` answers: train chats sampled at sample_temperature, every held-out
-        prompt greedily. Returns (tokenizer, [(prompt ids, answer ids)] of the train chats, {set name:
-        the same of its held-out prompts}); the student is released before it returns."""
+        prompt and every tool-call trace of `tool_held` greedily. Returns (tokenizer, [(prompt ids,
+        answer ids)] of the train chats, {set name: the same of its held-out prompts}, [answer ids] of
+        tool_held); the student is released before it returns."""
         c = self.config
         model, tokenizer, _ = self.load_student(adapter)
         self.teachers.set_vocab_limit(output_vocab_size(model))
@@ -461,12 +468,14 @@ class TrueKnowledgeDistiller:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
                                             f"and {n_held} held-out")
         sampled = answer_tokens(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
-        flat = [to_chat(domain, p) for items in held_sets.values() for p in items]
+        flat = [to_chat(domain, p) for items in [*held_sets.values(), tool_held] for p in items]
+        # a prompt in both is answered once (answer_tokens): the tool metric reads the on-policy answers
         answered = iter(answer_tokens(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
         held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
+        tool_answers = [next(answered)[1] for _ in tool_held]
         del model
         free_memory()
-        return tokenizer, sampled, held
+        return tokenizer, sampled, held, tool_answers
 
     def _own_examples(self, answers: list[tuple[list[int], list[int]]]) -> list[KDExample]:
         """KD examples of the student's own answers, every token scored by the teacher(s)."""
@@ -500,12 +509,14 @@ class TrueKnowledgeDistiller:
                     model, own[name], max_seq_length=self.config.max_seq_length).as_dict()
         return measured
 
-    def _measure_own(self, domain, adapter, held_sets) -> dict[str, dict]:
+    def _measure_own(self, domain, adapter, held_sets, tool_held=()) -> tuple[dict[str, dict], list]:
         """On-policy held-out metrics of the adapter: it answers, the teacher scores the answers, it is
-        measured on them; one model resident at a time."""
+        measured on them; one model resident at a time. Also returns its greedy answers to tool_held."""
+        if not held_sets and not tool_held:
+            return {}, []
+        _, _, answered, tool_answers = self._answers(domain, adapter, [], held_sets, tool_held)
         if not held_sets:
-            return {}
-        _, _, answered = self._answers(domain, adapter, [], held_sets)
+            return {}, tool_answers
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
         own = {name: self._own_examples(answers) for name, answers in answered.items()}
         self.teachers.release()
@@ -514,7 +525,7 @@ class TrueKnowledgeDistiller:
                     for name, examples in own.items()}
         del model
         free_memory()
-        return measured
+        return measured, tool_answers
 
     def _resume(self, domain, model, resume):
         """The resume point if its checkpoint's weights loaded into `model`, else None (start over)."""
