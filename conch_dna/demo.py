@@ -38,6 +38,7 @@ from daemon.inbox import PROCESSING
 
 DOMAINS = ("thinking", "action")
 TOOL_DOMAIN = "action"
+TOOL_TOKENS = 64  # a call with its arguments is longer than the neurons' short text answers
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,14 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
         with Live(demo.view.render(), console=console, refresh_per_second=4) as live:
             demo.live = live
             demo.until_promoted()
+            # the tool domain once more, on what serves it now: a call from the promoted student
+            demo.ask(TOOL_DOMAIN, demo.prompts[TOOL_DOMAIN][0], setup.neuron_max_tokens)
             if setup.noise_traces:
                 demo.noise_flood("action")
             demo.show("done")
         console.print()
+        for version, answer in demo.tool_calls_seen():
+            console.print(f"{TOOL_DOMAIN} on {version}, through the OpenAI client: {answer}", soft_wrap=True)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
@@ -226,7 +231,7 @@ class _Agent:
     def ask(self, domain: str, prompt, max_tokens: int) -> None:
         if isinstance(prompt, dict):  # a tool-use prompt: the OpenAI client parses the neuron's tool calls
             reply = self.client.chat.completions.create(model=domain, messages=prompt["messages"],
-                                                        tools=prompt["tools"], max_tokens=max_tokens)
+                                                        tools=prompt["tools"], max_tokens=max(max_tokens, TOOL_TOKENS))
             message = reply.choices[0].message
             calls = [f"{c.function.name}({c.function.arguments})" for c in message.tool_calls or ()]
             answer = "tool call " + ", ".join(calls) if calls else f"no tool call: {message.content}"
@@ -277,6 +282,14 @@ class _Agent:
             self.show()
             i += 1
             time.sleep(0.6)  # an agent call now and then, not a load on the training
+
+    def tool_calls_seen(self) -> list[tuple[str, str]]:
+        """The first answer of the tool domain on each version that served it: (version, answer)."""
+        first: dict[str, str] = {}
+        for domain, version, answer in self.view.calls:
+            if domain == TOOL_DOMAIN:
+                first.setdefault(version, answer)
+        return list(first.items())
 
     def settled(self) -> bool:
         """Whether the daemon exited, or has been idle with no domain at its threshold and an empty

@@ -11,6 +11,10 @@ def test_demo_promotes_every_domain_and_rejects_the_noise_batch(tmp_path):
     proc = run_module("conch_dna.cli", "demo", "--home", str(home), timeout=900)  # a hang guard, not a speed test
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"OK: 2 of 2 domains promoted, [1-9]\d* candidate\(s\) rejected", proc.stdout)
+    # `action` is asked with tools through conch serve; its promoted student answers with a call
+    promoted = re.findall(r"action on (v\d{4}), through the OpenAI client: (.*)", proc.stdout)
+    assert promoted and all(answer.startswith("tool call ") for _, answer in promoted), proc.stdout[-3000:]
+    assert "action on base, through the OpenAI client:" in proc.stdout
     page = (home / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "rejected" in page
     assert "validated on, KL rose" in page  # the noise batch was stopped by the established held-out set

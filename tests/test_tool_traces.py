@@ -200,3 +200,27 @@ def test_the_gate_keeps_a_candidate_whose_tool_calls_parse_less_often_and_can_ga
     assert not decide(metrics(0.5, 1.0, 0.7), metrics(0.1, 1.0, 0.5), 20, on_calls, "action", False)[0]
     assert not decide(metrics(1.0, 1.0, 0.5), metrics(0.5, 1.0, 0.6), 3, on_calls.model_copy(
         update={"min_heldout": 8}), "action", False)[0]
+
+
+def test_the_ego_answers_with_tool_calls_and_records_them_with_the_tools(tmp_path):
+    from conch_dna.ego import Ego
+    from conch_dna.kit import TEACHER_PATH
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\nstudent = "{STUDENT_PATH}"\n')
+    ego = Ego(home=home, max_tokens=48)
+    try:
+        prompts = corpus.tool_prompts(6, seed=3)
+        answers = [ego.generate("action", p["messages"], tools=p["tools"]) for p in prompts]
+        assert sum(bool(a.tool_calls) for a in answers) >= 4  # the kit teacher calls tools when offered them
+        called = next(a for a in answers if a.tool_calls)
+        assert called.startswith("<tool_call>") and called.message()["tool_calls"] == called.tool_calls
+        forced = ego.answer(prompts[0]["messages"], 48, prompts[0]["tools"], "required")
+        assert forced.text.startswith("<tool_call>") and forced.finish_reason in ("tool_calls", "length")
+        rows = ego.store.traces_of("action", "train") + ego.store.traces_of("action", "heldout")
+        with_calls = [r for r in rows if r["messages"][-1].get("tool_calls")]
+        assert len(rows) + ego.store.quarantine_count() == len(prompts)
+        assert with_calls and all(r["tools"] in [p["tools"] for p in prompts] for r in with_calls)
+    finally:
+        ego.close()
