@@ -97,7 +97,7 @@ def check_model(role: str, model_id: str) -> Check:
                                             "or an mlx-community id (`conch models import` turns a GGUF into one)")
     path = Path(model_id).expanduser()
     if path.exists():
-        return Check(role, True, f"{model_id} (local)")
+        return Check(role, True, f"{model_id} ({_origin(path)})")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(model_id, "config.json")
@@ -106,6 +106,27 @@ def check_model(role: str, model_id: str) -> Check:
     return Check(role, False, f"{model_id} (not downloaded)",
                  "mlx_lm.load downloads it on first use: run once with network access, "
                  "or point config.toml at a local directory")
+
+
+def _origin(path: Path) -> str:
+    """Where a local model directory came from, as far as it says."""
+    try:
+        made = json.loads((path / "conch_import.json").read_text())
+        return f"imported by conch from {made['source']} as {made['dtype']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a local mlx-lm directory"
+
+
+def check_pair(config) -> Check:
+    """The teacher and the student share token ids (the distiller's rule), checked from their tokenizers."""
+    from conch_dna.local_models import pair_check
+
+    try:
+        ok, words = pair_check(config.teacher, config.student)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be read is its own check's problem
+        return Check("pair", False, "not checked", f"the tokenizers could not be read: {exc}")
+    return Check("pair", ok, words if ok else "they do not pair",
+                 None if ok else f"{words} (`conch models pair TEACHER STUDENT` checks a pair before you set it)")
 
 
 def check_disk(home: Path) -> Check:
@@ -154,6 +175,7 @@ def check_neurons(home: Path, config) -> Check:
 
 def run_checks(home: Path, config, daemon_state: dict | None) -> list[Check]:
     """Every check, in the order a person reads them."""
-    return [check_backend(), check_blas(), check_memory(), check_model("teacher", config.teacher),
-            check_model("student", config.student), check_disk(Path(home)), check_daemon(daemon_state),
-            check_neurons(Path(home), config)]
+    models = [check_model("teacher", config.teacher), check_model("student", config.student)]
+    pair = [check_pair(config)] if all(m.ok for m in models) else []
+    return [check_backend(), check_blas(), check_memory(), *models, *pair, check_disk(Path(home)),
+            check_daemon(daemon_state), check_neurons(Path(home), config)]

@@ -1,263 +1,455 @@
 """GGUF files (Ollama, LM Studio, llama.cpp) become mlx-lm model directories.
 
-    conch models import SmolLM2-135M-Instruct.Q4_1.gguf -o ~/models/smollm2
+    conch models import qwen2.5-7b-instruct-q4_k_m.gguf -o ~/models/qwen2.5-7b --dtype q4
 
-The directory holds config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with
+The directory holds config.json, model*.safetensors, tokenizer.json and tokenizer_config.json (with
 the chat template and special tokens from the file's metadata), so plain `mlx_lm.load(DIR)` loads it
-exactly as it loads an `mlx-community/...` model. Weights are read by MLX's own GGUF loader, which
-turns Q4_0, Q4_1 and Q8_0 blocks into MLX's affine quantization (group 32); `dtype="keep"` keeps
-them quantized, "float32"/"float16" dequantizes them. llama.cpp stores the Q and K projections of
-llama models permuted for its interleaved RoPE; they are permuted back (row permutations commute
-with the per-row quantization groups), so the directory matches a Hugging Face conversion and an
-adapter trained on it fits the hub's model of the same name.
+exactly as it loads an `mlx-community/...` model.
+
+Every storage type the `gguf` package (llama.cpp's own) can dequantize is read: F32, F16, BF16,
+Q4_0 ... Q8_0, the K-quants Q2_K ... Q6_K, the I-quants, TQ1_0/TQ2_0, MXFP4 and NVFP4. The output
+is `float32`, `float16`, `bfloat16`, or `q8`/`q4` (MLX affine quantization, group 64, mlx-lm's
+`quantization` block). Tensors are converted a block of rows at a time and streamed into the
+safetensors files, so an import holds a few blocks, never the model, in memory.
+
+Tensor names go from llama.cpp's to mlx-lm's through gguf-py's own name map (the Hugging Face names
+llama.cpp's converter reads), matched against the parameters of the mlx-lm model the config makes;
+what llama.cpp's converter changed is undone: llama's Q/K rows permuted for its interleaved RoPE,
+Gemma's norms stored as 1 + w, Llama 3's RoPE scaling turned into a `rope_freqs` tensor. The
+tokenizer is rebuilt from the file by transformers' GGUF tokenizer builders (byte-level BPE and
+SentencePiece), with llama.cpp's pre-tokenizer splits.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import math
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.fsutil import atomic_write_json
+from conch_dna.gguf_file import GGUFError, GGUFFile, TensorInfo
 
-import mlx.core as mx
 import numpy as np
 
-ARCHITECTURES = ("llama", "qwen2")
-TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-_OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-                14: "Q6_K", 15: "Q8_K", 30: "BF16"}
-DTYPES = ("float32", "float16", "keep")
-# llama.cpp's tensor names -> mlx-lm's (Hugging Face's) for the llama family of blocks.
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# GGUF token types (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
-# Pre-tokenizer regexes by `tokenizer.ggml.pre`, as llama.cpp applies them.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "q8", "q4")
+GROUP_SIZE = 32  # MLX affine groups: the blocks of Q4_0/Q4_1/Q8_0 and the K-quants sub-blocks, so those map onto them
+BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MiB of float32
+SHARD_BYTES = 4 << 30  # safetensors files of at most this much, as mlx-lm writes them
 
 
 class GGUFImportError(ValueError):
     """A GGUF file this importer cannot turn into an mlx-lm model; the message names what."""
 
 
-@dataclass
-class GGUFTensor:
-    name: str
-    shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first
-    type_name: str
+@dataclass(frozen=True)
+class Architecture:
+    """How a GGUF architecture becomes an mlx-lm one."""
+
+    model_type: str  # mlx-lm's
+    hf_class: str
+    permute_qk: bool = False  # llama.cpp permuted Q/K rows for its interleaved RoPE
+    norm_offset: float = 0.0  # norms stored as offset + w (Gemma's RMSNorm scales by 1 + w)
 
 
-def read_tensor_infos(path: Path) -> list[GGUFTensor]:
-    """The tensor table of a GGUF file (names, shapes, storage types), read from its header.
-
-    MLX's loader converts what it can without saying what the file held; this tells us, so an
-    unsupported storage type is refused by name instead of imported silently.
-    """
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFImportError(f"{path} is not a GGUF file (no GGUF magic)")
-        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise GGUFImportError(f"{path}: GGUF version {version} is too old (2 or later)")
-        for _ in range(n_kv):
-            _skip_string(f)
-            _skip_value(f, struct.unpack("<I", f.read(4))[0])
-        tensors = []
-        for _ in range(n_tensors):
-            name = _read_string(f)
-            (n_dims,) = struct.unpack("<I", f.read(4))
-            shape = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
-            type_id, _offset = struct.unpack("<IQ", f.read(12))
-            type_name = TENSOR_TYPES.get(type_id) or _OTHER_TYPES.get(type_id, f"type {type_id}")
-            tensors.append(GGUFTensor(name, tuple(shape), type_name))
-    return tensors
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LlamaForCausalLM", permute_qk=True),  # Llama 2/3.x, Mistral, SmolLM
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", norm_offset=1.0),
+    "phi3": Architecture("phi3", "Phi3ForCausalLM"),
+}
+# llama.cpp pre-tokenizers whose split transformers' builders do not set, as llama.cpp applies them
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_OWN_SPLITS = {"default": (_GPT2_SPLIT, False), "gpt2": (_GPT2_SPLIT, False), "smollm": (_GPT2_SPLIT, True)}
+_CONTROL = 3  # GGUF token type of a special token
 
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+def dequantizable_types() -> set[str]:
+    """The storage types the installed `gguf` package can dequantize."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-
-def _read_string(f) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8", errors="replace")
-
-
-def _skip_string(f) -> None:
-    (n,) = struct.unpack("<Q", f.read(8))
-    f.seek(n, 1)
-
-
-def _skip_value(f, value_type: int) -> None:
-    if value_type in _SCALAR_SIZES:
-        f.seek(_SCALAR_SIZES[value_type], 1)
-    elif value_type == 8:
-        _skip_string(f)
-    elif value_type == 9:
-        item_type, count = struct.unpack("<IQ", f.read(12))
-        if item_type in _SCALAR_SIZES:
-            f.seek(_SCALAR_SIZES[item_type] * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, item_type)
-    else:
-        raise GGUFImportError(f"unknown GGUF metadata value type {value_type}")
-
-
-def _scalar(meta: dict, key: str, default=None):
-    value = meta.get(key, default)
-    if value is None:
-        raise GGUFImportError(f"the GGUF metadata has no {key!r}")
-    return value.item() if isinstance(value, mx.array) else value
-
-
-def model_config(meta: dict, tensor_names: set[str]) -> dict:
-    """config.json for mlx-lm from the GGUF metadata of a llama or qwen2 model."""
-    arch = _scalar(meta, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGUFImportError(f"architecture {arch!r} is not supported; this importer knows "
-                              f"{', '.join(ARCHITECTURES)}")
-    hidden = int(_scalar(meta, f"{arch}.embedding_length"))
-    heads = int(_scalar(meta, f"{arch}.attention.head_count"))
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = int(_scalar(meta, f"{arch}.vocab_size", len(tokens) if tokens else None))
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    return {
-        "model_type": arch,
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(_scalar(meta, f"{arch}.block_count")),
-        "intermediate_size": int(_scalar(meta, f"{arch}.feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_scalar(meta, f"{arch}.attention.head_count_kv", heads)),
-        "rms_norm_eps": float(_scalar(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_scalar(meta, f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_scalar(meta, f"{arch}.context_length", 4096)),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "eos_token_id": int(eos.item()) if eos is not None else None,
-        "bos_token_id": int(bos.item()) if bos is not None else None,
-    }
-
-
-def mlx_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.scales` -> `model.layers.3.self_attn.q_proj.scales`."""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise GGUFImportError(f"tensor {gguf_name!r} has no place in an mlx-lm llama/qwen2 model")
-
-
-def unpermute_rope(w: mx.array, n_heads: int) -> mx.array:
-    """Undo llama.cpp's Q/K row permutation (its convert script's `permute`) on rows of `w`."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def convert_weights(raw: dict[str, mx.array], config: dict, dtype: str) -> tuple[dict, dict | None]:
-    """mlx-lm weights from MLX's GGUF tensors, and the config's `quantization` block (or None)."""
-    out, quant = {}, {}
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    for name, value in raw.items():
-        base, _, kind = name.rpartition(".")
-        role = base.split(".")[-1] if base.startswith("blk.") else None
-        if config["model_type"] == "llama" and role in heads:
-            value = unpermute_rope(value, heads[role])
-        out[mlx_name(name)] = value
-        if kind == "scales":
-            weight = raw[f"{base}.weight"]
-            bits = weight.shape[-1] // value.shape[-1]  # 32-bit words per row / groups of 32
-            quant[mlx_name(f"{base}.weight").rpartition(".")[0]] = {"group_size": 32, "bits": bits}
-    if not quant or dtype == "keep":
-        target = mx.float16 if dtype == "float16" else None
-        if target is not None:
-            out = {k: v.astype(target) if v.dtype == mx.float32 else v for k, v in out.items()}
-        return out, _quantization_block(quant)
-    return _dequantized(out, quant, mx.float32 if dtype == "float32" else mx.float16), None
-
-
-def _quantization_block(quant: dict) -> dict | None:
-    """mlx-lm's config `quantization`: the commonest setting, plus overrides for other layers."""
-    if not quant:
-        return None
-    settings = [json.dumps(q, sort_keys=True) for q in quant.values()]
-    common = json.loads(max(set(settings), key=settings.count))
-    return {**common, **{path: q for path, q in quant.items() if q != common}}
-
-
-def _dequantized(weights: dict, quant: dict, dtype) -> dict:
-    out = {}
-    for name, value in weights.items():
-        base, _, kind = name.rpartition(".")
-        if kind in ("scales", "biases") and base in quant:
+    ok = set()
+    for t in GGMLQuantizationType:
+        block, nbytes = GGML_QUANT_SIZES[t]
+        try:
+            quants.dequantize(np.zeros((1, nbytes), np.uint8), t)
+        except (NotImplementedError, ValueError, TypeError):
             continue
-        if kind == "weight" and base in quant:
-            q = quant[base]
-            # In float32: float16 arithmetic on scale·q + bias cancels away the small values.
-            scales, biases = (weights[f"{base}.{p}"].astype(mx.float32) for p in ("scales", "biases"))
-            value = mx.dequantize(value, scales, biases, group_size=q["group_size"], bits=q["bits"])
-        out[name] = value.astype(dtype)
+        ok.add(t.name)
+    return ok
+
+
+# -- the config -----------------------------------------------------------------------------------------
+
+
+def _meta(meta: dict, key: str, default=None, required: bool = True):
+    value = meta.get(key, default)
+    if value is None and required:
+        raise GGUFImportError(f"the GGUF metadata has no {key!r}")
+    return value
+
+
+def architecture(meta: dict) -> tuple[str, Architecture]:
+    name = meta.get("general.architecture")
+    if name not in ARCHITECTURES:
+        raise GGUFImportError(f"architecture {name!r} is not supported; this importer knows "
+                              f"{', '.join(ARCHITECTURES)} (Mistral files are 'llama')")
+    return name, ARCHITECTURES[name]
+
+
+def model_config(meta: dict, tensors: dict[str, TensorInfo], rope_freqs: np.ndarray | None = None) -> dict:
+    """config.json for mlx-lm from the GGUF metadata (and, for Llama 3, its rope_freqs tensor)."""
+    name, arch = architecture(meta)
+
+    def get(key, default=None, required=True):
+        return _meta(meta, f"{name}.{key}", default, required)
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    config = {
+        "model_type": arch.model_type, "architectures": [arch.hf_class],
+        "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else None)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    head_dim = get("attention.key_length", None, required=False)
+    if head_dim is not None and int(head_dim) != hidden // heads or arch.model_type in ("qwen3", "gemma3_text"):
+        config["head_dim"] = int(head_dim if head_dim is not None else hidden // heads)
+    for key, token in (("eos_token_id", "eos"), ("bos_token_id", "bos")):
+        value = meta.get(f"tokenizer.ggml.{token}_token_id")
+        config[key] = int(value) if value is not None else None
+    if name == "llama" and "blk.0.attn_q.bias" in tensors:
+        config["attention_bias"] = True
+    scaling = _rope_scaling(name, meta, rope_freqs, config)
+    if scaling:
+        config["rope_scaling"] = scaling
+    if arch.model_type == "gemma3_text":
+        config["sliding_window"] = int(get("attention.sliding_window", 512))
+        config["sliding_window_pattern"] = 6  # as llama.cpp runs every Gemma 3
+        # llama.cpp scales 27B's queries by its width per head, the others by head_dim
+        config["query_pre_attn_scalar"] = hidden // heads if config["num_hidden_layers"] == 62 else config["head_dim"]
+    if arch.model_type == "phi3":
+        config["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length",
+                                                             config["max_position_embeddings"], required=False))
+    return config
+
+
+def _rope_scaling(name: str, meta: dict, rope_freqs: np.ndarray | None, config: dict) -> dict | None:
+    kind = meta.get(f"{name}.rope.scaling.type")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(_meta(meta, f"{name}.rope.scaling.factor"))}
+    if kind not in (None, "none") and rope_freqs is None:
+        raise GGUFImportError(f"RoPE scaling {kind!r} is not supported; this importer knows linear and Llama 3's")
+    if rope_freqs is None:
+        return None
+    original = int(meta.get(f"{name}.rope.scaling.original_context_length", 8192))
+    dims = int(meta.get(f"{name}.rope.dimension_count", config["hidden_size"] // config["num_attention_heads"]))
+    return llama3_scaling(rope_freqs, config["rope_theta"], dims, original)
+
+
+def llama3_scaling(factors: np.ndarray, base: float, dims: int, original: int) -> dict:
+    """mlx-lm's `rope_scaling` for Llama 3 from llama.cpp's rope_freqs (each frequency's divisor).
+
+    Those divisors are 1 for short wavelengths, `factor` for long ones and a smooth blend between,
+    set by low_freq_factor and high_freq_factor against the original context; the blend is linear in
+    1/wavelength, so two of its points give both. Refused if mlx-lm's formula cannot give them back.
+    """
+    factors = np.asarray(factors, np.float64)
+    wavelens = 2 * math.pi * base ** (np.arange(0, dims, 2) / dims)
+    if factors.shape != wavelens.shape:
+        raise GGUFImportError(f"rope_freqs has {factors.size} values, the RoPE has {wavelens.size} frequencies")
+    factor = float(factors.max())
+    medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or medium.sum() < 2:
+        raise GGUFImportError("rope_freqs that are not Llama 3's RoPE scaling (too few blended frequencies)")
+    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    # smooth · (high - low) = original / wavelen - low, i.e. smooth · high + (1 - smooth) · low = original / wavelen
+    a = np.stack([smooth, 1 - smooth], axis=1)
+    (high, low), *_ = np.linalg.lstsq(a, original / wavelens[medium], rcond=None)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": float(high), "original_max_position_embeddings": original}
+    if not np.allclose(_llama3_factors(wavelens, scaling), factors, rtol=1e-3):
+        raise GGUFImportError("rope_freqs that Llama 3's RoPE scaling cannot give back")
+    return scaling
+
+
+def _llama3_factors(wavelens: np.ndarray, s: dict) -> np.ndarray:
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    smooth = (s["original_max_position_embeddings"] / wavelens - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"])
+    blended = 1 / ((1 - smooth) / s["factor"] + smooth)
+    return np.where(wavelens < high_wavelen, 1.0, np.where(wavelens > low_wavelen, s["factor"], blended))
+
+
+# -- names and what each tensor becomes ---------------------------------------------------------------------
+
+
+def mlx_parameters(config: dict) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(parameter name -> shape, the modules mlx-lm can quantize) of the model config.json makes;
+    nothing is allocated (MLX arrays are lazy)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    quantizable = {path for path, module in model.named_modules()
+                   if isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "to_quantized")}
+    return shapes, quantizable
+
+
+def name_map(arch_name: str, blocks: int, parameters: dict) -> dict[str, str]:
+    """GGUF tensor name -> mlx-lm parameter name, from gguf-py's map of Hugging Face names."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch = {v: k for k, v in MODEL_ARCH_NAMES.items()}[arch_name]
+    out = {}
+    for hf, (_, gguf_name) in get_tensor_name_map(arch, blocks).mapping.items():
+        for suffix in ("weight", "bias"):
+            if f"{hf}.{suffix}" in parameters:
+                out[f"{gguf_name}.{suffix}"] = f"{hf}.{suffix}"
     return out
 
 
-def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
+@dataclass(frozen=True)
+class Plan:
+    """One GGUF tensor's way into the output: its mlx-lm name, rows to un-permute (heads), a norm offset
+    to take away, and whether it is quantized."""
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    split = {"default": _GPT2_SPLIT, "gpt2": _GPT2_SPLIT, "smollm": _GPT2_SPLIT,
-             "qwen2": _QWEN2_SPLIT}.get(pre)
-    if split is None:
-        raise GGUFImportError(f"pre-tokenizer {pre!r} is not supported; this importer knows "
-                              "default, gpt2, smollm and qwen2")
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
-    steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level]
-    return pre_tokenizers.Sequence(steps)
+    source: TensorInfo
+    name: str
+    heads: int = 0
+    offset: float = 0.0
+    quantize: bool = False
+
+
+def plan_tensors(f: GGUFFile, config: dict, dtype: str) -> list[Plan]:
+    arch_name, arch = architecture(f.metadata)
+    parameters, quantizable = mlx_parameters(config)
+    names = name_map(arch_name, config["num_hidden_layers"], parameters)
+    plans, placed = [], set()
+    for t in f.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # in the config: rope_scaling
+        if t.name not in names:
+            raise GGUFImportError(f"tensor {t.name!r} has no place in mlx-lm's {arch.model_type} model")
+        name = names[t.name]
+        if tuple(t.numpy_shape) != parameters[name]:
+            raise GGUFImportError(f"tensor {t.name!r} has shape {t.numpy_shape}; mlx-lm's {name} is "
+                                  f"{parameters[name]}: the metadata does not describe these tensors")
+        role = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        heads = 0
+        if arch.permute_qk and role in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads" if role == "attn_q" else "num_key_value_heads"]
+        module = name.rpartition(".")[0]
+        quantize = (dtype in ("q4", "q8") and name.endswith(".weight") and module in quantizable
+                    and t.numpy_shape[-1] % GROUP_SIZE == 0)
+        plans.append(Plan(t, name, heads, arch.norm_offset if "norm" in role or t.name == "output_norm.weight"
+                          else 0.0, quantize))
+        placed.add(name)
+    missing = sorted(set(parameters) - placed - ({"lm_head.weight"} if config["tie_word_embeddings"] else set()))
+    if missing:
+        raise GGUFImportError(f"the file has no tensor for mlx-lm's {missing[0]} ({len(missing)} missing)")
+    return plans
+
+
+# -- converting and writing, a block of rows at a time ---------------------------------------------------------
+
+
+_SAFETENSORS_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+
+
+@dataclass(frozen=True)
+class Output:
+    """What an import writes: `weights` (an OUTPUT_DTYPES name) and, for q4/q8, `rest`: the float type of
+    the scales, biases and unquantized tensors (float16; float32 where MLX runs half precision slowly)."""
+
+    weights: str
+    rest: str
+
+    @property
+    def bits(self) -> int | None:
+        return {"q4": 4, "q8": 8}.get(self.weights)
+
+    @property
+    def floats(self) -> str:
+        return self.rest if self.bits else self.weights
+
+
+def default_rest_dtype() -> str:
+    """float16 where MLX has a GPU; float32 on a CPU, where its half-precision quantized matmul is ~40x
+    slower than float32's (bench/gguf_import.py)."""
+    import mlx.core as mx
+
+    gpu = mx.metal.is_available() or (getattr(mx, "cuda", None) is not None and mx.cuda.is_available())
+    return "float16" if gpu else "float32"
+
+
+def _outputs(plan: Plan, out: Output) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, safetensors dtype, shape, bytes) of what a tensor becomes."""
+    shape = plan.source.numpy_shape
+    code, size = _SAFETENSORS_DTYPES[out.floats]
+    if plan.quantize:
+        bits = out.bits
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        base = plan.name.rpartition(".")[0]
+        packed = (*shape[:-1], cols * bits // 32)
+        groups = (*shape[:-1], cols // GROUP_SIZE)
+        return [(plan.name, "U32", packed, rows * cols * bits // 8),
+                (f"{base}.scales", code, groups, rows * cols // GROUP_SIZE * size),
+                (f"{base}.biases", code, groups, rows * cols // GROUP_SIZE * size)]
+    return [(plan.name, code, shape, plan.source.values * size)]
+
+
+def _row_blocks(plan: Plan) -> list[tuple[int, int]]:
+    t = plan.source
+    per = max(1, BLOCK_VALUES // t.shape[0])
+    if plan.heads:  # un-permuting moves rows within a head: blocks of whole heads
+        head_rows = t.rows // plan.heads
+        per = max(head_rows, per // head_rows * head_rows)
+    return [(r, min(r + per, t.rows)) for r in range(0, t.rows, per)]
+
+
+def _converted(f: GGUFFile, plan: Plan, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor as float32 [rows, row length], with llama.cpp's changes undone."""
+    from gguf import quants
+
+    t = plan.source
+    values = quants.dequantize(f.raw_rows(t, start, stop), t.type_id).reshape(stop - start, t.shape[0])
+    values = values.astype(np.float32, copy=False)
+    if plan.heads:
+        n = (stop - start) // (t.rows // plan.heads)
+        values = values.reshape(n, -1, 2, t.shape[0]).swapaxes(1, 2).reshape(values.shape)
+    if plan.offset:
+        values = values - np.float32(plan.offset)
+    return values
+
+
+def _block_bytes(values: np.ndarray, plan: Plan, out: Output) -> list[bytes]:
+    """A converted block as the bytes of each output of the tensor, in _outputs' order."""
+    if plan.quantize:
+        import mlx.core as mx
+
+        q, scales, biases = mx.quantize(mx.array(values, getattr(mx, out.rest)), group_size=GROUP_SIZE,
+                                        bits=out.bits)
+        return [np.array(q).tobytes(), np.array(scales).tobytes(), np.array(biases).tobytes()]
+    target = out.floats
+    if target == "bfloat16":
+        return [_to_bfloat16(values).tobytes()]
+    return [values.astype(target, copy=False).tobytes()]
+
+
+def _to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounded to nearest even (as MLX and torch round)."""
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (rounded >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), out)
+
+
+def _shards(plans: list[Plan], out: Output) -> list[list[Plan]]:
+    shards, current, size = [], [], 0
+    for plan in plans:
+        nbytes = sum(o[3] for o in _outputs(plan, out))
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(plan)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def _write_shard(f: GGUFFile, plans: list[Plan], fmt: Output, path: Path) -> dict[str, str]:
+    """A safetensors file streamed block by block: its header first (every size is known from the GGUF's)."""
+    header, offset, order = {}, 0, []
+    for plan in plans:
+        outs = _outputs(plan, fmt)
+        for name, code, shape, nbytes in outs:
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        order.append((plan, outs))
+    header["__metadata__"] = {"format": "mlx"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little") + raw)
+        for plan, outs in order:
+            # each output is written whole, in its place: a quantized weight's scales follow all its rows
+            parts = [bytearray() for _ in outs] if len(outs) > 1 else None
+            for start, stop in _row_blocks(plan):
+                pieces = _block_bytes(_converted(f, plan, start, stop), plan, fmt)
+                if parts is None:
+                    out.write(pieces[0])
+                else:
+                    for part, piece in zip(parts[1:], pieces[1:]):
+                        part += piece
+                    out.write(pieces[0])
+            if parts is not None:
+                for part in parts[1:]:
+                    out.write(part)
+    return {name: path.name for name in header if name != "__metadata__"}
+
+
+# -- the tokenizer ------------------------------------------------------------------------------------------
 
 
 def build_tokenizer(meta: dict):
-    """A `tokenizers` byte-level BPE from the GGUF's vocabulary, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    """A `tokenizers` Tokenizer from the GGUF's vocabulary (transformers' GGUF builders), split as
+    llama.cpp splits it, with BOS added where the file says so."""
+    from tokenizers import Regex, pre_tokenizers, processors
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_PRE_TOKENIZER_SPLITS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
-    kind = _scalar(meta, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFImportError(f"tokenizer model {kind!r} is not supported; this importer knows "
-                              "byte-level BPE ('gpt2'), as llama 3, qwen2 and SmolLM use")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    types = np.array(meta["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in meta \
-        else np.ones(len(tokens), np.int32)
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i in np.flatnonzero(types == _USER_DEFINED)])
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i in np.flatnonzero(types == _CONTROL)])
-    if _flag(meta, "tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:
-        bos_id = int(_scalar(meta, "tokenizer.ggml.bos_token_id"))
-        bos = tokens[bos_id]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
+    kind, pre = meta.get("tokenizer.ggml.model"), str(meta.get("tokenizer.ggml.pre", "default"))
+    if kind not in ("gpt2", "llama"):
+        raise GGUFImportError(f"tokenizer model {kind!r} is not supported; this importer knows byte-level BPE "
+                              "('gpt2': Llama 3, Qwen, SmolLM, Phi 4) and SentencePiece ('llama': Llama 2, "
+                              "Mistral, Gemma, Phi 3)")
+    if kind == "gpt2" and pre not in GGUF_PRE_TOKENIZER_SPLITS and pre not in _OWN_SPLITS:
+        raise GGUFImportError(f"pre-tokenizer {pre!r} is not supported; this importer knows "
+                              f"{', '.join(sorted([*GGUF_PRE_TOKENIZER_SPLITS, *_OWN_SPLITS]))}")
+    plain = {name: _plain(meta[f"tokenizer.{key}"]) for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+             if f"tokenizer.{key}" in meta}
+    try:
+        tokenizer, _ = convert_gguf_tokenizer(meta["general.architecture"], plain)
+    except Exception as exc:  # noqa: BLE001 - whatever the builder objects to, said with the file's words
+        raise GGUFImportError(f"cannot rebuild the {kind!r} tokenizer: {exc}") from None
+    if kind == "gpt2" and pre in _OWN_SPLITS:
+        split, digits = _OWN_SPLITS[pre]
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [*steps, pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if _add_bos(meta) and bos is not None:
+        token = plain["tokens"][int(bos)]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{token}:0 $A:0", pair=f"{token}:0 $A:0 {token}:1 $B:1", special_tokens=[(token, int(bos))])
+    elif kind == "gpt2":
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
 
 
-def _flag(meta: dict, key: str) -> bool:
-    value = meta.get(key)
-    return bool(value.item()) if isinstance(value, mx.array) else bool(value)
+def _plain(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _add_bos(meta: dict) -> bool:
+    flag = meta.get("tokenizer.ggml.add_bos_token")
+    return bool(flag) if flag is not None else meta.get("tokenizer.ggml.model") == "llama"
 
 
 def tokenizer_config(meta: dict, context_length: int) -> dict:
@@ -266,78 +458,113 @@ def tokenizer_config(meta: dict, context_length: int) -> dict:
 
     def token(key):
         value = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(value.item())] if value is not None else None
+        return tokens[int(value)] if value is not None and 0 <= int(value) < len(tokens) else None
 
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": context_length,
-        "bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding"),
-        "unk_token": token("unknown"),
-        "add_bos_token": _flag(meta, "tokenizer.ggml.add_bos_token"),
-        "clean_up_tokenization_spaces": False,
-    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+              "bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding"),
+              "unk_token": token("unknown"), "add_bos_token": _add_bos(meta), "clean_up_tokenization_spaces": False}
     if "tokenizer.chat_template" in meta:
         config["chat_template"] = str(meta["tokenizer.chat_template"])
     return config
 
 
-def check_tensor_types(tensors: list[GGUFTensor]) -> None:
-    bad = [t for t in tensors if t.type_name not in TENSOR_TYPES.values()]
+# -- the import -----------------------------------------------------------------------------------------------
+
+
+def check_tensor_types(tensors: list[TensorInfo]) -> None:
+    readable = dequantizable_types()
+    bad = [t for t in tensors if t.type_name not in readable]
     if bad:
         kinds = sorted({t.type_name for t in bad})
-        raise GGUFImportError(
-            f"tensor {bad[0].name!r} is stored as {bad[0].type_name} ({len(bad)} tensors of type "
-            f"{', '.join(kinds)}); this importer reads {', '.join(TENSOR_TYPES.values())}: "
-            "pick a Q8_0, Q4_0 or Q4_1 file, or requantize with llama.cpp's llama-quantize")
+        raise GGUFImportError(f"tensor {bad[0].name!r} is stored as {bad[0].type_name} ({len(bad)} tensors of type "
+                              f"{', '.join(kinds)}), which the installed gguf package cannot dequantize")
 
 
-def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def describe(path: str | Path) -> dict:
+    """What a GGUF file holds, from its header alone: architecture, parameters, storage types, and
+    whether this importer takes it (with the reason when not)."""
+    try:
+        with GGUFFile.open(path) as f:
+            meta, tensors = f.metadata, f.tensors
+            types = Counter(t.type_name for t in tensors)
+            info = {"architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
+                    "parameters": sum(t.values for t in tensors), "quantization": types.most_common(1)[0][0]
+                    if types else None, "tensor_types": dict(types)}
+            try:
+                architecture(meta)
+                check_tensor_types(tensors)
+                if meta.get("tokenizer.ggml.model") not in ("gpt2", "llama"):
+                    raise GGUFImportError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported")
+                info.update(importable=True, reason=None)
+            except GGUFImportError as exc:
+                info.update(importable=False, reason=str(exc))
+            return info
+    except GGUFError as exc:
+        return {"architecture": None, "importable": False, "reason": str(exc)}
+
+
+def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32", rest_dtype: str | None = None) -> Path:
     """Write the mlx-lm model directory of a GGUF file; returns it.
 
-    dtype: "float32" or "float16" dequantizes quantized tensors; "keep" leaves them quantized
-    (MLX 4/8-bit affine, group 32). Raises GGUFImportError naming the architecture, tensor type
-    or tokenizer it cannot handle, and FileExistsError for a non-empty `out_dir`. The directory
-    appears complete or not at all (it is written under a temporary name, then renamed).
+    `dtype`: float32, float16 or bfloat16 (dequantized), q8 or q4 (MLX affine, group 32); with q8/q4,
+    `rest_dtype` (float16 or float32, default: default_rest_dtype()) is that of the scales, biases and
+    unquantized tensors. Raises
+    GGUFImportError naming the architecture, tensor type or tokenizer it cannot handle (GGUFError,
+    its parent, for a file that is not a sound GGUF), FileExistsError for a non-empty `out_dir`.
+    The directory appears complete or not at all (written under a temporary name, then renamed).
     """
     from mlx_lm.utils import save_config
 
     path, out = Path(path), Path(out_dir)
-    if dtype not in DTYPES:
-        raise GGUFImportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise GGUFImportError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    rest = rest_dtype or default_rest_dtype()
+    if rest not in ("float16", "float32"):
+        raise GGUFImportError(f"rest_dtype must be float16 or float32, got {rest!r}")
+    fmt = Output(dtype, rest)
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tensors = read_tensor_infos(path)
-    check_tensor_types(tensors)
-    raw, meta = mx.load(str(path), return_metadata=True)
-    config = model_config(meta, {t.name for t in tensors})
-    if config["model_type"] == "llama" and "blk.0.attn_q.bias" in raw:
-        config["attention_bias"] = True
-    tokenizer = build_tokenizer(meta)
-    weights, quantization = convert_weights(raw, config, dtype)
-    if quantization:
-        config["quantization"] = quantization
-    config["torch_dtype"] = "float16" if dtype == "float16" else "float32"
-
+    try:
+        f = GGUFFile.open(path)
+    except GGUFError as exc:
+        raise GGUFImportError(str(exc)) from None
     tmp = out.with_name(f".{out.name}.importing")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    save_config(config, tmp / "config.json")
-    tokenizer.save(str(tmp / "tokenizer.json"))
-    atomic_write_json(tmp / "tokenizer_config.json",
-                      tokenizer_config(meta, config["max_position_embeddings"]))
-    atomic_write_json(tmp / "conch_import.json", {"source": path.name, "dtype": dtype,
-                                                  "tensor_types": _type_counts(tensors)})
+    try:
+        check_tensor_types(f.tensors)
+        meta, by_name = f.metadata, {t.name: t for t in f.tensors}
+        rope = None
+        if "rope_freqs.weight" in by_name:
+            rope = _converted(f, Plan(by_name["rope_freqs.weight"], "rope_freqs"), 0, 1)[0]
+        config = model_config(meta, by_name, rope)
+        tokenizer = build_tokenizer(meta)
+        plans = plan_tensors(f, config, dtype)
+        if dtype in ("q4", "q8"):
+            bits = 4 if dtype == "q4" else 8
+            config["quantization"] = config["quantization_config"] = {"group_size": GROUP_SIZE, "bits": bits}
+        config["torch_dtype"] = fmt.floats
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        shards = _shards(plans, fmt)
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            weight_map.update(_write_shard(f, shard, fmt, tmp / name))
+        if len(shards) > 1:
+            atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+        save_config(config, tmp / "config.json")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
+        atomic_write_json(tmp / "conch_import.json", {"source": path.name, "dtype": dtype,
+                                                      "tensor_types": dict(Counter(t.type_name for t in f.tensors))})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        f.close()
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
-
-
-def _type_counts(tensors: list[GGUFTensor]) -> dict[str, int]:
-    return dict(Counter(t.type_name for t in tensors))
