@@ -81,6 +81,8 @@ class ServerSettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)  # a request that names no max_tokens
     max_tokens: int = Field(default=4096, ge=1)  # the most a request may ask for
     max_request_kb: int = Field(default=1024, ge=1)  # a larger request body is refused (413)
+    accept_traces: bool = True  # POST /v1/traces: agents elsewhere send their EGO traces (JSONL) to this home
+    max_traces_mb: int = Field(default=64, ge=1)  # a larger POST of traces is refused (413)
 
 
 class EgoSettings(BaseModel):

@@ -8,13 +8,16 @@
 "thinking@v0003" a kept version of it, "ego/thinking" (or a name in [ego] aliases) the teacher,
 whose answer is then recorded as a trace of the domain. The teacher is an upstream
 OpenAI-compatible server ([ego] upstream_url) or the config's teacher, loaded in this process.
-A host other than loopback is refused unless a bearer token is set ([server] token_env); with a
-token, every request must carry it. Message contents are never logged.
+`POST /v1/traces` takes JSONL trace lines from agents on other machines, through the inbox's ingest
+(refused with [server] accept_traces = false). A host other than loopback is refused unless a bearer
+token is set ([server] token_env); with a token, every request must carry it. Message contents are
+never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -31,7 +34,7 @@ from pathlib import Path
 import conch_dna.openai_api as wire
 from conch_dna.config import Config, load_config
 from conch_dna.ego import Ego
-from conch_dna.ingest import record
+from conch_dna.ingest import ingest_bytes, record
 from conch_dna.models import load_tokenizer_only, tokenizer_fingerprint
 from conch_dna.store import TraceStore
 from conch_dna.tools import ToolError
@@ -169,8 +172,24 @@ class ConchAPI:
             return await self.upstream_chat(req, raw, domain, max_tokens)
         return await self.local_ego_chat(req, domain, max_tokens)
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.config.server.max_request_kb * 1024
+    async def traces(self, request: Request) -> JSONResponse:
+        """POST /v1/traces: JSONL trace lines from an agent elsewhere, through the inbox's ingest (the same
+        validation, dedup and quarantine); the answer counts each outcome and gives each refused line's reason."""
+        if not self.config.server.accept_traces:
+            raise wire.APIError(403, "this server takes no traces ([server] accept_traces = false)",
+                                code="traces_refused")
+        data = await self._body(request, self.config.server.max_traces_mb * 2**20)
+        client = request.client.host if request.client else "unknown"
+        report = await asyncio.to_thread(ingest_bytes, self.store, data, f"POST /v1/traces from {client}")
+        reasons = await asyncio.to_thread(self.store.quarantine_reasons, hashlib.sha256(data).hexdigest())
+        log.info("POST /v1/traces from %s: %d stored, %d duplicates, %d quarantined", client, report.stored,
+                 report.duplicates, report.quarantined)
+        return JSONResponse({"lines": report.lines, "stored": report.stored, "duplicates": report.duplicates,
+                             "quarantined": report.quarantined, "outcomes": report.outcomes,
+                             "reasons": {str(k): v for k, v in sorted(reasons.items())}})
+
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        limit = limit or self.config.server.max_request_kb * 1024
         too_large = wire.APIError(413, f"the request body is over this server's limit of {limit} bytes",
                                   code="request_too_large")
         if int(request.headers.get("content-length") or 0) > limit:
@@ -515,6 +534,7 @@ def create_app(api: ConchAPI):
 
     app = Starlette(
         routes=[Route("/v1/chat/completions", api.chat, methods=["POST"]),
+                Route("/v1/traces", api.traces, methods=["POST"]),
                 Route("/v1/models", api.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", api.model, methods=["GET"])],
         exception_handlers={Exception: _error_response, HTTPException: _error_response, wire.APIError: _error_response},

@@ -321,6 +321,11 @@ class TraceStore:
         return [{"source": s, "line": n, "reason": r, "raw": raw.decode("utf-8", "backslashreplace")[:200],
                  "quarantined_at": at} for s, n, r, raw, at in rows]
 
+    def quarantine_reasons(self, source_hash: str) -> dict[int, str]:
+        """Line number -> reason, of the lines of one file (by its hash) that were quarantined."""
+        rows = self.db.conn.execute("SELECT line, reason FROM quarantine WHERE source_hash = ?", (source_hash,))
+        return dict(rows.fetchall())
+
     def quarantine_count(self) -> int:
         return self.db.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
 
