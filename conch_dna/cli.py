@@ -260,8 +260,11 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
 @kd_app.command("retrain")
 def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
                iters: int = typer.Option(None, help="KD steps (default: the config's)"),
-               force: bool = typer.Option(False, help="promote even with too few held-out traces")) -> None:
-    """Retrain a domain now: through the daemon when it runs, else here with a progress bar."""
+               force: bool = typer.Option(False, help="promote even with too few held-out traces"),
+               hosts: Path = typer.Option(None, help="data-parallel over the Macs of this mlx.launch host file"),
+               ranks: int = typer.Option(None, help="data-parallel over this many processes on this machine")) -> None:
+    """Retrain a domain now: through the daemon when it runs, else here with a progress bar; with --hosts
+    or --ranks (or [distributed] in config.toml), data-parallel under mlx.launch."""
     from conch_dna.cycle import retrain_domain
     from conch_dna.runs import RunStatus
     from conch_dna.status import read_state
@@ -273,7 +276,14 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
     if iters is not None and iters < 1:
         _fail(f"--iters must be at least 1, got {iters}")
     config = config.with_iters(domain, iters)
-    if read_state(home):
+    parallel = config.distributed
+    if hosts or ranks:
+        if hosts and not hosts.is_file():
+            _fail(f"no host file {hosts}")
+        parallel = parallel.model_copy(update={"hostfile": str(hosts) if hosts else None, "local_ranks": ranks or 0})
+    if parallel.enabled and not read_state(home):
+        status, reason = _retrain_in_parallel(home, domain, iters, force, parallel)
+    elif read_state(home):
         import json as _json
 
         answer = request_retrain(home, domain, iters, force)
@@ -297,6 +307,37 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
     console.print(f"{domain}: {status}: {reason}")
     if status == RunStatus.FAILED:
         raise typer.Exit(1)
+
+
+def _retrain_in_parallel(home: Path, domain: str, iters, force: bool, parallel) -> tuple[str, str]:
+    """The worker under mlx.launch, one rank per process; rank 0's progress and result as it goes."""
+    import json as _json
+    import os
+    import subprocess
+
+    from daemon.service import worker_command
+
+    cmd = worker_command(domain, iters, force, parallel)
+    where = f"the hosts of {parallel.hostfile}" if parallel.hostfile else f"{parallel.local_ranks} processes here"
+    console.print(f"retraining {domain} data-parallel over {where} ({parallel.backend})")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "CONCH_HOME": str(home)})
+    result = {"status": "failed", "reason": "the ranks exited without a result"}
+    for line in proc.stdout:
+        try:
+            event = _json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "stage":
+            console.print(f"  {event['text']}", soft_wrap=True, markup=False)
+        elif event.get("event") == "progress":
+            console.print(f"  step {event['iteration']}: loss {event['combined']:.4f}, "
+                          f"{event['tokens_per_second']:.0f} tokens/s")
+        elif event.get("event") == "result":
+            result = event
+    code = proc.wait()
+    if code and result.get("status") != "failed":
+        result = {"status": "failed", "reason": f"a rank exited with status {code}"}
+    return str(result.get("status")), result.get("reason") or ""
 
 
 @kd_app.command("history")

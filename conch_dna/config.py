@@ -29,6 +29,7 @@ import sys
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from conch_dna.domains import DOMAINS, validate_domain_name
 from conch_dna.models import DEFAULT_STUDENT, DEFAULT_TEACHER
@@ -85,6 +86,21 @@ class ServerSettings(BaseModel):
     max_traces_mb: int = Field(default=64, ge=1)  # a larger POST of traces is refused (413)
 
 
+class DistributedSettings(BaseModel):
+    """Retrains that run data-parallel over several processes or Macs ([distributed] in config.toml),
+    launched by mlx.launch; with neither `hostfile` nor `local_ranks` a retrain runs in one process."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["ring", "mpi", "jaccl", "jaccl-ring"] = "ring"
+    hostfile: str | None = None  # mlx.launch's host file (JSON: [{"ssh": "mac2.local", "ips": ["10.0.0.2"]}, ...])
+    local_ranks: int = Field(default=0, ge=0, le=64)  # or this many processes on this machine (to try it out)
+    timeout_s: float = Field(default=300.0, gt=0)  # a collective slower than this fails the run
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hostfile) or self.local_ranks > 1
+
+
 class EgoSettings(BaseModel):
     """Where `conch serve` sends "ego/<domain>" calls ([ego] in config.toml): an upstream
     OpenAI-compatible server, or (no upstream_url) the config's teacher in the server's process."""
@@ -135,6 +151,7 @@ class Config(BaseModel):
     serve: bool = False  # the daemon runs `conch serve` too
     server: ServerSettings = Field(default_factory=ServerSettings)
     ego: EgoSettings = Field(default_factory=EgoSettings)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
     domain: dict[str, DomainSettings] = Field(default_factory=dict)
 

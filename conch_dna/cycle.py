@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from conch_dna import distributed
 from conch_dna.config import Config, load_config
 from conch_dna.domains import check_domain
 from conch_dna.failures import set_aside_if_stuck
@@ -97,11 +98,54 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
     home = Path(home)
     config = config or load_config(home)
     check_domain(domain, config.domains)
+    if not distributed.is_leader():  # data-parallel: rank 0 selects, gates and records; the others train along
+        return _follow(home, domain, callbacks or KDCallback())
+    distributed.configure(config.distributed.timeout_s)
     try:
         with domain_lock(home, domain):
             return _Cycle(home, domain, config, force, callbacks or KDCallback()).run()
     except DomainBusy as exc:
+        _tell_followers(None)
         return CycleResult(None, domain, RunStatus.SKIPPED, str(exc))
+
+
+def _tell_followers(plan: dict | None) -> None:
+    """Rank 0's plan of the run (what the other ranks train on and how), or None: no run."""
+    if distributed.size() > 1:
+        distributed.gather_bytes(json.dumps(plan, default=_plain).encode(), "the run's plan")
+
+
+def _plain(value):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} in a run's plan")
+
+
+def _follow(home: Path, domain: str, callbacks: KDCallback) -> CycleResult:
+    """A rank other than 0: train on rank 0's plan, write nothing (rank 0 alone keeps the run)."""
+    import tempfile
+
+    from conch_dna.training.kd_config import KDConfig
+
+    plan = json.loads(distributed.gather_bytes(b"", "the run's plan")[0])
+    if plan is None:
+        return CycleResult(None, domain, RunStatus.SKIPPED, "rank 0 runs no retrain")
+    distributed.configure(plan["timeout_s"])
+    with tempfile.TemporaryDirectory(prefix="conch-rank-") as tmp:
+        distiller = TrueKnowledgeDistiller(plan["teacher"], plan["student"], KDConfig(**plan["kd"]), output_dir=tmp,
+                                           cache_dir=home / TEACHER_CACHE_DIR, callbacks=callbacks)
+        resume = (Path(plan["resume"][0]), plan["resume"][1]) if plan["resume"] else None
+        options = DistillOptions(adapter_dir=Path(tmp) / "adapter", resume=resume,
+                                 heldout_groups=plan["groups"], measure_on_policy=plan["measure_on_policy"])
+        try:
+            distiller.distill_domain(domain, plan["train"], plan["held"] or None, options)
+        except (distributed.RankFailure, TrainingInterrupted) as exc:
+            return CycleResult(None, domain, RunStatus.FAILED, str(exc))
+    return CycleResult(None, domain, RunStatus.RUNNING, f"trained as rank {distributed.rank()}; rank 0 records the run")
 
 
 class _Cycle:
@@ -117,11 +161,14 @@ class _Cycle:
         try:
             picked = self.select()
         except _Skip as skip:
+            _tell_followers(None)
             return CycleResult(None, self.domain, RunStatus.SKIPPED, str(skip))
         run_id = self.store.start_run(self.domain, upto_rowid=picked.upto, new_traces=len(picked.new),
                                       replay_traces=len(picked.replay), heldout_traces=len(picked.held),
                                       iters=self.kd.num_iters)
         candidate = self.folder / f".candidate-{run_id}"
+        distributed.configure(self.config.distributed.timeout_s,
+                              lambda reason: self.rank_failed(run_id, picked, candidate, reason))
         try:
             measured_against = current_version(self.home, self.domain)
             result = self.train(picked, candidate)
@@ -132,6 +179,8 @@ class _Cycle:
             return self.record(run_id, picked, result, version, reason)
         except TrainingInterrupted as stop:
             return self.interrupted(run_id, picked, candidate, stop)
+        except distributed.RankFailure as exc:
+            return self.rank_failed(run_id, picked, candidate, str(exc))
         except BaseException as exc:
             discard(candidate)
             reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
@@ -181,6 +230,10 @@ class _Cycle:
         options = DistillOptions(warm_start=current_adapter_path(self.home, self.domain), adapter_dir=candidate,
                                  resume=picked.resume, heldout_groups=groups,
                                  measure_on_policy=self.config.measure_on_policy)
+        _tell_followers({"teacher": self.config.teacher, "student": self.config.student, "kd": asdict(self.kd),
+                         "train": picked.new + picked.replay, "held": picked.held, "groups": groups,
+                         "resume": picked.resume, "measure_on_policy": self.config.measure_on_policy,
+                         "timeout_s": self.config.distributed.timeout_s})
         try:
             return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
         finally:
@@ -232,6 +285,24 @@ class _Cycle:
                   if stop.checkpoint else "interrupted before training started")
         self.store.finish_run(run_id, RunStatus.INTERRUPTED, decision=RunStatus.INTERRUPTED.value, reason=reason)
         return CycleResult(run_id, self.domain, RunStatus.INTERRUPTED, reason)
+
+    def rank_failed(self, run_id: int, picked: Selection, candidate: Path, reason: str) -> CycleResult:
+        """A rank died or hung: the run failed, with why; its newest checkpoint is kept, so the next run
+        of the domain resumes from it on the same traces (no version was written)."""
+        steps = sorted((int(p.name.rpartition("_")[2]), p) for p in candidate.glob("checkpoint_*")
+                       if p.name.rpartition("_")[2].isdigit())
+        kept = ""
+        if steps:
+            step, checkpoint = steps[-1]
+            discard(self.folder / RESUME_DIR)
+            os.rename(checkpoint, self.folder / RESUME_DIR)
+            atomic_write_json(self.folder / RESUME_FILE, {"iteration": step, "upto_rowid": picked.upto,
+                                                          "iters": self.kd.num_iters})
+            kept = f"; the next run resumes from its checkpoint at step {step}"
+        discard(candidate)
+        reason = f"{reason}{kept}"
+        self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason)
+        return CycleResult(run_id, self.domain, RunStatus.FAILED, reason)
 
     def _resume_state(self) -> dict | None:
         try:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from conch_dna.config import Config, load_config
+from conch_dna.config import Config, DistributedSettings, load_config
 from conch_dna.cycle import pending
 from conch_dna.domains import check_domain
 from conch_dna.failures import retry_at, set_aside_if_stuck
@@ -51,13 +51,19 @@ LOG_MAX_BYTES = 8 << 20  # each log in logs/ is rotated past this, keeping three
 REQUESTS_JOB = "conch-requests"
 
 
-def worker_command(domain: str, iters: int | None = None, force: bool = False) -> list[str]:
+def worker_command(domain: str, iters: int | None = None, force: bool = False,
+                   parallel: DistributedSettings | None = None) -> list[str]:
     """The worker's command line. -I: the interpreter ignores the current directory and PYTHON*
-    variables, so a `daemon/` package in whatever folder the service starts from is never imported."""
-    cmd = [sys.executable, "-I", "-m", "daemon.worker", "--domain", domain]
-    if iters:
-        cmd += ["--iters", str(iters)]
-    return cmd + (["--force"] if force else [])
+    variables, so a `daemon/` package in whatever folder the service starts from is never imported.
+    With `parallel` enabled, mlx.launch starts it once per rank (hosts from the host file, or that
+    many processes here), each rank running this worker file with the same interpreter."""
+    args = ["--domain", domain, *(["--iters", str(iters)] if iters else []), *(["--force"] if force else [])]
+    if not (parallel and parallel.enabled):
+        return [sys.executable, "-I", "-m", "daemon.worker", *args]
+    where = ["--hostfile", parallel.hostfile] if parallel.hostfile else ["-n", str(parallel.local_ranks)]
+    launch = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"  # mlx.launch
+    return [sys.executable, "-c", launch, "--backend", parallel.backend, *where,
+            "--python", sys.executable, str(Path(__file__).with_name("worker.py")), *args]
 
 
 def request_retrain(home: str | Path, domain: str, iters: int | None, force: bool) -> Path:
@@ -211,7 +217,7 @@ class Daemon:
 
     def run_worker(self, domain: str, iters: int | None = None, force: bool = False) -> dict:
         """One retrain cycle in a worker subprocess; waits for it and returns its result event."""
-        cmd = worker_command(domain, iters, force)
+        cmd = worker_command(domain, iters, force, self.config.distributed)
         env = {**os.environ, "CONCH_HOME": str(self.home)}
         log.info("retraining %s", domain)
         self._running = {"domain": domain, "started_at": time.time(), "progress": None}

@@ -1,4 +1,5 @@
-"""The trainer worker: one retrain cycle in its own process (`python -m daemon.worker --domain D`).
+"""The trainer worker: one retrain cycle in its own process (`python -m daemon.worker --domain D`), or, under
+mlx.launch, one rank of a data-parallel cycle.
 
 MLX is not thread-safe and a crash in training must not take the daemon down, so every cycle runs
 here. SIGTERM stops training after the current step: the adapter so far is kept as a checkpoint,
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 
+from conch_dna import distributed
 from conch_dna.config import load_config
 from conch_dna.cycle import retrain_domain
 from conch_dna.home import conch_home
@@ -49,9 +51,23 @@ def main(argv: list[str] | None = None) -> int:
 
     home = conch_home()
     config = load_config(home).with_iters(args.domain, args.iters)
-    result = retrain_domain(home, args.domain, config, args.force, JSONLines(args.domain, stopping))
-    print(json.dumps({"event": "result", **result.__dict__}, default=str), flush=True)
+    # data-parallel (under mlx.launch): rank 0 speaks for the run; the others only hear whether to stop
+    leader = distributed.is_leader()
+    callbacks = JSONLines(args.domain, stopping) if leader else Quiet(stopping)
+    result = retrain_domain(home, args.domain, config, args.force, callbacks)
+    if leader:
+        print(json.dumps({"event": "result", **result.__dict__}, default=str), flush=True)
     return 0 if result.status != RunStatus.FAILED else 1
+
+
+class Quiet(KDCallback):
+    """A rank other than 0: nothing said, a stop heard."""
+
+    def __init__(self, stopping: threading.Event):
+        self.stopping = stopping
+
+    def should_stop(self) -> bool:
+        return self.stopping.is_set()
 
 
 if __name__ == "__main__":

@@ -103,11 +103,15 @@ def collate(examples: list[KDExample], max_seq_length: int, pad_to: int = 32,
 
 
 def iterate_kd_batches(examples: list[KDExample], batch_size: int, max_seq_length: int,
-                       seed: int = 0, skip: int = 0, hidden_shape: tuple[int, int] | None = None):
-    """Endless shuffled, padded KD batches (see collate); `skip` passes over the first ones (a resumed run)."""
+                       seed: int = 0, skip: int = 0, hidden_shape: tuple[int, int] | None = None,
+                       shard: tuple[int, int] = (0, 1)):
+    """Endless shuffled, padded KD batches (see collate); `skip` passes over the first ones (a resumed run).
+    `shard` = (rank, ranks): this rank's rows rank, rank + ranks, ... of each global batch, which is the
+    same whatever the number of ranks (a data-parallel run's order and batch size do not depend on it)."""
     if not examples:
         raise ValueError("no training examples")
+    rank, ranks = shard
     rng = np.random.default_rng(seed)
     for n, idx in enumerate(_batch_order(len(examples), batch_size, rng)):
         if n >= skip:
-            yield collate([examples[i] for i in idx], max_seq_length, hidden_shape=hidden_shape)
+            yield collate([examples[i] for i in idx[rank::ranks]], max_seq_length, hidden_shape=hidden_shape)

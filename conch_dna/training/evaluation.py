@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from conch_dna import distributed
 from conch_dna.tools import parse_answer, same_calls, tool_call_format
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import answer_token_losses
@@ -34,6 +35,7 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     if not examples:
         raise ValueError("no held-out examples to evaluate on")
     kl_sum = ce_sum = agree_sum = count = 0.0
+    examples = distributed.shard(examples)  # data-parallel: each rank its share, the sums added up below
     for i in range(0, len(examples), batch_size):
         inputs, targets, mask, ids, logprobs, *_ = collate(examples[i : i + batch_size], max_seq_length)
         logits = model(inputs)
@@ -44,6 +46,7 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
         mx.eval(sums)
         kl_sum, ce_sum, agree_sum, count = (a + b.item() for a, b in
                                             zip((kl_sum, ce_sum, agree_sum, count), sums))
+    kl_sum, ce_sum, agree_sum, count = distributed.all_sum([kl_sum, ce_sum, agree_sum, count], "held-out metrics")
     if count == 0:
         raise ValueError("the held-out examples hold no answer token inside the window")
     return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count))

@@ -22,6 +22,7 @@ from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 
+from conch_dna import distributed
 from conch_dna.adapters import (
     KD_METRICS_FILE,
     apply_lora,
@@ -68,6 +69,7 @@ from conch_dna.versions import current_adapter_path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
@@ -156,9 +158,16 @@ def make_kd_step(model, optimizer, config: KDConfig, scale=None):
                                       kind=config.divergence, beta=config.jsd_beta))
     state = [model.state, optimizer.state, mx.random.state]
 
+    world = distributed.size()
+
     # Token counts stay outside: mx.compile rejects an output that depends on inputs alone.
     def step(*batch):
         (combined, kd, ce), grads = loss_and_grad(model, *batch)
+        if world > 1:  # data-parallel: each rank's mean weighted by its share of the global batch's tokens
+            local = batch[2].sum()
+            total = mx.distributed.all_sum(local)
+            grads = nn.average_gradients(tree_map(lambda g: g * (local * world / total), grads))
+            combined, kd, ce = (mx.distributed.all_sum(x * local) / total for x in (combined, kd, ce))
         if scale is None:
             optimizer.update(model, grads)
         else:
@@ -212,14 +221,24 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
                                "has none): this run trains on the logit loss alone")
         config = replace(config, hidden_weight=0.0)
     hidden_shape = next(iter(shapes), None)
+    world, leader = distributed.size(), distributed.is_leader()
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {world} ranks: make it a multiple")
     mx.random.seed(config.seed)
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
+    if world > 1:
+        optimizer.init(model.trainable_parameters())  # the same state tree on every rank, for the broadcast
     start = resume[1] if resume else 0
     if resume and not load_optimizer_state(optimizer, model, resume[0]):
         optimizer.state["step"] = mx.array(start, dtype=mx.uint64)  # at least the schedule goes on
+    if world > 1:  # every rank from rank 0's weights and optimizer state (its current version or checkpoint)
+        start = int(distributed.all_sum([start if leader else 0], "the step to start at")[0])
+        model.update(distributed.broadcast_tree(model.trainable_parameters(), "rank 0's adapter"))
+        optimizer.state = distributed.broadcast_tree(optimizer.state, "rank 0's optimizer state")
     in_force = None  # the multiplier patterns the compiled step was made with
+    # every rank walks the same global batches (same seed), each collating its own rows of them
     batches = iterate_kd_batches(examples, config.batch_size, config.max_seq_length, config.seed, skip=start,
-                                 hidden_shape=hidden_shape)
+                                 hidden_shape=hidden_shape, shard=(distributed.rank(), world))
 
     model.train()
     history: list[dict] = []
@@ -230,22 +249,25 @@ def train_kd(model, examples: list[KDExample], config: KDConfig, adapter_config:
             in_force = config.multipliers_at(it)
             step, state = make_kd_step(model, optimizer, config, multiplier_tree(model, in_force))
         batch = next(batches)
-        combined, kd, ce = step(*batch)
-        mx.eval(state, combined, kd, ce)
+        with distributed.collective(f"training step {it}"):
+            combined, kd, ce = step(*batch)
+            mx.eval(state, combined, kd, ce)
         sums = [s + v.item() for s, v in zip(sums, (combined, kd, ce))]
         n_steps, n_tokens = n_steps + 1, n_tokens + int(batch[2].sum().item())
         if it % config.steps_per_report == 0 or it == stop:
+            n_tokens = int(distributed.all_sum([n_tokens], "the tokens trained")[0])
             elapsed = time.perf_counter() - tic
             report = {"iteration": it, "combined": sums[0] / n_steps, "kd": sums[1] / n_steps,
                       "ce": sums[2] / n_steps, "tokens_per_second": n_tokens / elapsed}
             history.append(report)
             callbacks.on_train_report(report)
             sums, n_steps, n_tokens, tic = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
-        path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir and it != config.num_iters else None
+        path = checkpoint_dir / f"checkpoint_{it}" if checkpoint_dir and it != config.num_iters and leader else None
         due = it % config.steps_per_save == 0 or it == stop
         if path and due:
             save_checkpoint(path, model, optimizer, adapter_config)
-        if callbacks.should_stop() and it != config.num_iters:
+        stopping = distributed.agree(callbacks.should_stop()) if world > 1 else callbacks.should_stop()
+        if stopping and it != config.num_iters:
             if path and not due:
                 save_checkpoint(path, model, optimizer, adapter_config)
             model.eval()
@@ -322,9 +344,12 @@ class TrueKnowledgeDistiller:
                                     self.config.lora_scale, self.config.lora_dropout)
         if self.hidden_widths:
             attach_projection(model, *self.hidden_widths)
-        if adapter_path and not load_adapter_weights(model, adapter_path):
+        # data-parallel: rank 0 reads the adapter (its home holds the versions) and every rank gets its weights
+        if adapter_path and distributed.is_leader() and not load_adapter_weights(model, adapter_path):
             self.callbacks.on_stage("", f"adapter at {adapter_path} does not fit this LoRA shape; "
                                         "starting from the bare student")
+        if distributed.size() > 1:
+            model.update(distributed.broadcast_tree(model.trainable_parameters(), "rank 0's adapter"))
         return model, tokenizer, adapter_config
 
     def teacher_examples(self, domain: str, prompts, tokenizer) -> list[KDExample]:
@@ -338,7 +363,10 @@ class TrueKnowledgeDistiller:
                 check_shared_vocab(load_tokenizer_only(scorer.teacher_model_id), tokenizer)
             self._vocab_checked = True
         chats = [(to_chat(domain, p), p.get("topk") if isinstance(p, dict) else None) for p in prompts]
-        return self.teachers.examples(chats, tokenizer, tokenizer_fingerprint(tokenizer), self._check_stop)
+        # data-parallel: each rank scores its share of the chats, then every rank has every example
+        mine = self.teachers.examples(distributed.shard(chats), tokenizer, tokenizer_fingerprint(tokenizer),
+                                      self._check_stop)
+        return distributed.gather(mine, _encode_examples, _decode_examples, "the teacher targets")
 
     def _check_stop(self) -> None:
         if self.callbacks.should_stop():
@@ -394,12 +422,15 @@ class TrueKnowledgeDistiller:
         if tool_held:
             before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
             after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
-        own_passes = self.own_answer_passes - own_before
-        result = self._result(domain, history, elapsed, out, len(kept) + len(picked),
-                              self.teachers.forward_passes - passes_before - own_passes, before, after)
+        # every rank's passes: with a data-parallel run each trace was scored by one of them
+        all_passes, own_passes = (int(x) for x in distributed.all_sum(
+            [self.teachers.forward_passes - passes_before, self.own_answer_passes - own_before], "the teacher passes"))
+        result = self._result(domain, history, elapsed, out, len(kept) + len(picked), all_passes - own_passes,
+                              before, after)
         result.samples_generated, result.own_answer_passes = len(picked), own_passes
         result.phase_seconds = clock.seconds
-        atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
+        if distributed.is_leader():
+            atomic_write_json(out / KD_METRICS_FILE, result.as_dict())
         self.callbacks.on_stage(domain, f"held-out before  {_words(before.get(''))}")
         self.callbacks.on_stage(domain, f"held-out after   {_words(after.get(''))}")
         self.callbacks.on_stage(domain, f"adapter {out} ({elapsed:.1f}s, {result.num_examples} examples, {len(picked)} "
@@ -432,8 +463,8 @@ class TrueKnowledgeDistiller:
             with clock("sample"):
                 self.callbacks.on_stage(domain, f"step {step}: the student answers {len(chats)} train prompts "
                                                 "(on-policy)")
-                answers = answer_tokens(model, tokenizer, chats, c.sample_max_tokens, c.sample_temperature,
-                                        c.seed + step)
+                answers = _answered(model, tokenizer, chats, c.sample_max_tokens, c.sample_temperature,
+                                    c.seed + step)
                 del model
                 free_memory()
             with clock("teacher"):
@@ -450,7 +481,8 @@ class TrueKnowledgeDistiller:
             elapsed += time.perf_counter() - tic
         with clock("evaluate"):
             after = self._measure(model, held)
-            save_inference_adapter(out, model, adapter_config)
+            if distributed.is_leader():
+                save_inference_adapter(out, model, adapter_config)
             del model
             free_memory()
         return history, elapsed, before, after
@@ -467,10 +499,10 @@ class TrueKnowledgeDistiller:
         if train_chats or n_held:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
                                             f"and {n_held} held-out")
-        sampled = answer_tokens(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
+        sampled = _answered(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
         flat = [to_chat(domain, p) for items in [*held_sets.values(), tool_held] for p in items]
         # a prompt in both is answered once (answer_tokens): the tool metric reads the on-policy answers
-        answered = iter(answer_tokens(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
+        answered = iter(_answered(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
         held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
         tool_answers = [next(answered)[1] for _ in tool_held]
         del model
@@ -480,10 +512,10 @@ class TrueKnowledgeDistiller:
     def _own_examples(self, answers: list[tuple[list[int], list[int]]]) -> list[KDExample]:
         """KD examples of the student's own answers, every token scored by the teacher(s)."""
         passes = self.teachers.forward_passes
-        examples = self.teachers.token_examples([(prompt + answer, len(prompt)) for prompt, answer in answers],
-                                                True, self._check_stop)
+        mine = self.teachers.token_examples([(prompt + answer, len(prompt)) for prompt, answer in
+                                             distributed.shard(answers)], True, self._check_stop)
         self.own_answer_passes += self.teachers.forward_passes - passes
-        return examples
+        return distributed.gather(mine, _encode_examples, _decode_examples, "the teacher's scores of the answers")
 
     def _targets(self, domain, tokenizer, prompts, sampled, held_sets, held_own):
         """Teacher targets of the train prompts, the student's samples, each named held-out set and the
@@ -528,8 +560,12 @@ class TrueKnowledgeDistiller:
         return measured, tool_answers
 
     def _resume(self, domain, model, resume):
-        """The resume point if its checkpoint's weights loaded into `model`, else None (start over)."""
-        if resume and load_adapter_weights(model, resume[0]):
+        """The resume point if its checkpoint's weights loaded into `model`, else None (start over).
+        Data-parallel: rank 0's checkpoint decides for every rank (train_kd gives them its weights)."""
+        loaded = bool(resume and distributed.is_leader() and load_adapter_weights(model, resume[0]))
+        if distributed.size() > 1:
+            loaded = distributed.agree(loaded, "whether rank 0 resumes")
+        if loaded:
             self.callbacks.on_stage(domain, f"resuming from {resume[0]} at step {resume[1]}")
             return resume
         return None
@@ -555,6 +591,26 @@ class TrueKnowledgeDistiller:
             results.append(self.distill_domain(domain, train, held))
         atomic_write_json(self.output_dir / ADAPTERS_DIR / "kd_summary.json", [r.as_dict() for r in results])
         return results
+
+
+def _answered(model, tokenizer, chats, max_tokens: int, temperature: float, seed: int):
+    """answer_tokens of the chats, each rank answering its share (data-parallel), everyone getting all."""
+    mine = answer_tokens(model, tokenizer, distributed.shard(chats), max_tokens, temperature, seed)
+    return distributed.gather(mine, lambda pairs: distributed.encode_arrays(
+        [{"prompt": np.asarray(p, np.int32), "answer": np.asarray(a, np.int32)} for p, a in pairs]),
+        lambda blob: [(d["prompt"].tolist(), d.get("answer", np.zeros(0, np.int32)).tolist())
+                      for d in distributed.decode_arrays(blob)], "the student's answers")
+
+
+def _encode_examples(examples: list[KDExample]) -> bytes:
+    return distributed.encode_arrays([{"tokens": e.tokens, "offset": e.offset, "topk_ids": e.topk_ids,
+                                       "topk_logprobs": e.topk_logprobs, "on_policy": e.on_policy,
+                                       "hidden": e.hidden} for e in examples])
+
+
+def _decode_examples(blob: bytes) -> list[KDExample]:
+    return [KDExample(d["tokens"], int(d["offset"]), d["topk_ids"], d["topk_logprobs"], bool(d["on_policy"]),
+                      d.get("hidden")) for d in distributed.decode_arrays(blob)]
 
 
 if __name__ == "__main__":  # the plain trainer: its command line belongs to the app layer

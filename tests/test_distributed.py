@@ -1,0 +1,133 @@
+"""Data-parallel retrains on MLX's distributed engine: two local processes over the ring backend on
+loopback (started by mlx.launch, as on two Macs) train what one process trains, score each trace once
+between them, and a rank that dies mid-run fails the run cleanly; the next run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conch_dna.config import DistributedSettings, load_config
+from conch_dna.ingest import ingest_bytes
+from conch_dna.store import TraceStore
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_daemon import teacher_traces, write_config
+
+from daemon.service import worker_command
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
+          "--backend", "ring", "-n", "2", "--python", sys.executable]
+
+DISTIL = """
+import json, sys
+from pathlib import Path
+from conch_dna import distributed
+from conch_dna.kit import TEACHER_PATH, STUDENT_PATH, corpus
+from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller
+out = Path(sys.argv[1])
+config = KDConfig(num_iters=8, batch_size=4, learning_rate=1e-3, lora_rank=8, on_policy=0.0, steps_per_report=4,
+                  max_answer_tokens=32)
+distiller = TrueKnowledgeDistiller(TEACHER_PATH, STUDENT_PATH, config, output_dir=out,
+                                   cache_dir=out / f"cache-{distributed.rank()}")
+prompts = corpus.prompts("task", 24, seed=3)
+result = distiller.distill_domain("task", prompts[:18], prompts[18:], DistillOptions(adapter_dir=out / "adapter",
+                                                                                  measure_on_policy=False))
+(out / f"rank{distributed.rank()}.json").write_text(json.dumps({
+    "ranks": distributed.size(), "local_passes": distiller.teachers.forward_passes,
+    "passes": result.teacher_forward_passes, "before": result.heldout_before, "after": result.heldout_after}))
+"""
+
+DIES = """
+import json, os, signal, sys, threading
+from conch_dna import distributed
+from conch_dna.config import load_config
+from conch_dna.cycle import retrain_domain
+from conch_dna.home import conch_home
+from conch_dna.training.callbacks import KDCallback
+
+signal.signal(signal.SIGTERM, lambda *_: None)  # as the worker: mlx.launch signals the ranks left when one dies
+
+
+class DiesAt(KDCallback):  # rank 1 dies as soon as a report says it is past the step
+    def on_train_report(self, report):
+        if distributed.rank() == 1 and report["iteration"] >= int(sys.argv[2]):
+            os._exit(9)
+
+home = conch_home()
+result = retrain_domain(home, sys.argv[1], load_config(home), False, DiesAt())
+if distributed.is_leader():
+    print(json.dumps({"status": str(result.status), "reason": result.reason}), flush=True)
+"""
+
+
+def run(cmd: list[str], home: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"CONCH_HOME": str(home)} if home else {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_two_ranks_train_what_one_process_trains_and_score_each_trace_once(tmp_path):
+    script = tmp_path / "distil.py"
+    script.write_text(DISTIL)
+    one = run([sys.executable, str(script), str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([*LAUNCH, str(script), str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    alone = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert alone["ranks"] == 1 and [r["ranks"] for r in ranks] == [2, 2]
+    # 1 process x batch 4 against 2 ranks x 2 rows of the same batches: the same adapter after 8 steps
+    a, b = (load_file(str(tmp_path / side / "adapter" / "adapters.safetensors")) for side in ("one", "two"))
+    assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    for side in ("before", "after"):  # the held-out metrics reduced across the ranks: the same
+        for key in ("kl", "ce", "agreement"):
+            assert ranks[0][side][key] == pytest.approx(alone[side][key], rel=1e-5), (side, key)
+            assert ranks[1][side][key] == ranks[0][side][key]
+        assert ranks[0][side]["tokens"] == alone[side]["tokens"]
+    # one teacher pass per trace in total: each rank scored its share
+    assert alone["passes"] == ranks[0]["passes"] == ranks[1]["passes"] == sum(r["local_passes"] for r in ranks)
+    assert all(0 < r["local_passes"] < alone["local_passes"] for r in ranks)
+
+
+def test_a_rank_that_dies_fails_the_run_cleanly_and_the_next_run_resumes(tmp_path):
+    home = tmp_path / "home"
+    write_config(home)
+    config_text = (home / "config.toml").read_text().replace("steps_per_save = 10", "steps_per_save = 10\n"
+                                                                                     "steps_per_report = 2")
+    (home / "config.toml").write_text(config_text)
+    store = TraceStore.for_home(home, load_config(home))
+    assert ingest_bytes(store, "\n".join(teacher_traces("debug", 40, 1)).encode(), "t.jsonl").stored == 39
+    script = tmp_path / "dies.py"
+    script.write_text(DIES)
+    died = run([*LAUNCH, str(script), "debug", "14"], home)
+    said = [line for line in died.stdout.splitlines() if line.startswith("{")]
+    assert said, died.stdout + died.stderr[-3000:]
+    result = json.loads(said[-1])
+    assert result["status"] == "failed" and "a rank is gone" in result["reason"], died.stdout + died.stderr[-2000:]
+    assert "resumes from its checkpoint at step 10" in result["reason"]
+    (run_record,) = store.runs("debug")
+    assert run_record.status == "failed" and run_record.version is None  # nothing half-written is current
+    folder = home / "adapters_kd" / "debug"
+    assert not list(folder.glob("v0*")) and not list(folder.glob(".candidate-*"))
+    assert json.loads((folder / ".resume.json").read_text())["iteration"] == 10
+    # the next run, through the CLI over two local ranks, goes on from step 10 on the same traces
+    again = run([sys.executable, "-m", "conch_dna.cli", "kd", "retrain", "--domain", "debug", "--ranks", "2"], home)
+    assert "resuming from" in again.stdout and "at step 10" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert store.runs("debug")[0].status in ("promoted", "rejected") and not (folder / ".resume.json").exists()
+
+
+def test_the_worker_is_launched_once_per_rank_when_the_config_says_so():
+    assert worker_command("task")[:4] == [sys.executable, "-I", "-m", "daemon.worker"]
+    local = worker_command("task", 8, True, DistributedSettings(local_ranks=2))
+    assert local[3:7] == ["--backend", "ring", "-n", "2"] and local[-5:] == ["--domain", "task", "--iters", "8",
+                                                                               "--force"]
+    assert local[-6].endswith("daemon/worker.py") and "from mlx._distributed_utils.launch import main" in local[2]
+    hosts = worker_command("task", parallel=DistributedSettings(hostfile="/etc/conch/hosts.json", backend="jaccl"))
+    assert hosts[3:7] == ["--backend", "jaccl", "--hostfile", "/etc/conch/hosts.json"]
+    assert not DistributedSettings().enabled and not DistributedSettings(local_ranks=1).enabled
