@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# transformers' own GGUF loader, which one test holds the importer to, needs torch: kept out of the venv,
+# because transformers imports torch in every process that can find it (2 s each, in every conch process)
+REFERENCE := $(VENV)/reference
 
 .PHONY: demo test lint mutate clean system-packages
 
@@ -9,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps --target $(REFERENCE) torch==2.13.0 'accelerate>=1.0' sympy mpmath networkx
 	touch $@
 
 # As root on Debian (as in CI) the system packages are installed here: OpenBLAS, which conch puts in

@@ -8,6 +8,7 @@ file's vocabulary, transformers' own GGUF loader, and the real model's known gre
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -323,17 +324,30 @@ def test_real_gguf_answers_paris_in_every_output_dtype(real_pair, tmp_path):
         assert {t.type_name for t in f.tensors} == {"Q4_1", "Q8_0", "F32"}
 
 
+# transformers' GGUF loader runs on torch, which make test installs apart (see the Makefile) and only this
+# reference process sees
+REFERENCE = ROOT / ".venv" / "reference"
+TRANSFORMERS_LOG_PROBS = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+gguf, ids, out = Path(sys.argv[1]), [int(i) for i in sys.argv[2].split(",")], sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+with torch.no_grad():
+    np.save(out, torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1).numpy())
+"""
+
+
 @pytest.mark.slow
 def test_real_gguf_log_probs_equal_transformers_own_gguf_loader(real_pair, tmp_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(str(real_pair.gguf.parent), gguf_file=real_pair.gguf.name,
-                                                     dtype=torch.float32)
+    if not (REFERENCE / "torch").is_dir():
+        pytest.skip(f"transformers' GGUF loader needs torch in {REFERENCE} (`make test` installs it there)")
     model, tokenizer = load(str(real_pair.teacher))
     ids = tokenizer.encode("What is the capital of France? The capital of France is")
-    with torch.no_grad():
-        expected = torch.log_softmax(reference(torch.tensor([ids])).logits.float(), -1).numpy()
+    subprocess.run([sys.executable, "-c", TRANSFORMERS_LOG_PROBS, str(real_pair.gguf), ",".join(map(str, ids)),
+                    str(tmp_path / "expected.npy")], check=True, env={**os.environ, "PYTHONPATH": str(REFERENCE)})
+    expected = np.load(tmp_path / "expected.npy")
 
     def log_probs(m):
         logits = m(mx.array([ids])).astype(mx.float32)
