@@ -10,7 +10,6 @@ from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -26,6 +25,10 @@ def apply_lora(model, num_layers: int, rank: int, scale: float, dropout: float) 
 
     Returns the adapter_config fields mlx-lm's load_adapters needs to rebuild the same layers.
     """
+    # here, not at the top: mlx_lm imports transformers (2 s), and the config, which every `conch` command
+    # reads, imports this module
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
     num_layers = min(num_layers, len(model.layers)) if num_layers > 0 else len(model.layers)
     lora_parameters = {"rank": rank, "scale": scale, "dropout": dropout}
     model.freeze()

@@ -313,6 +313,7 @@ def _retrain_in_parallel(home: Path, domain: str, iters, force: bool, parallel) 
     """The worker under mlx.launch, one rank per process; rank 0's progress and result as it goes."""
     import json as _json
     import os
+    import signal
     import subprocess
 
     from daemon.service import worker_command
@@ -320,9 +321,21 @@ def _retrain_in_parallel(home: Path, domain: str, iters, force: bool, parallel) 
     cmd = worker_command(domain, iters, force, parallel)
     where = f"the hosts of {parallel.hostfile}" if parallel.hostfile else f"{parallel.local_ranks} processes here"
     console.print(f"retraining {domain} data-parallel over {where} ({parallel.backend})")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "CONCH_HOME": str(home)})
+    started = time.time()
+    # a session of its own, so that Ctrl-C here becomes one SIGTERM to the launcher, which passes it on
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "CONCH_HOME": str(home)},
+                            start_new_session=True)
     result = {"status": "failed", "reason": "the ranks exited without a result"}
-    for line in proc.stdout:
+    lines = iter(proc.stdout)
+    while True:
+        try:
+            line = next(lines, None)
+        except KeyboardInterrupt:
+            console.print("  stopping: the ranks checkpoint, and the next retrain resumes")
+            proc.send_signal(signal.SIGTERM)
+            continue
+        if line is None:
+            break
         try:
             event = _json.loads(line)
         except ValueError:
@@ -332,9 +345,13 @@ def _retrain_in_parallel(home: Path, domain: str, iters, force: bool, parallel) 
         elif event.get("event") == "progress":
             console.print(f"  step {event['iteration']}: loss {event['combined']:.4f}, "
                           f"{event['tokens_per_second']:.0f} tokens/s")
-        elif event.get("event") == "result":
+        elif event.get("event") in ("result", "interrupted"):
             result = event
     code = proc.wait()
+    if "event" not in result:  # rank 0 ended without a word (a rank that hung): its run record says why
+        latest = next(iter(_store().runs(domain, 1)), None)
+        if latest is not None and latest.started_at >= started:
+            result = {"status": str(latest.status), "reason": latest.reason}
     if code and result.get("status") != "failed":
         result = {"status": "failed", "reason": f"a rank exited with status {code}"}
     return str(result.get("status")), result.get("reason") or ""

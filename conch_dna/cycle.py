@@ -299,6 +299,8 @@ class _Cycle:
             atomic_write_json(self.folder / RESUME_FILE, {"iteration": step, "upto_rowid": picked.upto,
                                                           "iters": self.kd.num_iters})
             kept = f"; the next run resumes from its checkpoint at step {step}"
+        elif (state := self._resume_state()) is not None:  # it failed before a checkpoint of its own
+            kept = f"; the next run resumes from the checkpoint at step {state['iteration']} again"
         discard(candidate)
         reason = f"{reason}{kept}"
         self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason)

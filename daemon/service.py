@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -55,14 +56,15 @@ def worker_command(domain: str, iters: int | None = None, force: bool = False,
                    parallel: DistributedSettings | None = None) -> list[str]:
     """The worker's command line. -I: the interpreter ignores the current directory and PYTHON*
     variables, so a `daemon/` package in whatever folder the service starts from is never imported.
-    With `parallel` enabled, mlx.launch starts it once per rank (hosts from the host file, or that
-    many processes here), each rank running this worker file with the same interpreter."""
+    With `parallel` enabled, mlx.launch (daemon.launch, which passes a SIGTERM on to the ranks) starts it
+    once per rank (hosts from the host file, or that many processes here), each rank running this worker
+    file with the same interpreter. The worker gets a session of its own: signals reach it from the
+    daemon alone, and a kill reaches every process it started here."""
     args = ["--domain", domain, *(["--iters", str(iters)] if iters else []), *(["--force"] if force else [])]
     if not (parallel and parallel.enabled):
         return [sys.executable, "-I", "-m", "daemon.worker", *args]
     where = ["--hostfile", parallel.hostfile] if parallel.hostfile else ["-n", str(parallel.local_ranks)]
-    launch = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"  # mlx.launch
-    return [sys.executable, "-c", launch, "--backend", parallel.backend, *where,
+    return [sys.executable, "-I", "-m", "daemon.launch", "--backend", parallel.backend, *where,
             "--python", sys.executable, str(Path(__file__).with_name("worker.py")), *args]
 
 
@@ -132,7 +134,8 @@ class Daemon:
             try:
                 worker.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.pid, signal.SIGKILL)  # its session: mlx.launch's ranks too
         self.scheduler.shutdown(wait=True)
         self.inbox.stop()
         (self.home / STATE_FILE).unlink(missing_ok=True)
@@ -228,7 +231,8 @@ class Daemon:
             if self._stopping.is_set():
                 self._running = None
                 return {"status": RunStatus.FAILED.value, "reason": "the daemon is stopping", "domain": domain}
-            self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True)
+            self._worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=worker_log, text=True,
+                                            start_new_session=True)
         for line in self._worker.stdout:
             try:
                 event = json.loads(line)

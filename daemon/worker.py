@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
 
 from conch_dna import distributed
 from conch_dna.config import load_config
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     home = conch_home()
     config = load_config(home).with_iters(args.domain, args.iters)
+    if distributed.size() > 1:
+        end_if_stuck(stopping, config.distributed.timeout_s)
     # data-parallel (under mlx.launch): rank 0 speaks for the run; the others only hear whether to stop
     leader = distributed.is_leader()
     callbacks = JSONLines(args.domain, stopping) if leader else Quiet(stopping)
@@ -58,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     if leader:
         print(json.dumps({"event": "result", **result.__dict__}, default=str), flush=True)
     return 0 if result.status != RunStatus.FAILED else 1
+
+
+def end_if_stuck(stopping: threading.Event, grace_s: float) -> None:
+    """A rank of a data-parallel run still here `grace_s` after it was asked to stop is stuck (mlx.launch
+    would wait for it for ever, and the daemon for mlx.launch): it ends itself."""
+    def give_up() -> None:
+        stopping.wait()
+        time.sleep(grace_s)
+        print(f"conch: rank {distributed.rank()} did not stop within {grace_s:.0f} s of being asked to",
+              file=sys.stderr, flush=True)
+        os._exit(distributed.EXIT_RANK_FAILED)
+
+    threading.Thread(target=give_up, name="conch-stop-grace", daemon=True).start()
 
 
 class Quiet(KDCallback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,24 +45,31 @@ result = distiller.distill_domain("task", prompts[:18], prompts[18:], DistillOpt
     "passes": result.teacher_forward_passes, "before": result.heldout_before, "after": result.heldout_after}))
 """
 
-DIES = """
-import json, os, signal, sys, threading
+FAILS = """
+import json, os, signal, sys, threading, time
 from conch_dna import distributed
 from conch_dna.config import load_config
 from conch_dna.cycle import retrain_domain
 from conch_dna.home import conch_home
 from conch_dna.training.callbacks import KDCallback
+from daemon.worker import end_if_stuck
 
-signal.signal(signal.SIGTERM, lambda *_: None)  # as the worker: mlx.launch signals the ranks left when one dies
-
-
-class DiesAt(KDCallback):  # rank 1 dies as soon as a report says it is past the step
-    def on_train_report(self, report):
-        if distributed.rank() == 1 and report["iteration"] >= int(sys.argv[2]):
-            os._exit(9)
-
+stopping = threading.Event()  # as the worker: mlx.launch signals the ranks left when one ends
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 home = conch_home()
-result = retrain_domain(home, sys.argv[1], load_config(home), False, DiesAt())
+config = load_config(home)
+end_if_stuck(stopping, config.distributed.timeout_s)
+
+
+class FailsAt(KDCallback):  # rank 1 dies, or hangs, as soon as a report says it is past the step
+    def on_train_report(self, report):
+        if distributed.rank() == 1 and report["iteration"] >= int(sys.argv[3]):
+            if sys.argv[2] == "dies":
+                os._exit(9)
+            while True:
+                time.sleep(0.1)
+
+result = retrain_domain(home, sys.argv[1], config, False, FailsAt())
 if distributed.is_leader():
     print(json.dumps({"status": str(result.status), "reason": result.reason}), flush=True)
 """
@@ -95,7 +103,7 @@ def test_two_ranks_train_what_one_process_trains_and_score_each_trace_once(tmp_p
     assert all(0 < r["local_passes"] < alone["local_passes"] for r in ranks)
 
 
-def test_a_rank_that_dies_fails_the_run_cleanly_and_the_next_run_resumes(tmp_path):
+def test_a_rank_that_dies_or_hangs_fails_the_run_cleanly_and_the_next_run_resumes(tmp_path):
     home = tmp_path / "home"
     write_config(home)
     config_text = (home / "config.toml").read_text().replace("steps_per_save = 10", "steps_per_save = 10\n"
@@ -103,9 +111,9 @@ def test_a_rank_that_dies_fails_the_run_cleanly_and_the_next_run_resumes(tmp_pat
     (home / "config.toml").write_text(config_text)
     store = TraceStore.for_home(home, load_config(home))
     assert ingest_bytes(store, "\n".join(teacher_traces("debug", 40, 1)).encode(), "t.jsonl").stored == 39
-    script = tmp_path / "dies.py"
-    script.write_text(DIES)
-    died = run([*LAUNCH, str(script), "debug", "14"], home)
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS)
+    died = run([*LAUNCH, str(script), "debug", "dies", "14"], home)
     said = [line for line in died.stdout.splitlines() if line.startswith("{")]
     assert said, died.stdout + died.stderr[-3000:]
     result = json.loads(said[-1])
@@ -116,6 +124,17 @@ def test_a_rank_that_dies_fails_the_run_cleanly_and_the_next_run_resumes(tmp_pat
     folder = home / "adapters_kd" / "debug"
     assert not list(folder.glob("v0*")) and not list(folder.glob(".candidate-*"))
     assert json.loads((folder / ".resume.json").read_text())["iteration"] == 10
+    # the next run resumes; rank 1 hangs at step 12: rank 0 gives up on it after the timeout, says why and
+    # keeps the checkpoint; told to stop, the hung rank ends itself after the same time
+    config_text = (home / "config.toml").read_text() + "\n[distributed]\ntimeout_s = 5\n"
+    (home / "config.toml").write_text(config_text)
+    hung = run([*LAUNCH, str(script), "debug", "hangs", "12"], home)
+    assert "did not stop within 5 s" in hung.stderr, hung.stderr[-3000:]  # the hung rank, told to stop
+    failed = store.runs("debug")[0]
+    assert failed.status == "failed" and "a rank did not answer" in failed.reason, failed.reason
+    assert "resumes from the checkpoint at step 10 again" in failed.reason
+    assert json.loads((folder / ".resume.json").read_text())["iteration"] == 10
+    assert not list(folder.glob("v0*")) and not list(folder.glob(".candidate-*"))
     # the next run, through the CLI over two local ranks, goes on from step 10 on the same traces
     again = run([sys.executable, "-m", "conch_dna.cli", "kd", "retrain", "--domain", "debug", "--ranks", "2"], home)
     assert "resuming from" in again.stdout and "at step 10" in again.stdout, again.stdout + again.stderr[-2000:]
@@ -125,9 +144,36 @@ def test_a_rank_that_dies_fails_the_run_cleanly_and_the_next_run_resumes(tmp_pat
 def test_the_worker_is_launched_once_per_rank_when_the_config_says_so():
     assert worker_command("task")[:4] == [sys.executable, "-I", "-m", "daemon.worker"]
     local = worker_command("task", 8, True, DistributedSettings(local_ranks=2))
-    assert local[3:7] == ["--backend", "ring", "-n", "2"] and local[-5:] == ["--domain", "task", "--iters", "8",
+    assert local[:4] == [sys.executable, "-I", "-m", "daemon.launch"]  # mlx.launch, passing SIGTERM on
+    assert local[4:8] == ["--backend", "ring", "-n", "2"] and local[-5:] == ["--domain", "task", "--iters", "8",
                                                                                "--force"]
-    assert local[-6].endswith("daemon/worker.py") and "from mlx._distributed_utils.launch import main" in local[2]
+    assert local[-6].endswith("daemon/worker.py")
     hosts = worker_command("task", parallel=DistributedSettings(hostfile="/etc/conch/hosts.json", backend="jaccl"))
-    assert hosts[3:7] == ["--backend", "jaccl", "--hostfile", "/etc/conch/hosts.json"]
+    assert hosts[4:8] == ["--backend", "jaccl", "--hostfile", "/etc/conch/hosts.json"]
     assert not DistributedSettings().enabled and not DistributedSettings(local_ranks=1).enabled
+
+
+STOPS = """
+import signal, sys, time, os
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+print(f"rank {os.environ['MLX_RANK']} ready", flush=True)
+while not stopping:
+    time.sleep(0.05)
+print(f"rank {os.environ['MLX_RANK']} stopped", flush=True)
+"""
+
+
+def test_a_sigterm_to_the_launcher_reaches_every_rank_and_the_launcher_waits_for_them(tmp_path):
+    script = tmp_path / "stops.py"
+    script.write_text(STOPS)
+    cmd = [sys.executable, "-m", "daemon.launch", "--backend", "ring", "-n", "2", "--python", sys.executable,
+           str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    ready = {proc.stdout.readline().strip() for _ in range(2)}
+    assert ready == {"rank 0 ready", "rank 1 ready"}
+    proc.send_signal(signal.SIGTERM)  # as the daemon stops its worker
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert sorted(out.split("\n")[:-1]) == ["rank 0 stopped", "rank 1 stopped"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-from mlx_lm.tuner.losses import kl_div_loss
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ALIGN_STRATEGIES = ("truncate", "token_map")
@@ -88,7 +87,10 @@ def compute_kd_loss(
     teacher_logits, student_logits = align_vocab_sizes(teacher_logits, student_logits)
     t = teacher_logits.astype(mx.float32) / temperature
     s = student_logits.astype(mx.float32) / temperature
-    # mlx-lm's kl_div_loss(q, p) is KL(p ‖ q) per position, with a fused kernel on Metal.
+    # mlx-lm's kl_div_loss(q, p) is KL(p ‖ q) per position, with a fused kernel on Metal. Imported here:
+    # mlx_lm imports transformers (2 s), and the config every `conch` command reads imports this module.
+    from mlx_lm.tuner.losses import kl_div_loss
+
     return masked_mean(kl_div_loss(s, t), mask) * temperature**2
 
 

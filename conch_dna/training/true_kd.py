@@ -164,10 +164,11 @@ def make_kd_step(model, optimizer, config: KDConfig, scale=None):
     def step(*batch):
         (combined, kd, ce), grads = loss_and_grad(model, *batch)
         if world > 1:  # data-parallel: each rank's mean weighted by its share of the global batch's tokens
-            local = batch[2].sum()
-            total = mx.distributed.all_sum(local)
-            grads = nn.average_gradients(tree_map(lambda g: g * (local * world / total), grads))
-            combined, kd, ce = (mx.distributed.all_sum(x * local) / total for x in (combined, kd, ce))
+            local = batch[2].sum().astype(mx.float32)
+            # one all-reduce of the scalars and one of the gradients: on a wire, latency is what a step pays
+            sums = mx.distributed.all_sum(mx.stack([local, combined * local, kd * local, ce * local]))
+            grads = nn.average_gradients(tree_map(lambda g: g * (local * world / sums[0]), grads))
+            combined, kd, ce = sums[1] / sums[0], sums[2] / sums[0], sums[3] / sums[0]
         if scale is None:
             optimizer.update(model, grads)
         else:
