@@ -1,9 +1,10 @@
 """Data-parallel KD steps on loopback: step time and tokens/s with 1 and 2 ranks (mlx.launch, ring backend),
 per core, and the bytes a step exchanges, from which the README estimates two Macs.
 
-Both ranks share this machine's cores, so each configuration is also timed with one BLAS thread per
-process: 1 rank x 1 thread against 2 ranks x 1 thread is the scaling two machines would see if the wire
-were free. The teacher targets are made first (cached), so only training steps are timed (after 2
+Both ranks share this machine's cores (and its memory bandwidth), so each configuration is also timed
+with one BLAS thread per process, and one rank alone on half the global batch: what each of two Macs
+computes per step, so the step time two Macs would see if the wire were free. The teacher targets
+are made first (cached), so only training steps are timed (after 2
 warm-up steps, which compile).
 
     python bench/distributed.py                      # the kit
@@ -58,9 +59,9 @@ if distributed.is_leader():
 """
 
 
-def run(args, ranks: int, threads: int, tmp: str) -> dict:
+def run(args, ranks: int, threads: int, batch_size: int, tmp: str) -> dict:
     spec = json.dumps({"teacher": args.teacher, "student": args.student, "domain": args.domains.split(",")[0],
-                       "prompts": args.prompts, "steps": args.steps, "batch_size": args.batch_size,
+                       "prompts": args.prompts, "steps": args.steps, "batch_size": batch_size,
                        "tokens": args.max_answer_tokens, "tmp": tmp})
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     script = Path(tmp) / "rank.py"
@@ -81,18 +82,23 @@ def main() -> None:
     p.add_argument("--max-answer-tokens", type=int, default=64)
     args = parse_model_args(p)
     cores = os.cpu_count() or 1
+    half = args.batch_size // 2
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [(1, 1), (1, cores), (2, 1), (2, max(1, cores // 2))]
-        results = {(r, t): run(args, r, t, tmp) for r, t in rows}
+        # the last row is what one rank of two computes: with a free wire, two Macs step in its time
+        rows = [(1, 1, args.batch_size), (1, cores, args.batch_size), (2, 1, args.batch_size), (1, 1, half)]
+        results = {row: run(args, *row, tmp) for row in dict.fromkeys(rows)}
     print(f"global batch {args.batch_size}, {args.steps} timed steps, {cores} cores\n")
-    print("| ranks x BLAS threads | step | tokens/s | tokens/s per core used | vs 1 rank x 1 thread |")
+    print("| ranks x BLAS threads, batch | step | tokens/s | tokens/s per core used | vs 1 rank x 1 thread |")
     print("|---|---:|---:|---:|---:|")
-    base = results[(1, 1)]["tokens_per_s"]
-    for (r, t), got in results.items():
+    base = results[(1, 1, args.batch_size)]["tokens_per_s"]
+    for (r, t, b), got in results.items():
         used = min(cores, r * t)
-        print(f"| {r} x {t} | {got['step_s'] * 1000:.0f} ms | {got['tokens_per_s']:.0f} | "
+        print(f"| {r} x {t}, {b} | {got['step_s'] * 1000:.0f} ms | {got['tokens_per_s']:.0f} | "
               f"{got['tokens_per_s'] / used:.0f} | {got['tokens_per_s'] / base:.2f}x |")
-    payload = results[(2, 1)]["gradient_bytes"]
+    full, own = results[(1, 1, args.batch_size)]["step_s"], results[(1, 1, half)]["step_s"]
+    print(f"\ntwo Macs, the wire free: a step of {own * 1000:.0f} ms (one rank's half batch) against "
+          f"{full * 1000:.0f} ms, {full / own:.2f}x")
+    payload = results[(2, 1, args.batch_size)]["gradient_bytes"]
     print(f"\nexchanged per step: the LoRA gradients, {payload / 2**20:.2f} MiB of float32 (an all-reduce over "
           f"2 ranks sends and receives {payload / 2**20:.2f} MiB per rank), plus four scalars")
 

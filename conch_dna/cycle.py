@@ -143,7 +143,9 @@ def _follow(home: Path, domain: str, callbacks: KDCallback) -> CycleResult:
                                  heldout_groups=plan["groups"], measure_on_policy=plan["measure_on_policy"])
         try:
             distiller.distill_domain(domain, plan["train"], plan["held"] or None, options)
-        except (distributed.RankFailure, TrainingInterrupted) as exc:
+        except TrainingInterrupted as stop:  # told to stop with rank 0, which keeps the checkpoint
+            return CycleResult(None, domain, RunStatus.INTERRUPTED, str(stop))
+        except distributed.RankFailure as exc:
             return CycleResult(None, domain, RunStatus.FAILED, str(exc))
     return CycleResult(None, domain, RunStatus.RUNNING, f"trained as rank {distributed.rank()}; rank 0 records the run")
 

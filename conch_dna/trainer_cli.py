@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from conch_dna import distributed
 from conch_dna.chat import split_prompts
 from conch_dna.config import Config
 from conch_dna.domains import DOMAINS, UnknownDomainError, check_domain
@@ -18,6 +19,7 @@ from conch_dna.home import MODELS_DIR, conch_home
 from conch_dna.models import DEFAULT_STUDENT, DEFAULT_TEACHER, ModelLoadError
 from conch_dna.progress import RichProgress
 from conch_dna.realpair import PairBuildError
+from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.kd_config import add_kd_flags, kd_config_from_flags
 from conch_dna.training.true_kd import TrueKnowledgeDistiller
 
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= args.heldout_fraction < 1.0:
             raise ValueError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
         teacher, student = _models(args)
+        # under mlx.launch every rank trains; rank 0 alone shows the progress
         distiller = TrueKnowledgeDistiller(teacher, student, kd_config_from_flags(args), args.output_dir,
-                                           callbacks=progress)
+                                           callbacks=progress if distributed.is_leader() else KDCallback())
         if args.all:
             distiller.distill_all(heldout_fraction=args.heldout_fraction)
             console.print(f"summary: {distiller.output_dir / 'adapters_kd' / 'kd_summary.json'}")
