@@ -4,8 +4,7 @@ per core, and the bytes a step exchanges, from which the README estimates two Ma
 Both ranks share this machine's cores (and its memory bandwidth), so each configuration is also timed
 with one BLAS thread per process, and one rank alone on half the global batch: what each of two Macs
 computes per step, so the step time two Macs would see if the wire were free. The teacher targets
-are made first (cached), so only training steps are timed (after 2
-warm-up steps, which compile).
+are made first (cached), so only training steps are timed (after 2 warm-up steps, which compile).
 
     python bench/distributed.py                      # the kit
     python bench/distributed.py --pair-dir /tmp/pair --batch-size 4 --steps 10
@@ -27,9 +26,9 @@ RANK = r"""
 import json, sys, time
 from pathlib import Path
 from conch_dna import distributed
+from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.true_kd import KDConfig, TrueKnowledgeDistiller, train_kd
-import mlx.core as mx
 from mlx.utils import tree_flatten
 args = json.loads(sys.argv[1])
 config = KDConfig(num_iters=args["steps"] + 2, batch_size=args["batch_size"], lora_rank=8, lora_layers=1024,
@@ -42,14 +41,10 @@ examples = distiller.teacher_examples(args["domain"], prompts, tokenizer)
 distiller.teachers.release()
 times = []
 
-class Clock:
-    def on_stage(self, *a): pass
-    def on_train_start(self, *a): pass
+class Clock(KDCallback):
     def on_train_report(self, report):
         times.append((time.perf_counter(), report["tokens_per_second"]))
-    def should_stop(self): return False
 
-tic = time.perf_counter()
 train_kd(model, examples, config, adapter_config, None, Clock())
 steps = [b[0] - a[0] for a, b in zip(times[1:], times[2:])]  # after two compiling steps
 payload = sum(v.size * 4 for _, v in tree_flatten(model.trainable_parameters()))  # float32 gradients
@@ -67,9 +62,9 @@ def run(args, ranks: int, threads: int, batch_size: int, tmp: str) -> dict:
     script = Path(tmp) / "rank.py"
     script.write_text(RANK)
     cmd = [sys.executable, str(script), spec]
-    if ranks > 1:
-        cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-               "--backend", "ring", "-n", str(ranks), "--python", sys.executable, str(script), spec]
+    if ranks > 1:  # conch's mlx.launch (daemon.launch), as the daemon's worker runs
+        cmd = [sys.executable, "-m", "daemon.launch", "--backend", "ring", "-n", str(ranks), "--python",
+               sys.executable, str(script), spec]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -100,7 +95,7 @@ def main() -> None:
           f"{full * 1000:.0f} ms, {full / own:.2f}x")
     payload = results[(2, 1, args.batch_size)]["gradient_bytes"]
     print(f"\nexchanged per step: the LoRA gradients, {payload / 2**20:.2f} MiB of float32 (an all-reduce over "
-          f"2 ranks sends and receives {payload / 2**20:.2f} MiB per rank), plus four scalars")
+          f"2 ranks sends and receives {payload / 2**20:.2f} MiB per rank), plus one of four scalars")
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def _retrain_in_parallel(home: Path, domain: str, iters, force: bool, parallel) 
         elif event.get("event") == "progress":
             console.print(f"  step {event['iteration']}: loss {event['combined']:.4f}, "
                           f"{event['tokens_per_second']:.0f} tokens/s")
-        elif event.get("event") in ("result", "interrupted"):
+        elif event.get("event") == "result":
             result = event
     code = proc.wait()
     if "event" not in result:  # rank 0 ended without a word (a rank that hung): its run record says why

@@ -23,8 +23,7 @@ from test_daemon import teacher_traces, write_config
 from daemon.service import worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-          "--backend", "ring", "-n", "2", "--python", sys.executable]
+LAUNCH = [sys.executable, "-m", "daemon.launch", "--backend", "ring", "-n", "2", "--python", sys.executable]
 
 DISTIL = """
 import json, sys
@@ -167,9 +166,7 @@ print(f"rank {os.environ['MLX_RANK']} stopped", flush=True)
 def test_a_sigterm_to_the_launcher_reaches_every_rank_and_the_launcher_waits_for_them(tmp_path):
     script = tmp_path / "stops.py"
     script.write_text(STOPS)
-    cmd = [sys.executable, "-m", "daemon.launch", "--backend", "ring", "-n", "2", "--python", sys.executable,
-           str(script)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    proc = subprocess.Popen([*LAUNCH, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
     ready = {proc.stdout.readline().strip() for _ in range(2)}
     assert ready == {"rank 0 ready", "rank 1 ready"}
