@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.config import load_config
-from conch_dna.domains import DOMAINS
-from conch_dna.ego import Ego
-from conch_dna.home import conch_home
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
-from conch_dna.models import tokenizer_fingerprint
-from conch_dna.store import TraceStore
+from conch_dna.models.loading import tokenizer_fingerprint
+from conch_dna.settings.config import load_config
+from conch_dna.system.domains import DOMAINS
+from conch_dna.system.home import conch_home
+from conch_dna.traces.ego import Ego
+from conch_dna.traces.store import TraceStore
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import to_messages
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="the EGO's answer budget")
     args = p.parse_args()
     if args.real:
-        from conch_dna.realpair import build_pair
+        from conch_dna.models.realpair import build_pair
 
         args.teacher, args.student = (str(x) for x in build_pair(conch_home() / "models" / "smollm2"))
     with tempfile.TemporaryDirectory() as tmp:

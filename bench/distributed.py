@@ -25,7 +25,7 @@ from pair_args import add_model_args, parse_model_args
 RANK = r"""
 import json, sys, time
 from pathlib import Path
-from conch_dna import distributed
+from conch_dna.system import distributed
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.true_kd import KDConfig, TrueKnowledgeDistiller, train_kd

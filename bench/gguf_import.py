@@ -35,7 +35,7 @@ SHAPES = {"token_embd.weight": (32000, 4096), "output.weight": (32000, 4096), "o
 
 CHILD = """
 import json, resource, sys, time
-from conch_dna.gguf_import import import_gguf
+from conch_dna.models.gguf.importer import import_gguf
 import mlx.core, mlx_lm, gguf, transformers  # what the import loads, loaded in the baseline too
 tic = time.perf_counter()
 if sys.argv[1] != "baseline":

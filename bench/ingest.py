@@ -6,7 +6,7 @@
    dedup, split, quarantine, one transaction) into a fresh TraceStore: traces per second.
 2. Inserts the same JSONL with sqlite-utils' insert_all into a fresh database: the ratio.
 3. Starts a real KD training on the tiny kit in another process and, while it trains, calls
-   conch_dna.ingest.record() from this one: p50 / p99 latency per call.
+   conch_dna.traces.ingest.record() from this one: p50 / p99 latency per call.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.ingest import ingest_file, record
 from conch_dna.kit import corpus
-from conch_dna.store import TraceStore
+from conch_dna.traces.ingest import ingest_file, record
+from conch_dna.traces.store import TraceStore
 
 import sqlite_utils
 

@@ -24,10 +24,10 @@ import tempfile
 import time
 from dataclasses import replace
 
-from conch_dna.adapters import apply_lora
-from conch_dna.chat import encode_chat, split_prompts, to_messages
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
-from conch_dna.models import load_model, output_vocab_size
+from conch_dna.models.adapters import apply_lora
+from conch_dna.models.chat import encode_chat, split_prompts, to_messages
+from conch_dna.models.loading import load_model, output_vocab_size
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics

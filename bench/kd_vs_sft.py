@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.home import conch_home
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.system.home import conch_home
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None, help="teacher cache to reuse between runs")
     args = p.parse_args()
     if args.real:
-        from conch_dna.realpair import build_pair
+        from conch_dna.models.realpair import build_pair
 
         args.teacher, args.student = (str(x) for x in build_pair(conch_home() / "models" / "smollm2"))
     steps = sorted({int(s) for s in args.eval_at.split(",") if s} | {args.iters})

@@ -23,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from conch_dna.adapters import adapter_weights, apply_lora
 from conch_dna.kit import STUDENT_PATH
-from conch_dna.mlx_thread import MLXThread
-from conch_dna.models import load_model
-from conch_dna.versions import promote
+from conch_dna.models.adapters import adapter_weights, apply_lora
+from conch_dna.models.loading import load_model
+from conch_dna.models.versions import promote
+from conch_dna.system.mlx_thread import MLXThread
 
 import mlx.core as mx
 from mlx_lm import stream_generate
@@ -140,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     student = args.student
     if args.pair:
-        from conch_dna.realpair import build_pair
+        from conch_dna.models.realpair import build_pair
 
         student = str(build_pair(args.pair_dir, cache_dir=Path(".cache") / "downloads")[1])
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from conch_dna.kit import STUDENT_PATH
-from conch_dna.versions import promote
+from conch_dna.models.versions import promote
 
 import numpy as np
 from mlx.utils import tree_flatten

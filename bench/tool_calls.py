@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.chat import split_prompts
-from conch_dna.ego import Ego
 from conch_dna.kit import corpus
+from conch_dna.models.chat import split_prompts
+from conch_dna.traces.ego import Ego
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller
 
 from pair_args import add_model_args, parse_model_args

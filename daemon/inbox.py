@@ -19,10 +19,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-from conch_dna.fsutil import private_dir
-from conch_dna.ingest import IngestReport, ingest_file
-from conch_dna.store import TraceStore
-from conch_dna.watching import stop_watching, watch
+from conch_dna.system.fsutil import private_dir
+from conch_dna.system.watching import stop_watching, watch
+from conch_dna.traces.ingest import IngestReport, ingest_file
+from conch_dna.traces.store import TraceStore
 
 log = logging.getLogger("conch.inbox")
 PROCESSING = ".processing"
@@ -199,7 +199,7 @@ def main() -> None:
     """Run the inbox alone until SIGTERM / SIGINT: `python -m daemon.inbox`."""
     import signal
 
-    from conch_dna.home import conch_home
+    from conch_dna.system.home import conch_home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = conch_home()

@@ -28,17 +28,17 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from conch_dna.config import Config, DistributedSettings, load_config
-from conch_dna.cycle import pending
-from conch_dna.domains import check_domain
-from conch_dna.failures import retry_at, set_aside_if_stuck
-from conch_dna.fsutil import atomic_write_json, open_private, private_dir, rotate
-from conch_dna.home import INBOX_DIR, LOGS_DIR, REQUESTS_DIR
-from conch_dna.power import POWER_SUPPLY, on_battery
-from conch_dna.runs import RunStatus
-from conch_dna.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
-from conch_dna.store import TraceStore
-from conch_dna.versions import DomainBusy, discard, domain_dir, domain_lock
+from conch_dna.lifecycle.cycle import pending
+from conch_dna.lifecycle.failures import retry_at, set_aside_if_stuck
+from conch_dna.lifecycle.status import LOCK_FILE, STATE_FILE, pid_alive, read_state
+from conch_dna.models.versions import DomainBusy, discard, domain_dir, domain_lock
+from conch_dna.settings.config import Config, DistributedSettings, load_config
+from conch_dna.system.domains import check_domain
+from conch_dna.system.fsutil import atomic_write_json, open_private, private_dir, rotate
+from conch_dna.system.home import INBOX_DIR, LOGS_DIR, REQUESTS_DIR
+from conch_dna.system.power import POWER_SUPPLY, on_battery
+from conch_dna.traces.runs import RunStatus
+from conch_dna.traces.store import TraceStore
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore

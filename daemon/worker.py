@@ -17,11 +17,11 @@ import sys
 import threading
 import time
 
-from conch_dna import distributed
-from conch_dna.config import load_config
-from conch_dna.cycle import retrain_domain
-from conch_dna.home import conch_home
-from conch_dna.runs import RunStatus
+from conch_dna.lifecycle.cycle import retrain_domain
+from conch_dna.settings.config import load_config
+from conch_dna.system import distributed
+from conch_dna.system.home import conch_home
+from conch_dna.traces.runs import RunStatus
 from conch_dna.training.callbacks import KDCallback
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import threading
 
-from conch_dna.config import load_config
-from conch_dna.domains import check_domain
-from conch_dna.home import conch_home
+from conch_dna.settings.config import load_config
+from conch_dna.system.domains import check_domain
+from conch_dna.system.home import conch_home
 
 from neurons.registry import Answer, Neuron, NeuronRegistry, VersionRefused
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
-from conch_dna.config import NeuronSettings
-from conch_dna.tools import ParsedAnswer, ToolUse, parse_answer
+from conch_dna.models.tools import ParsedAnswer, ToolUse, parse_answer
+from conch_dna.settings.config import NeuronSettings
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache

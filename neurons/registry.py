@@ -29,17 +29,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conch_dna.adapters import apply_lora
-from conch_dna.chat import prompt_tokens, to_chat
-from conch_dna.config import load_config
-from conch_dna.domains import check_domain
-from conch_dna.fsutil import atomic_write_json, private_dir
-from conch_dna.home import NEURONS_DIR, conch_home
-from conch_dna.mlx_thread import MLXThread
-from conch_dna.models import load_model
-from conch_dna.tools import Answer, tool_use
-from conch_dna.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
-from conch_dna.watching import stop_watching, watch
+from conch_dna.models.adapters import apply_lora
+from conch_dna.models.chat import prompt_tokens, to_chat
+from conch_dna.models.loading import load_model
+from conch_dna.models.tools import Answer, tool_use
+from conch_dna.models.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
+from conch_dna.settings.config import load_config
+from conch_dna.system.domains import check_domain
+from conch_dna.system.fsutil import atomic_write_json, private_dir
+from conch_dna.system.home import NEURONS_DIR, conch_home
+from conch_dna.system.mlx_thread import MLXThread
+from conch_dna.system.watching import stop_watching, watch
 
 import numpy as np
 
@@ -73,9 +73,9 @@ class Neuron:
     def generate(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
                  tool_choice=None, **sampling) -> Answer:
         """The student's answer (a str; its `tool_calls` and `content` read out of it). A string
-        prompt gets the domain's system prompt, as in training (conch_dna.chat.to_messages); a list
+        prompt gets the domain's system prompt, as in training (conch_dna.models.chat.to_messages); a list
         of chat messages (tool calls and results included) is used as it is. `tools`: OpenAI function
-        tools, rendered by the model's chat template (conch_dna.chat); `tool_choice`: "auto",
+        tools, rendered by the model's chat template (conch_dna.models.chat); `tool_choice`: "auto",
         "none", "required" or {"type": "function", "function": {"name": ...}}. `sampling`:
         temperature (or temp), top_p, top_k, min_p, stop (strings), or mlx-lm's sampler and
         logits_processors; none of them means greedy decoding. logprobs=N (0 to 20) gives the
@@ -338,7 +338,7 @@ class NeuronRegistry:
     def close(self) -> None:
         """Stop serving: calls still queued or running end with EngineClosed; the watchers and the
         MLX thread are stopped and joined. Twice is harmless; a registry still open when the
-        interpreter exits is closed then (before it finalizes: see conch_dna.mlx_thread)."""
+        interpreter exits is closed then (before it finalizes: see conch_dna.system.mlx_thread)."""
         with self._state_lock:
             if self._closed:
                 return
@@ -361,7 +361,7 @@ _open_registries: weakref.WeakSet[NeuronRegistry] = weakref.WeakSet()
 
 @atexit.register
 def _close_open_registries() -> None:
-    # registered after conch_dna.mlx_thread's hook, so it runs first: the watchers stop before
+    # registered after conch_dna.system.mlx_thread's hook, so it runs first: the watchers stop before
     # the MLX threads are closed under them
     for registry in list(_open_registries):
         registry.close()

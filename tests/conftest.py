@@ -31,8 +31,8 @@ class Hooks(KDCallback):
 
 def retrain(home, domain: str, iters: int | None = None, force: bool = False, callbacks=None):
     """retrain_domain with the home's config and, if given, `iters` steps."""
-    from conch_dna.config import load_config
-    from conch_dna.cycle import retrain_domain
+    from conch_dna.lifecycle.cycle import retrain_domain
+    from conch_dna.settings.config import load_config
 
     return retrain_domain(home, domain, load_config(home).with_iters(domain, iters), force, callbacks)
 
@@ -75,7 +75,7 @@ def real_pair(tmp_path_factory):
     """
     from types import SimpleNamespace
 
-    from conch_dna.realpair import build_pair, fetch_gguf
+    from conch_dna.models.realpair import build_pair, fetch_gguf
 
     downloads = Path(__file__).resolve().parents[1] / ".cache" / "downloads"
     gguf = fetch_gguf(downloads)

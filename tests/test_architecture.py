@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("conch_dna", "daemon", "neurons", "launchd")
-APP = {"conch_dna.cli", "conch_dna.demo", "conch_dna.report", "conch_dna.progress", "conch_dna.trainer_cli",
-       "conch_dna.serve", "conch_dna.openai_api"}
-SERVICES = ("daemon", "neurons", "launchd")
+PACKAGES = ("conch_dna", "daemon", "neurons")
+APP = {"conch_dna.cli", "conch_dna.cli.main", "conch_dna.cli.__main__", "conch_dna.cli.demo", "conch_dna.lifecycle.report", "conch_dna.cli.progress", "conch_dna.cli.trainer",
+       "conch_dna.server.app", "conch_dna.server.wire"}
+SERVICES = ("daemon", "neurons")
 # The distillation engine, bottom up: a module may import those before it, never those after.
 ENGINE = ("conch_dna.training.losses", "conch_dna.training.hidden", "conch_dna.training.kd_config",
           "conch_dna.training.callbacks",
@@ -18,7 +18,7 @@ ENGINE = ("conch_dna.training.losses", "conch_dna.training.hidden", "conch_dna.t
           "conch_dna.training.topk_codec", "conch_dna.training.teacher", "conch_dna.training.mixture",
           "conch_dna.training.true_kd")
 # What the engine never reaches: it takes prompts and settings, it does not know where they are kept.
-ABOVE_ENGINE = {"conch_dna.config", "conch_dna.store", "conch_dna.ingest", "conch_dna.cycle", "conch_dna.status"}
+ABOVE_ENGINE = {"conch_dna.settings.config", "conch_dna.traces.store", "conch_dna.traces.ingest", "conch_dna.lifecycle.cycle", "conch_dna.lifecycle.status"}
 
 
 def _module_name(path: Path) -> str:
@@ -97,7 +97,7 @@ def graph():
 
 def test_the_graph_sees_function_level_imports(graph):
     # cli imports the daemon inside its commands only: a reader of module-level imports would miss it
-    assert "daemon.service" in graph["conch_dna.cli"] and "conch_dna.training.true_kd" in graph["conch_dna.cycle"]
+    assert "daemon.service" in graph["conch_dna.cli.main"] and "conch_dna.training.true_kd" in graph["conch_dna.lifecycle.cycle"]
 
 
 def test_cycles_are_found():

@@ -12,8 +12,8 @@ import time
 import weakref
 from contextlib import contextmanager
 
-from conch_dna.config import ConfigError, load_config
-from conch_dna.domains import DOMAINS
+from conch_dna.settings.config import ConfigError, load_config
+from conch_dna.system.domains import DOMAINS
 
 import mlx.core as mx
 import numpy as np
@@ -31,10 +31,10 @@ PROMPTS = ["Plan how to send the email.", "Why does ice float?", "Fix the failin
 
 def promote_random_versions(home, plan: dict[str, int], seed: int = 11) -> None:
     """Promote `plan[domain]` versions of random LoRA weights (as a retrain would write them)."""
-    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
     from conch_dna.kit import STUDENT_PATH
-    from conch_dna.models import load_model
-    from conch_dna.versions import promote
+    from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.models.loading import load_model
+    from conch_dna.models.versions import promote
 
     model, _ = load_model(STUDENT_PATH)
     config = {"model": STUDENT_PATH, **apply_lora(model, 16, 8, 20.0, 0.0)}
@@ -195,7 +195,7 @@ def test_the_batch_never_grows_past_max_batch_size_and_every_call_is_served(vers
 
 
 def test_an_old_version_is_freed_once_no_call_or_pin_holds_it(tmp_path):
-    from conch_dna.versions import promote
+    from conch_dna.models.versions import promote
 
     home, registry, copy = registry_and_a_copy_of_v0001(tmp_path)
     try:
@@ -265,7 +265,7 @@ def test_neurons_settings_are_validated(tmp_path):
 
 
 def test_conch_doctor_shows_each_serving_registry_and_forgets_it_when_it_closes(versions_home, tmp_path):
-    from conch_dna.doctor import check_neurons
+    from conch_dna.lifecycle.doctor import check_neurons
 
     config = load_config(versions_home)
     with serving(versions_home, 8, watch=True, poll_seconds=0.05) as registry:

@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 
-from conch_dna.blas import find_openblas, sgemm_provider, use_fast_blas
+from conch_dna.system.blas import find_openblas, sgemm_provider, use_fast_blas
 
 import pytest
 
 needs_openblas = pytest.mark.skipif(find_openblas() is None and not os.environ.get("CI"),
                                     reason="no OpenBLAS installed (make test installs it as root)")
-PROVIDER = "from conch_dna.blas import sgemm_provider, use_fast_blas; print(sgemm_provider()); " \
+PROVIDER = "from conch_dna.system.blas import sgemm_provider, use_fast_blas; print(sgemm_provider()); " \
            "print(use_fast_blas().reason)"
 
 
@@ -39,7 +39,7 @@ def test_fallback_to_mlx_own_blas_when_asked_or_too_late():
     assert provider == "reference BLAS bundled with mlx" and reason == "CONCH_BLAS=reference"
     provider, reason = python(f"import mlx.core; {PROVIDER}")
     assert provider == "reference BLAS bundled with mlx" and "imported before conch_dna" in reason
-    out = python("import conch_dna, mlx.core as mx; from conch_dna.blas import use_fast_blas; "
+    out = python("import conch_dna, mlx.core as mx; from conch_dna.system.blas import use_fast_blas; "
                  "print(use_fast_blas().reason); print((mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item())",
                  CONCH_BLAS="/nonexistent/libopenblas.so")
     assert out[0].startswith("could not load /nonexistent/libopenblas.so") and out[1] == "64.0"

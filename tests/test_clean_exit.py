@@ -1,5 +1,5 @@
 """A process that used the neurons exits with status 0: no thread that touched MLX is left to die
-inside a C++ destructor while the interpreter finalizes (conch_dna.mlx_thread says why)."""
+inside a C++ destructor while the interpreter finalizes (conch_dna.system.mlx_thread says why)."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from conch_dna.kit import STUDENT_PATH
-from conch_dna.mlx_thread import MLXThread, MLXThreadClosed
+from conch_dna.system.mlx_thread import MLXThread, MLXThreadClosed
 
 import httpx
 import mlx.core as mx

@@ -2,7 +2,7 @@
 
 import json
 
-from conch_dna.cli import app
+from conch_dna.cli.main import app
 
 from typer.testing import CliRunner
 

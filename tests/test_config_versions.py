@@ -4,8 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from conch_dna.config import ConfigError, load_config, parse_config
-from conch_dna.versions import (
+from conch_dna.models.versions import (
     current_adapter_path,
     current_version,
     list_versions,
@@ -13,6 +12,7 @@ from conch_dna.versions import (
     read_manifest,
     rollback,
 )
+from conch_dna.settings.config import ConfigError, load_config, parse_config
 
 import pytest
 
@@ -72,8 +72,8 @@ def test_promote_writes_immutable_versions_and_switches_the_manifest(tmp_path):
 
 
 def test_gate_rules():
-    from conch_dna.config import Config
-    from conch_dna.gate import decide
+    from conch_dna.lifecycle.gate import decide
+    from conch_dna.settings.config import Config
 
     c = Config(min_heldout=4)
     cur, better = {"kl": 1.0, "agreement": 0.8}, {"kl": 0.9, "agreement": 0.8}
@@ -101,8 +101,8 @@ def test_gate_rules():
 
 
 def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one():
-    from conch_dna.config import Config
-    from conch_dna.gate import decide
+    from conch_dna.lifecycle.gate import decide
+    from conch_dna.settings.config import Config
 
     c = Config(min_heldout=4)
     good = {"kl": 0.9, "agreement": 0.8}
@@ -116,8 +116,8 @@ def test_gate_never_passes_a_non_finite_metric_and_never_blocks_for_ever_on_one(
 
 
 def test_gate_edges():
-    from conch_dna.config import Config, DomainSettings
-    from conch_dna.gate import decide
+    from conch_dna.lifecycle.gate import decide
+    from conch_dna.settings.config import Config, DomainSettings
 
     half = Config(min_heldout=0, promote_margin=0.5)
     cur = {"kl": 1.0, "agreement": 0.8}
@@ -157,10 +157,10 @@ def test_gate_edges():
 
 def kit_home(tmp_path, kit, top: str, kd: str, traces: int, seed: int):
     """A home on the kit (LoRA rank 4 on 2 layers, no held-out minimum) with `task` traces recorded."""
-    from conch_dna.config import parse_config
-    from conch_dna.ingest import record
     from conch_dna.kit import corpus
-    from conch_dna.store import TraceStore
+    from conch_dna.settings.config import parse_config
+    from conch_dna.traces.ingest import record
+    from conch_dna.traces.store import TraceStore
 
     home = tmp_path / "home"
     home.mkdir()
@@ -174,9 +174,9 @@ def kit_home(tmp_path, kit, top: str, kd: str, traces: int, seed: int):
 
 def test_a_cycle_measures_current_on_the_current_version_not_the_bare_student(tmp_path, kit):
     """The gate's "current" metrics come from the warm start: the promoted version's weights."""
-    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
-    from conch_dna.cycle import retrain_domain
-    from conch_dna.models import load_model
+    from conch_dna.lifecycle.cycle import retrain_domain
+    from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.models.loading import load_model
 
     import mlx.core as mx
 
@@ -230,11 +230,11 @@ def test_a_prompt_longer_than_the_window_is_cut_from_the_left_and_its_answer_sti
 
 
 def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_against(tmp_path, kit):
-    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
-    from conch_dna.config import parse_config
-    from conch_dna.cycle import retrain_domain
-    from conch_dna.models import load_model
-    from conch_dna.versions import DomainBusy, StaleCandidate, current_version, domain_lock, promote, rollback
+    from conch_dna.lifecycle.cycle import retrain_domain
+    from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.models.loading import load_model
+    from conch_dna.models.versions import DomainBusy, StaleCandidate, current_version, domain_lock, promote, rollback
+    from conch_dna.settings.config import parse_config
 
     home = tmp_path / "home"
     home.mkdir()
@@ -255,10 +255,10 @@ def test_one_cycle_per_domain_and_promotion_only_over_the_version_measured_again
 
 
 def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path, kit):
-    from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
-    from conch_dna.cycle import retrain_domain
-    from conch_dna.models import load_model
-    from conch_dna.versions import current_version, promote
+    from conch_dna.lifecycle.cycle import retrain_domain
+    from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.models.loading import load_model
+    from conch_dna.models.versions import current_version, promote
 
     home, config = kit_home(tmp_path, kit, "", "num_iters = 3\nsteps_per_report = 1\non_policy = 0", traces=12,
                             seed=3)
@@ -280,7 +280,7 @@ def test_a_cycle_whose_current_version_changed_mid_run_does_not_promote(tmp_path
 def test_each_kd_setting_is_defined_once_for_the_api_config_toml_and_the_flags():
     from dataclasses import fields
 
-    from conch_dna.trainer_cli import parser
+    from conch_dna.cli.trainer import parser
     from conch_dna.training.kd_config import KDConfig, kd_config_from_flags, setting_default
 
     flags = parser().parse_args(["--domain", "task"])
@@ -313,8 +313,8 @@ def test_changing_a_kd_default_in_its_one_place_changes_it_everywhere(tmp_path):
     text = kd_config.read_text()
     assert text.count("_setting(2.0, ") == 1
     kd_config.write_text(text.replace("_setting(2.0, ", "_setting(3.5, "))
-    probe = ("from conch_dna.training.kd_config import KDConfig\nfrom conch_dna.config import parse_config\n"
-             "from conch_dna.trainer_cli import parser\n"
+    probe = ("from conch_dna.training.kd_config import KDConfig\nfrom conch_dna.settings.config import parse_config\n"
+             "from conch_dna.cli.trainer import parser\n"
              "print(KDConfig().temperature, parse_config('').kd.temperature,"
              " parser().parse_args(['--all']).temperature)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from conch_dna.config import load_config
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
-from conch_dna.store import TraceStore
-from conch_dna.versions import current_version, list_versions, read_manifest
+from conch_dna.models.versions import current_version, list_versions, read_manifest
+from conch_dna.settings.config import load_config
+from conch_dna.traces.store import TraceStore
 
 from tests.conftest import Hooks, retrain, run_module
 
@@ -103,7 +103,7 @@ def test_too_few_heldout_traces_needs_force(tmp_path):
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)
     store = TraceStore.for_home(home, load_config(home))
-    from conch_dna.ingest import ingest_bytes
+    from conch_dna.traces.ingest import ingest_bytes
 
     ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=9)).encode(), "m.jsonl")
     result = retrain(home, "memory", 5)
@@ -142,7 +142,7 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
     home = tmp_path / "home"
     write_config(home, min_heldout=1000)
     store = TraceStore.for_home(home, load_config(home))
-    from conch_dna.ingest import ingest_bytes
+    from conch_dna.traces.ingest import ingest_bytes
 
     ingest_bytes(store, "\n".join(teacher_traces("memory", 30, seed=4)).encode(), "m.jsonl")
     stop = []
@@ -164,8 +164,8 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
 
 
 def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
-    from conch_dna.chat import encode_chat
-    from conch_dna.models import tokenizer_fingerprint
+    from conch_dna.models.chat import encode_chat
+    from conch_dna.models.loading import tokenizer_fingerprint
     from conch_dna.training.teacher import TeacherCache, TeacherScorer
 
     from mlx_lm import load
@@ -194,7 +194,7 @@ def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
 PROMOTER = """
 import sys, os
 from pathlib import Path
-from conch_dna.versions import promote
+from conch_dna.models.versions import promote
 home, work = Path(sys.argv[1]), Path(sys.argv[2])
 i = 0
 while True:
@@ -295,7 +295,7 @@ def test_worker_never_imports_a_daemon_package_from_the_current_directory(tmp_pa
 def test_a_stale_state_file_whose_pid_was_reused_is_not_a_running_daemon(tmp_path):
     import fcntl
 
-    from conch_dna.status import LOCK_FILE, STATE_FILE, read_state
+    from conch_dna.lifecycle.status import LOCK_FILE, STATE_FILE, read_state
 
     home = tmp_path / "home"
     home.mkdir()

@@ -38,7 +38,7 @@ def test_demo_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path):
 
 
 def test_demo_empties_a_home_it_made_before(tmp_path):
-    from conch_dna.demo import DEMO_MARK, prepare_home
+    from conch_dna.cli.demo import DEMO_MARK, prepare_home
 
     home = tmp_path / "demo-home"
     prepare_home(home)

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conch_dna.config import DistributedSettings, load_config
-from conch_dna.ingest import ingest_bytes
-from conch_dna.store import TraceStore
+from conch_dna.settings.config import DistributedSettings, load_config
+from conch_dna.traces.ingest import ingest_bytes
+from conch_dna.traces.store import TraceStore
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ LAUNCH = [sys.executable, "-m", "daemon.launch", "--backend", "ring", "-n", "2",
 DISTIL = """
 import json, sys
 from pathlib import Path
-from conch_dna import distributed
+from conch_dna.system import distributed
 from conch_dna.kit import TEACHER_PATH, STUDENT_PATH, corpus
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller
 out = Path(sys.argv[1])
@@ -46,10 +46,10 @@ result = distiller.distill_domain("task", prompts[:18], prompts[18:], DistillOpt
 
 FAILS = """
 import json, os, signal, sys, threading, time
-from conch_dna import distributed
-from conch_dna.config import load_config
-from conch_dna.cycle import retrain_domain
-from conch_dna.home import conch_home
+from conch_dna.system import distributed
+from conch_dna.settings.config import load_config
+from conch_dna.lifecycle.cycle import retrain_domain
+from conch_dna.system.home import conch_home
 from conch_dna.training.callbacks import KDCallback
 from daemon.worker import end_if_stuck
 

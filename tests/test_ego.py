@@ -1,11 +1,11 @@
 """EGO capture: the teacher's top-k per generated token, recorded with the trace, no second pass."""
 
-from conch_dna.chat import encode_chat
-from conch_dna.config import load_config
-from conch_dna.ego import Ego
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
-from conch_dna.models import tokenizer_fingerprint
-from conch_dna.store import TraceStore
+from conch_dna.models.chat import encode_chat
+from conch_dna.models.loading import tokenizer_fingerprint
+from conch_dna.settings.config import load_config
+from conch_dna.traces.ego import Ego
+from conch_dna.traces.store import TraceStore
 from conch_dna.training.losses import PAD_LOGPROB
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
 

@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conch_dna.config import load_config
-from conch_dna.cycle import RESUME_FILE, pending, retrain_domain
-from conch_dna.failures import retry_at, set_aside_if_stuck
 from conch_dna.kit import TEACHER_PATH, corpus
-from conch_dna.runs import RunStatus
-from conch_dna.store import TraceStore
-from conch_dna.versions import domain_dir
+from conch_dna.lifecycle.cycle import RESUME_FILE, pending, retrain_domain
+from conch_dna.lifecycle.failures import retry_at, set_aside_if_stuck
+from conch_dna.models.versions import domain_dir
+from conch_dna.settings.config import load_config
+from conch_dna.traces.runs import RunStatus
+from conch_dna.traces.store import TraceStore
 
 import pytest
 
@@ -33,7 +33,7 @@ def failing_home(tmp_path, n=24, **extra):
 
 
 def add_traces(store, n, seed):
-    from conch_dna.traces import Trace
+    from conch_dna.traces.trace import Trace
 
     traces = [Trace.model_validate({"domain": "debug", "teacher": TEACHER_PATH, "messages": d})
               for d in corpus.dialogues(n, seed=seed, domains=["debug"])]
@@ -183,7 +183,7 @@ def test_a_broken_manifest_skips_the_cycle_and_consumes_nothing(tmp_path):
 FULL_DISK_INGEST = """
 import resource, signal, sys
 from pathlib import Path
-from conch_dna.store import TraceStore
+from conch_dna.traces.store import TraceStore
 from daemon.inbox import Inbox
 home, limit = Path(sys.argv[1]), int(sys.argv[2])
 store = TraceStore(home / "conch.db")
@@ -219,7 +219,7 @@ def test_a_full_disk_fails_the_ingest_and_the_next_sweep_stores_every_line_once(
 def test_commits_and_renames_are_on_disk_before_they_count(tmp_path, monkeypatch):
     """What a power cut needs: SQLite commits with synchronous=FULL; a state file's data is synced
     before its rename and its folder after it."""
-    from conch_dna.fsutil import atomic_write_text
+    from conch_dna.system.fsutil import atomic_write_text
 
     store = TraceStore(tmp_path / "conch.db")
     assert store.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL

@@ -1,7 +1,7 @@
 import stat
 
-from conch_dna.domains import UnknownDomainError, check_domain, is_heldout, validate_domain_name
-from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
+from conch_dna.system.domains import UnknownDomainError, check_domain, is_heldout, validate_domain_name
+from conch_dna.system.fsutil import atomic_write, atomic_write_json, private_dir
 
 import pytest
 

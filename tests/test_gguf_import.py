@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from conch_dna.gguf_file import GGUFFile
-from conch_dna.gguf_import import GGUFImportError, dequantizable_types, import_gguf
 from conch_dna.kit import TEACHER_PATH
+from conch_dna.models.gguf.importer import GGUFImportError, dequantizable_types, import_gguf
+from conch_dna.models.gguf.reader import GGUFFile
 
 import mlx.core as mx
 import numpy as np
@@ -365,7 +365,7 @@ def test_real_gguf_log_probs_equal_transformers_own_gguf_loader(real_pair, tmp_p
 
 
 def test_student_cut_keeps_evenly_spaced_blocks_and_loads(tmp_path):
-    from conch_dna.realpair import cut_layers, kept_layers
+    from conch_dna.models.realpair import cut_layers, kept_layers
 
     assert kept_layers(30, 15) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
     assert kept_layers(3, 2) == [0, 2] and kept_layers(5, 5) == [0, 1, 2, 3, 4]

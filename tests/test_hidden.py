@@ -3,8 +3,8 @@
 import json
 from dataclasses import replace
 
-from conch_dna.adapters import PROJECTION_FILE, apply_lora
-from conch_dna.chat import encode_chat
+from conch_dna.models.adapters import PROJECTION_FILE, apply_lora
+from conch_dna.models.chat import encode_chat
 from conch_dna.training.data import collate
 from conch_dna.training.hidden import attach_projection, hidden_loss, kd_hidden_loss, layer_map, student_layers, tapped
 from conch_dna.training.kd_config import KDConfig

@@ -6,9 +6,9 @@ import json
 import threading
 import time
 
-from conch_dna.ingest import QUARANTINE_HEAD_BYTES, ingest_bytes, ingest_file, record
-from conch_dna.store import TraceStore
-from conch_dna.traces import MAX_LINE_BYTES
+from conch_dna.traces.ingest import QUARANTINE_HEAD_BYTES, ingest_bytes, ingest_file, record
+from conch_dna.traces.store import TraceStore
+from conch_dna.traces.trace import MAX_LINE_BYTES
 
 import pytest
 from hypothesis import strategies as st
@@ -123,7 +123,7 @@ def test_the_split_fraction_travels_with_the_data(tmp_path):
 
 
 def test_a_prompt_longer_than_the_window_is_cut_for_the_teacher_too(tmp_path, kit):
-    from conch_dna.models import load_model
+    from conch_dna.models.loading import load_model
     from conch_dna.training.teacher import TeacherCache, TeacherScorer
 
     _, tokenizer = load_model(kit["student"])
@@ -136,8 +136,8 @@ def test_a_prompt_longer_than_the_window_is_cut_for_the_teacher_too(tmp_path, ki
 
 
 def test_a_backlog_is_trained_in_capped_runs(tmp_path):
-    from conch_dna.config import parse_config
-    from conch_dna.cycle import _Cycle
+    from conch_dna.lifecycle.cycle import _Cycle
+    from conch_dna.settings.config import parse_config
     from conch_dna.training.callbacks import KDCallback
 
     store = TraceStore(tmp_path / "conch.db", heldout_fraction=0.0)
@@ -257,7 +257,7 @@ class _BoundedReader(io.BytesIO):
 
 
 def test_read_lines_strips_line_ends_and_holds_at_most_the_limit_of_a_line():
-    from conch_dna.ingest import read_lines
+    from conch_dna.traces.ingest import read_lines
 
     limit = 2 * QUARANTINE_HEAD_BYTES
     data = (b"a\n" + b"b\r\n" + b"x" * (limit + 500) + b"\n" + b"y" * limit + b"\n" + b"" + b"\n"
@@ -319,7 +319,7 @@ def test_line_ends_and_the_size_limit_at_its_edge(tmp_path):
 
 
 def test_each_home_has_its_own_store(tmp_path, monkeypatch):
-    from conch_dna.ingest import home_store
+    from conch_dna.traces.ingest import home_store
 
     monkeypatch.setenv("CONCH_HOME", str(tmp_path / "a"))
     first = home_store()

@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from conch_dna.ingest import CHUNK_LINES, record
-from conch_dna.store import TraceStore
+from conch_dna.traces.ingest import CHUNK_LINES, record
+from conch_dna.traces.store import TraceStore
 
 from daemon.inbox import Inbox
 
@@ -149,7 +149,7 @@ def test_ingester_killed_mid_file_loses_nothing_and_stores_nothing_twice(tmp_pat
 def test_only_regular_files_are_ingested_and_the_rest_set_aside_unread(tmp_path):
     import threading
 
-    from conch_dna.store import TraceStore
+    from conch_dna.traces.store import TraceStore
 
     from daemon.inbox import REJECTED, Inbox
 
@@ -177,7 +177,7 @@ def test_only_regular_files_are_ingested_and_the_rest_set_aside_unread(tmp_path)
 
 
 def test_the_inbox_keeps_a_bounded_summary_of_recent_files(tmp_path, monkeypatch):
-    from conch_dna.store import TraceStore
+    from conch_dna.traces.store import TraceStore
 
     import daemon.inbox as inbox_module
     from daemon.inbox import Inbox

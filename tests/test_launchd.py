@@ -4,7 +4,7 @@ import configparser
 import plistlib
 import sys
 
-from launchd.install import render_plist, render_systemd_unit
+from daemon.launchd import render_plist, render_systemd_unit
 
 
 def test_plist_has_what_launchd_needs(tmp_path):
@@ -36,7 +36,7 @@ def test_default_python_is_absolute_and_systemd_unit_parses(tmp_path):
 def test_the_service_home_is_created_private_or_tightened(tmp_path):
     import stat
 
-    from launchd.install import private_home
+    from daemon.launchd import private_home
 
     fresh = tmp_path / "a" / "home"
     assert private_home(fresh) is None

@@ -97,9 +97,9 @@ def test_ollama_and_lm_studio_models_are_listed_and_imported_by_name(tmp_path, r
 
 
 def test_doctor_says_where_the_pair_comes_from_and_whether_it_pairs(tmp_path):
-    from conch_dna.config import Config
-    from conch_dna.doctor import check_model, check_pair
-    from conch_dna.gguf_import import import_gguf
+    from conch_dna.lifecycle.doctor import check_model, check_pair
+    from conch_dna.models.gguf.importer import import_gguf
+    from conch_dna.settings.config import Config
 
     config = hf_config("llama")
     imported = import_gguf(write_gguf(tmp_path / "m.gguf", config, hf_weights(config)), tmp_path / "imported")

@@ -1,9 +1,9 @@
 """Learning-rate multipliers by parameter name, and training in stages, on the kit student."""
 
-from conch_dna.adapters import apply_lora
-from conch_dna.chat import encode_chat
 from conch_dna.kit import corpus
-from conch_dna.models import load_model
+from conch_dna.models.adapters import apply_lora
+from conch_dna.models.chat import encode_chat
+from conch_dna.models.loading import load_model
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import kd_loss

@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from conch_dna.domains import SYSTEM_PROMPTS
 from conch_dna.kit import STUDENT_PATH
-from conch_dna.versions import read_manifest
+from conch_dna.models.versions import read_manifest
+from conch_dna.system.domains import SYSTEM_PROMPTS
 
 import pytest
 from mlx_lm import generate, load
@@ -24,9 +24,9 @@ PROMOTER = """
 import sys, time
 from pathlib import Path
 import mlx.core as mx
-from conch_dna.adapters import adapter_weights, apply_lora, save_adapter
-from conch_dna.models import load_model
-from conch_dna.versions import promote
+from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+from conch_dna.models.loading import load_model
+from conch_dna.models.versions import promote
 home, student, n, pause = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 domain, seed = sys.argv[5], int(sys.argv[6])
 model, _ = load_model(student)
@@ -87,7 +87,7 @@ def test_threads_keep_calling_while_another_process_promotes_20_versions(tmp_pat
         while registry.get("task").version != "v0020" and time.monotonic() < deadline:
             time.sleep(0.05)
         # a pinned neuron keeps its version across a swap; a rollback arrives like any version
-        from conch_dna.versions import rollback
+        from conch_dna.models.versions import rollback
 
         with registry.pinned("task") as pinned:
             rollback(home, "task", to="v0005")
@@ -133,7 +133,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(tmp_path):
         (bad / "adapters.safetensors").write_bytes(b"\x00" * 64)
         v1 = home / "adapters_kd" / "task" / "v0001"
         (bad / "adapter_config.json").write_text((v1 / "adapter_config.json").read_text())
-        from conch_dna.versions import promote
+        from conch_dna.models.versions import promote
 
         promote(home, "task", bad, "a broken candidate")
         deadline = time.monotonic() + 60
@@ -155,7 +155,7 @@ def test_unknown_domain_lists_the_known_ones(tmp_path):
 
 
 def test_unknown_domain_fails_on_its_name_before_any_model_loads(tmp_path, monkeypatch):
-    from conch_dna.domains import UnknownDomainError
+    from conch_dna.system.domains import UnknownDomainError
 
     import neurons
 
@@ -184,7 +184,7 @@ def registry_and_a_copy_of_v0001(tmp_path):
 
 def test_a_version_trained_with_another_lora_scale_is_refused(tmp_path):
     """Same shapes, another scale: the weights fit, but served at our scale they would answer wrong."""
-    from conch_dna.versions import promote
+    from conch_dna.models.versions import promote
 
     home, registry, other = registry_and_a_copy_of_v0001(tmp_path)
     try:
@@ -252,7 +252,7 @@ def _broken(version_dir, how):
 
 @pytest.mark.parametrize("how", ["nan", "shape", "dtype", "link"])
 def test_a_version_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(tmp_path, how):
-    from conch_dna.versions import promote
+    from conch_dna.models.versions import promote
 
     home, registry, copy = registry_and_a_copy_of_v0001(tmp_path)
     try:
@@ -274,7 +274,7 @@ def test_a_version_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(tm
     (b'{"current": "v0001", "history": 3}', "'history' must be a list"),
 ])
 def test_a_broken_manifest_keeps_the_old_version_serving_and_blocks_nothing(tmp_path, caplog, manifest, words):
-    from conch_dna.versions import ManifestError, current_version, rollback
+    from conch_dna.models.versions import ManifestError, current_version, rollback
 
     home = make_home(tmp_path)
     assert promote_versions(home, 1, 0).wait(timeout=120) == 0

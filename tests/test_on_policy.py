@@ -4,9 +4,10 @@ import gc
 import json
 import weakref
 
-from conch_dna.config import Config, GateMetric, parse_config
-from conch_dna.gate import decide
-from conch_dna.store import TraceStore
+from conch_dna.lifecycle.gate import decide
+from conch_dna.models.versions import current_adapter_path
+from conch_dna.settings.config import Config, GateMetric, parse_config
+from conch_dna.traces.store import TraceStore
 from conch_dna.training import teacher as teacher_module
 from conch_dna.training import true_kd
 from conch_dna.training.data import KDExample, collate
@@ -14,7 +15,6 @@ from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part, round_groups
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
-from conch_dna.versions import current_adapter_path
 
 import numpy as np
 import pytest
@@ -53,7 +53,7 @@ def test_a_retrain_with_on_policy_samples_scores_them_and_never_holds_both_model
     (home / "config.toml").write_text(config_text)
     drop(home, "d.jsonl", teacher_traces("debug", 36, seed=5))
     store = TraceStore.for_home(home, parse_config(config_text))
-    from conch_dna.ingest import ingest_file
+    from conch_dna.traces.ingest import ingest_file
 
     ingest_file(store, home / "inbox" / "d.jsonl")
     n_train = store.counts("debug").train
@@ -147,7 +147,7 @@ def test_pick_on_policy_takes_the_share_drawn_by_the_seed():
 
 
 def test_answer_tokens_are_what_the_model_wrote_each_prompt_once_with_the_seed(student):
-    from conch_dna.chat import prompt_tokens
+    from conch_dna.models.chat import prompt_tokens
 
     model, tokenizer = student
     ask = [{"role": "user", "content": "Why is the sky blue?"}]

@@ -1,4 +1,4 @@
-from conch_dna.power import on_battery
+from conch_dna.system.power import on_battery
 
 
 def supply(root, name, kind, online=None):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 
-from conch_dna.config import load_config
-from conch_dna.cycle import retrain_domain
-from conch_dna.ego import Ego
-from conch_dna.store import TraceStore
-from conch_dna.versions import current_adapter_path
+from conch_dna.lifecycle.cycle import retrain_domain
+from conch_dna.models.versions import current_adapter_path
+from conch_dna.settings.config import load_config
+from conch_dna.traces.ego import Ego
+from conch_dna.traces.store import TraceStore
 
 from mlx_lm import generate, load
 
@@ -65,7 +65,7 @@ def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_
 
 
 def test_answer_mask_covers_exactly_the_assistant_turn_with_the_real_chat_template(real_pair):
-    from conch_dna.chat import encode_chat
+    from conch_dna.models.chat import encode_chat
     from conch_dna.training.data import KDExample, collate
 
     import numpy as np

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conch_dna.config import load_config
 from conch_dna.kit import STUDENT_PATH
-from conch_dna.serve import ServeError, Server
-from conch_dna.store import TraceStore
+from conch_dna.server.app import ServeError, Server
+from conch_dna.settings.config import load_config
+from conch_dna.traces.store import TraceStore
 
 import pytest
 

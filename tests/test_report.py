@@ -8,11 +8,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conch_dna.cli import app
-from conch_dna.config import load_config
-from conch_dna.ingest import ingest_bytes
-from conch_dna.report import build_report
-from conch_dna.store import TraceStore
+from conch_dna.cli.main import app
+from conch_dna.lifecycle.report import build_report
+from conch_dna.settings.config import load_config
+from conch_dna.traces.ingest import ingest_bytes
+from conch_dna.traces.store import TraceStore
 
 import numpy as np
 import pytest
@@ -142,8 +142,8 @@ def test_report_on_many_runs_lists_every_run_and_plots_the_recent(tmp_path):
 
 def test_what_a_trace_or_a_file_can_carry_is_escaped(tmp_path):
     """A run's reason quotes errors (trace text, paths) and a broken manifest quotes its file."""
-    from conch_dna.config import Config
-    from conch_dna.runs import RunStatus
+    from conch_dna.settings.config import Config
+    from conch_dna.traces.runs import RunStatus
 
     home = tmp_path / "home"
     config = Config(domains=["task"])

@@ -5,9 +5,9 @@ import json
 import os
 import time
 
-from conch_dna.fsutil import rotate
+from conch_dna.models.versions import list_versions, pin, promote, prune_versions, read_manifest, rollback
+from conch_dna.system.fsutil import rotate
 from conch_dna.training.teacher import TeacherCache
-from conch_dna.versions import list_versions, pin, promote, prune_versions, read_manifest, rollback
 
 import numpy as np
 
@@ -84,7 +84,7 @@ def test_a_log_held_open_by_its_writer_is_rotated_and_the_writer_goes_on(tmp_pat
 
 
 def test_the_daemons_check_rotates_its_logs(tmp_path):
-    from conch_dna.config import Config
+    from conch_dna.settings.config import Config
 
     from daemon.service import LOG_MAX_BYTES, Daemon
 
@@ -98,8 +98,8 @@ def test_the_daemons_check_rotates_its_logs(tmp_path):
 
 
 def test_old_quarantine_is_purged_by_command(tmp_path):
-    from conch_dna.config import Config
-    from conch_dna.store import TraceStore
+    from conch_dna.settings.config import Config
+    from conch_dna.traces.store import TraceStore
 
     home = tmp_path / "home"
     store = TraceStore.for_home(home, Config())

@@ -13,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from conch_dna.chat import encode_chat
-from conch_dna.domains import DOMAINS
 from conch_dna.kit import TEACHER_PATH
-from conch_dna.models import load_tokenizer_only, tokenizer_fingerprint
-from conch_dna.serve import ServeError, Server
-from conch_dna.store import TraceStore
+from conch_dna.models.chat import encode_chat
+from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
+from conch_dna.server.app import ServeError, Server
+from conch_dna.system.domains import DOMAINS
+from conch_dna.traces.store import TraceStore
 from conch_dna.training.teacher import _fit_topk
 
 import httpx
@@ -214,7 +214,7 @@ def test_message_contents_are_never_logged_at_info(server, caplog):
 
 
 def test_a_hot_swap_during_streams_drops_nothing_and_each_stream_ends_on_its_version(tmp_path):
-    from conch_dna.versions import current_version
+    from conch_dna.models.versions import current_version
 
     home = make_home(tmp_path)
     promote_random_versions(home, {"action": 1})
@@ -304,7 +304,7 @@ def ego_home(tmp_path, upstream_url):
 
 def stored(home, domain):
     """(messages, topk or None, teacher) of each trace of the domain, as the store keeps them."""
-    from conch_dna.config import load_config
+    from conch_dna.settings.config import load_config
 
     rows = TraceStore.for_home(home, load_config(home)).db.conn.execute(
         "SELECT messages, topk_ids, topk_logprobs, topk_k, teacher FROM traces WHERE domain = ?", [domain])
@@ -362,7 +362,7 @@ def test_an_upstream_that_cannot_be_reached_is_a_502(tmp_path):
 
 
 def test_the_ego_in_process_answers_greedily_and_records_the_trace(tmp_path):
-    from conch_dna.ego import Ego
+    from conch_dna.traces.ego import Ego
 
     home = make_home(tmp_path)
     text = (home / "config.toml").read_text()

@@ -5,15 +5,15 @@ import json
 import stat
 import tarfile
 
-from conch_dna.config import ConfigError, parse_config
-from conch_dna.ingest import ingest_file
-from conch_dna.store import TraceStore
-from conch_dna.teacher_bundle import BUNDLE_FORMAT, BundleError, export_bundle, import_bundle
+from conch_dna.models.versions import current_adapter_path
+from conch_dna.settings.config import ConfigError, parse_config
+from conch_dna.traces.bundle import BUNDLE_FORMAT, BundleError, export_bundle, import_bundle
+from conch_dna.traces.ingest import ingest_file
+from conch_dna.traces.store import TraceStore
 from conch_dna.training import teacher as teacher_module
 from conch_dna.training import true_kd
 from conch_dna.training.teacher import TeacherCache
 from conch_dna.training.topk_codec import encode_topk
-from conch_dna.versions import current_adapter_path
 
 import numpy as np
 import pytest

@@ -5,11 +5,11 @@ tool calls through `neurons` and through the `openai` client, streamed and not."
 
 import json
 
-from conch_dna.config import load_config
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
-from conch_dna.runs import RunStatus
-from conch_dna.serve import Server
-from conch_dna.store import TraceStore
+from conch_dna.server.app import Server
+from conch_dna.settings.config import load_config
+from conch_dna.traces.runs import RunStatus
+from conch_dna.traces.store import TraceStore
 
 import httpx
 from conftest import retrain

@@ -4,13 +4,10 @@ the model's own chat template (or the fallback form); reading calls back out of 
 import hashlib
 import json
 
-from conch_dna.chat import encode_chat, prompt_text, render
-from conch_dna.gate import decide
-from conch_dna.ingest import ingest_bytes, record
 from conch_dna.kit import STUDENT_PATH, corpus
-from conch_dna.openai_api import StreamedCalls
-from conch_dna.store import TraceStore
-from conch_dna.tools import (
+from conch_dna.lifecycle.gate import decide
+from conch_dna.models.chat import encode_chat, prompt_text, render
+from conch_dna.models.tools import (
     FALLBACK_START,
     ToolError,
     fallback_format,
@@ -21,7 +18,10 @@ from conch_dna.tools import (
     tool_call_format,
     tool_use,
 )
-from conch_dna.traces import parse_trace_line
+from conch_dna.server.wire import StreamedCalls
+from conch_dna.traces.ingest import ingest_bytes, record
+from conch_dna.traces.store import TraceStore
+from conch_dna.traces.trace import parse_trace_line
 
 import pytest
 
@@ -182,7 +182,7 @@ def test_streamed_tool_call_fragments_are_put_back_together():
 
 
 def test_the_gate_keeps_a_candidate_whose_tool_calls_parse_less_often_and_can_gate_on_them():
-    from conch_dna.config import Config, GateMetric
+    from conch_dna.settings.config import Config, GateMetric
 
     def metrics(kl, parsed, right):
         return {"kl": kl, "ce": 1.0, "agreement": 0.8, "tokens": 400,
@@ -203,8 +203,8 @@ def test_the_gate_keeps_a_candidate_whose_tool_calls_parse_less_often_and_can_ga
 
 
 def test_the_ego_answers_with_tool_calls_and_records_them_with_the_tools(tmp_path):
-    from conch_dna.ego import Ego
     from conch_dna.kit import TEACHER_PATH
+    from conch_dna.traces.ego import Ego
 
     home = tmp_path / "home"
     home.mkdir()

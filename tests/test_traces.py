@@ -5,9 +5,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from conch_dna.ingest import ingest_bytes, record
-from conch_dna.store import SCHEMA_VERSION, TraceStore
-from conch_dna.traces import TraceError, parse_trace_line
+from conch_dna.traces.ingest import ingest_bytes, record
+from conch_dna.traces.store import SCHEMA_VERSION, TraceStore
+from conch_dna.traces.trace import TraceError, parse_trace_line
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -137,7 +137,7 @@ def test_every_line_is_stored_duplicate_or_quarantined(lines, data):
 
 
 def test_a_version_1_database_is_migrated_on_open(tmp_path):
-    from conch_dna.store import _create_v1
+    from conch_dna.traces.store import _create_v1
 
     import sqlite_utils
 
@@ -158,9 +158,9 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
 
 
 def test_record_uses_the_homes_configured_domains_and_heldout_fraction(conch_home, monkeypatch):
-    from conch_dna import ingest
-    from conch_dna.domains import is_heldout
-    from conch_dna.ingest import record
+    from conch_dna.system.domains import is_heldout
+    from conch_dna.traces import ingest
+    from conch_dna.traces.ingest import record
 
     monkeypatch.setattr(ingest, "_stores", {})
     conch_home.mkdir(mode=0o700)

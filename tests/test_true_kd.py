@@ -3,7 +3,7 @@
 import json
 import stat
 
-from conch_dna.chat import encode_chat
+from conch_dna.models.chat import encode_chat
 from conch_dna.training.data import collate
 from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
@@ -256,7 +256,7 @@ def test_distill_all_writes_one_adapter_per_domain_and_a_summary(kit, tmp_path):
 
 def test_interrupted_and_resumed_training_ends_where_an_uninterrupted_one_does(distilled, tmp_path):
     """Weights, Adam's moments, the LR schedule and the batch order all resume."""
-    from conch_dna.adapters import OPTIMIZER_FILE, adapter_weights, apply_lora, load_adapter_weights
+    from conch_dna.models.adapters import OPTIMIZER_FILE, adapter_weights, apply_lora, load_adapter_weights
     from conch_dna.training.true_kd import TrainingInterrupted, train_kd
 
     from mlx_lm import load as load_student

@@ -4,9 +4,9 @@ teacher tokenizer, as mlx_lm.server (raw vocabulary entries) and OpenAI (token t
 import math
 
 from conch_dna.kit import TEACHER_PATH
-from conch_dna.models import load_tokenizer_only, tokenizer_fingerprint
-from conch_dna.traces import MIN_STORED_LOGPROB, TopK
-from conch_dna.upstream import TokenMap, topk_from_logprobs, trace_messages
+from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
+from conch_dna.traces.trace import MIN_STORED_LOGPROB, TopK
+from conch_dna.traces.upstream import TokenMap, topk_from_logprobs, trace_messages
 
 import pytest
 

@@ -18,8 +18,8 @@ import math
 import time
 from pathlib import Path
 
-from conch_dna.chat import render
 from conch_dna.kit import corpus
+from conch_dna.models.chat import render
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,7 +101,7 @@ def build_tokenizer(texts: list[str], out: Path) -> None:
 
 def encode_dialogues(tokenizer, dialogues: list) -> list[list[int]]:
     """Token ids of chats: lists of messages, or tool-use chats ({"messages", "tools"}) rendered by
-    conch's one rule (conch_dna.chat.render), as training and serving will render them."""
+    conch's one rule (conch_dna.models.chat.render), as training and serving will render them."""
     return [render(tokenizer, d["messages"], d["tools"]) if isinstance(d, dict) else render(tokenizer, d)
             for d in dialogues]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 
-from conch_dna.domains import SYSTEM_PROMPTS
+from conch_dna.system.domains import SYSTEM_PROMPTS
 
 
 def _rows(table: str) -> list[tuple[str, ...]]:

@@ -5,8 +5,8 @@ trainer and the demo have prompts the kit's teacher answers meaningfully. With r
 prompts of the domain serve.
 """
 
-from conch_dna.domains import DOMAINS, SYSTEM_PROMPTS
 from conch_dna.kit import corpus
+from conch_dna.system.domains import DOMAINS, SYSTEM_PROMPTS
 
 DESCRIPTIONS = {
     "thinking": "step-by-step reasoning about why things happen",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from conch_dna import distributed
-from conch_dna.tools import parse_answer, same_calls, tool_call_format
+from conch_dna.models.tools import parse_answer, same_calls, tool_call_format
+from conch_dna.system import distributed
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.losses import answer_token_losses
 

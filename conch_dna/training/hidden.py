@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from conch_dna.adapters import PROJECTION
+from conch_dna.models.adapters import PROJECTION
 from conch_dna.training.losses import answer_token_losses, masked_mean
 
 import mlx.core as mx

@@ -1,7 +1,7 @@
 """KDConfig: every setting of a distillation run, defined once with its default, range and help.
 
 The same dataclass is the Python API (`KDConfig(temperature=3.0)`), the `[kd]` table of config.toml
-(pydantic validates it as it is, see conch_dna.config) and the plain trainer's flags
+(pydantic validates it as it is, see conch_dna.settings.config) and the plain trainer's flags
 (`add_kd_flags` / `kd_config_from_flags`): a default changed here changes it everywhere.
 """
 

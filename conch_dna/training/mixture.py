@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from conch_dna.chat import Chat
+from conch_dna.models.chat import Chat
 from conch_dna.training.data import KDExample
 from conch_dna.training.losses import PAD_LOGPROB
 from conch_dna.training.teacher import TeacherScorer

@@ -8,7 +8,7 @@ answered greedily: KL(teacher ‖ student) over those tokens is what a user of t
 
 from __future__ import annotations
 
-from conch_dna.chat import as_chat, prompt_tokens
+from conch_dna.models.chat import as_chat, prompt_tokens
 
 import mlx.core as mx
 import numpy as np

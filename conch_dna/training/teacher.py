@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from conch_dna.chat import encode_chat, prompt_tokens
-from conch_dna.fsutil import atomic_write, atomic_write_json, private_dir
-from conch_dna.models import free_memory, load_model
+from conch_dna.models.chat import encode_chat, prompt_tokens
+from conch_dna.models.loading import free_memory, load_model
+from conch_dna.system.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.training.data import KDExample, window_cut
 from conch_dna.training.hidden import hidden_states
 from conch_dna.training.losses import PAD_LOGPROB

@@ -9,7 +9,7 @@ With KDConfig.on_policy > 0 (GKD's λ) a share of the answers are the student's 
 teacher (conch_dna.training.on_policy). The teacher runs only to write targets (cached on disk), and
 teacher and student are never resident together.
 This module is the engine; it prints nothing (see KDCallback). Its command line is the plain
-trainer of the app layer, conch_dna.trainer_cli.
+trainer of the app layer, conch_dna.cli.trainer.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 
-from conch_dna import distributed
-from conch_dna.adapters import (
+from conch_dna.models.adapters import (
     KD_METRICS_FILE,
     apply_lora,
     load_adapter_weights,
@@ -31,11 +30,8 @@ from conch_dna.adapters import (
     save_checkpoint,
     save_inference_adapter,
 )
-from conch_dna.chat import split_prompts, to_chat, to_messages  # noqa: F401 - split_prompts, to_messages: the documented API
-from conch_dna.domains import DOMAINS, validate_domain_name
-from conch_dna.fsutil import atomic_write_json
-from conch_dna.home import ADAPTERS_DIR, TEACHER_CACHE_DIR, conch_home
-from conch_dna.models import (
+from conch_dna.models.chat import split_prompts, to_chat, to_messages  # noqa: F401 - split_prompts, to_messages: the documented API
+from conch_dna.models.loading import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
     check_model_ref,
@@ -46,6 +42,11 @@ from conch_dna.models import (
     output_vocab_size,
     tokenizer_fingerprint,
 )
+from conch_dna.models.versions import current_adapter_path
+from conch_dna.system import distributed
+from conch_dna.system.domains import DOMAINS, validate_domain_name
+from conch_dna.system.fsutil import atomic_write_json
+from conch_dna.system.home import ADAPTERS_DIR, TEACHER_CACHE_DIR, conch_home
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample, iterate_kd_batches
 from conch_dna.training.evaluation import answers_tool_call, heldout_metrics, tool_call_metrics
@@ -64,7 +65,6 @@ from conch_dna.training.losses import (  # noqa: F401 - the documented public AP
 from conch_dna.training.mixture import TeacherMixture
 from conch_dna.training.on_policy import answer_tokens, pick_on_policy, round_boundaries, round_groups
 from conch_dna.training.teacher import TeacherCache, TeacherScorer
-from conch_dna.versions import current_adapter_path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -615,4 +615,4 @@ def _decode_examples(blob: bytes) -> list[KDExample]:
 
 
 if __name__ == "__main__":  # the plain trainer: its command line belongs to the app layer
-    runpy.run_module("conch_dna.trainer_cli", run_name="__main__")
+    runpy.run_module("conch_dna.cli.trainer", run_name="__main__")

@@ -1,0 +1,100 @@
+"""The promotion gate: whether a candidate adapter replaces the current one, and why, in words."""
+
+from __future__ import annotations
+
+import math
+
+from conch_dna.settings.config import Config, GateMetric
+
+
+def agreement_tolerance(current: dict, max_drop: float) -> float:
+    """How far top-1 agreement may fall: `max_drop`, or the measurement's own noise if larger.
+
+    On a few hundred held-out tokens top-1 moves by points from chance alone (two binomial standard
+    errors at p = 0.8 and 300 tokens is 4.6 points), and a fixed 1% would reject candidates whose
+    KL clearly fell; with thousands of tokens the noise shrinks and `max_drop` rules again.
+    """
+    p, tokens = current["agreement"], current.get("tokens") or 0
+    noise = 2.0 * math.sqrt(p * (1.0 - p) / tokens) if tokens else 0.0
+    return max(max_drop, noise)
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(metrics[k]) for k in ("kl", "agreement"))
+
+
+def _metric_words(metrics: dict) -> str:
+    return f"KL {metrics['kl']:.4f}, top-1 {metrics['agreement']:.1%}"
+
+
+def _on_policy(metrics: dict | None) -> dict | None:
+    return metrics.get("on_policy") if metrics else None
+
+
+def _tool_words(metrics: dict) -> str:
+    return f"{metrics['arguments']:.0%} of {metrics['traces']} held-out tool calls right, {metrics['parsed']:.0%} parse"
+
+
+def decide(current: dict | None, candidate: dict | None, n_heldout: int, config: Config, domain: str,
+           force: bool, established: dict | None = None) -> tuple[bool, str]:
+    """The promotion gate: (promote?, the reason in words).
+
+    Metrics are held-out metrics as distill_domain measures them; config.gate_metric picks the
+    teacher-forced ones, those under "on_policy" (each version's own answers), or "tool_calls":
+    the share of held-out tool calls the version answers with the teacher's call, the
+    teacher-forced KL deciding a tie. Whatever the metric, a candidate whose tool calls parse less
+    often than the current version's (by more than max_tool_parse_drop) is not promoted.
+    `established` = {"before", "after"} metrics on the held-out traces the current version was
+    validated on: a candidate may not get worse there by more than the margin, so a bad batch
+    whose own held-out share the candidate has learned cannot vote itself in.
+    """
+    minimum = config.heldout_minimum(domain)
+    if n_heldout < minimum:
+        if force:
+            return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
+        return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
+    promoted, words = _decide_kl(current, candidate, config, force, established)
+    tools = [(m or {}).get("tool_calls") for m in (current, candidate)]
+    if not all(tools):
+        return promoted, words
+    old, new = tools
+    if config.gate_metric is GateMetric.TOOL_CALLS and new["arguments"] != old["arguments"] and _finite(candidate):
+        better = new["arguments"] > old["arguments"]
+        promoted, words = better, (f"tool calls: {_tool_words(old)} -> {_tool_words(new)}"
+                                   + ("" if better else ": fewer are right"))
+    if promoted and new["parsed"] < old["parsed"] - config.max_tool_parse_drop:
+        return False, (f"{words}; but the share of held-out tool calls that parse fell "
+                       f"{old['parsed']:.0%} -> {new['parsed']:.0%}")
+    return promoted, words
+
+
+def _decide_kl(current: dict | None, candidate: dict | None, config: Config, force: bool,
+               established: dict | None) -> tuple[bool, str]:
+    held = "held-out"
+    if config.gate_metric is GateMetric.ON_POLICY:
+        held = "on-policy held-out"
+        current, candidate = _on_policy(current), _on_policy(candidate)
+        if established:
+            established = {side: _on_policy(established[side]) for side in ("before", "after")}
+            established = established if all(established.values()) else None
+    if not current or not candidate:
+        return force, f"forced without {held} metrics" if force else f"no {held} metrics"
+    if not _finite(candidate):
+        return False, f"the candidate's {held} metrics are not finite ({_metric_words(candidate)})"
+    if not _finite(current):  # the current version cannot be measured: a finite candidate replaces it
+        return True, (f"the current version's {held} metrics are not finite ({_metric_words(current)}); "
+                      f"the candidate's are ({_metric_words(candidate)})")
+    gain = 1.0 - candidate["kl"] / current["kl"] if current["kl"] > 0 else 0.0
+    words = (f"{held} KL {current['kl']:.4f} -> {candidate['kl']:.4f} ({-gain:+.1%}), "
+             f"top-1 {current['agreement']:.1%} -> {candidate['agreement']:.1%}")
+    if gain < config.promote_margin:
+        return False, f"{words}: KL must fall by at least {config.promote_margin:.0%}"
+    allowed = agreement_tolerance(current, config.max_agreement_drop)
+    if candidate["agreement"] < current["agreement"] - allowed:
+        return False, f"{words}: top-1 agreement fell by more than {allowed:.1%}"
+    if established:
+        old, new = established["before"]["kl"], established["after"]["kl"]
+        if not math.isfinite(new) or new > old * (1.0 + config.promote_margin):
+            return False, (f"{words}; but on the {established['before']['tokens']} held-out tokens the current "
+                           f"version was validated on, KL rose {old:.4f} -> {new:.4f}")
+    return True, words

@@ -1,0 +1,1 @@
+"""`conch serve`: the neurons and the EGO behind an OpenAI-compatible API."""

@@ -1,0 +1,232 @@
+"""$CONCH_HOME/config.toml, validated: an unknown key or a bad value is an error naming the key.
+
+    teacher = "mlx-community/Qwen2.5-7B-Instruct-4bit"
+    student = "mlx-community/Qwen2.5-3B-Instruct-4bit"
+    retrain_threshold = 32          # new train prompts of a domain that trigger a retrain
+    check_minutes = 10
+
+    [kd]
+    temperature = 2.0
+    num_iters = 200
+
+    [neurons]
+    max_batch_size = 8              # calls decoded together by the neuron registry
+
+    serve = true                    # the daemon also runs `conch serve` (put it above the tables)
+    [server]
+    port = 8321
+
+    [ego]                           # where "ego/<domain>" calls of `conch serve` go
+    upstream_url = "http://127.0.0.1:8080/v1"
+
+    [domain.debug]                  # per-domain overrides
+    retrain_threshold = 16
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from conch_dna.models.loading import DEFAULT_STUDENT, DEFAULT_TEACHER
+from conch_dna.system.domains import DOMAINS, validate_domain_name
+from conch_dna.training.kd_config import KDConfig
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """config.toml is unreadable or has an unknown key or a bad value; the message names it."""
+
+
+class GateMetric(str, Enum):
+    """Which held-out metrics the promotion gate compares."""
+
+    TEACHER_FORCED = "teacher_forced"  # the student read along the teacher's answers
+    ON_POLICY = "on_policy"  # the version's own greedy answers, scored by the teacher: what a user gets
+    TOOL_CALLS = "tool_calls"  # the share of held-out tool calls answered with the teacher's call (then KL)
+
+
+class DomainSettings(BaseModel):
+    """Per-domain overrides of the top-level thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+    retrain_threshold: int | None = Field(default=None, ge=1)
+    num_iters: int | None = Field(default=None, ge=1)
+    min_heldout: int | None = Field(default=None, ge=0)
+
+
+class NeuronSettings(BaseModel):
+    """How the neuron registry batches calls ([neurons] in config.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(default=8, ge=1, le=256)  # rows decoded together; later calls queue
+    prefill_step_size: int = Field(default=512, ge=1)  # prompt tokens prefilled between decode steps
+
+
+class ServerSettings(BaseModel):
+    """`conch serve`, the OpenAI-compatible API ([server] in config.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"  # another host needs the bearer token
+    port: int = Field(default=8321, ge=1, le=65535)
+    token_env: str = "CONCH_SERVE_TOKEN"  # the variable holding the bearer token; set, it is required
+    default_max_tokens: int = Field(default=512, ge=1)  # a request that names no max_tokens
+    max_tokens: int = Field(default=4096, ge=1)  # the most a request may ask for
+    max_request_kb: int = Field(default=1024, ge=1)  # a larger request body is refused (413)
+    accept_traces: bool = True  # POST /v1/traces: agents elsewhere send their EGO traces (JSONL) to this home
+    max_traces_mb: int = Field(default=64, ge=1)  # a larger POST of traces is refused (413)
+
+
+class DistributedSettings(BaseModel):
+    """Retrains that run data-parallel over several processes or Macs ([distributed] in config.toml),
+    launched by mlx.launch; with neither `hostfile` nor `local_ranks` a retrain runs in one process."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["ring", "mpi", "jaccl", "jaccl-ring"] = "ring"
+    hostfile: str | None = None  # mlx.launch's host file (JSON: [{"ssh": "mac2.local", "ips": ["10.0.0.2"]}, ...])
+    local_ranks: int = Field(default=0, ge=0, le=64)  # or this many processes on this machine (to try it out)
+    timeout_s: float = Field(default=300.0, gt=0)  # a collective slower than this fails the run
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hostfile) or self.local_ranks > 1
+
+
+class EgoSettings(BaseModel):
+    """Where `conch serve` sends "ego/<domain>" calls ([ego] in config.toml): an upstream
+    OpenAI-compatible server, or (no upstream_url) the config's teacher in the server's process."""
+
+    model_config = ConfigDict(extra="forbid")
+    upstream_url: str | None = None  # e.g. mlx_lm.server's "http://127.0.0.1:8080/v1"
+    upstream_model: str | None = None  # the name the upstream knows the teacher by; default: teacher
+    api_key_env: str | None = None  # the variable holding the upstream's API key, if it wants one
+    top_logprobs: int = Field(default=10, ge=0, le=20)  # asked of the upstream for the trace's top-k
+    timeout_s: float = Field(default=600.0, gt=0)
+    aliases: dict[str, str] = Field(default_factory=dict)  # other model names that mean "ego/<domain>"
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
+        return v.rstrip("/") if v else v
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    teacher: str = DEFAULT_TEACHER
+    student: str = DEFAULT_STUDENT
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
+    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    check_minutes: float = Field(default=10.0, gt=0)
+    retrain_threshold: int = Field(default=32, ge=1)
+    replay_count: int = Field(default=32, ge=0)  # older train traces mixed into each retrain
+    # a backlog (a long pause, a bulk import) is trained in runs of at most this many new traces
+    max_traces_per_run: int = Field(default=2000, ge=1)
+    promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
+    gate_metric: GateMetric = GateMetric.TEACHER_FORCED  # the held-out KL the gate compares
+    # the on-policy held-out KL costs teacher passes over each version's answers: false on a machine
+    # that trains on imported teacher targets without the teacher
+    measure_on_policy: bool = True
+    max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    # how far the share of held-out tool calls whose answer parses may fall (1: not checked)
+    max_tool_parse_drop: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_heldout: int = Field(default=8, ge=0)
+    train_on_battery: bool = False
+    keep_versions: int = Field(default=5, ge=1)  # per domain, besides the current and pinned ones
+    teacher_cache_max_mb: float = Field(default=4096, gt=0)  # least recently used targets go first
+    # a domain whose runs fail is retried after check_minutes, then twice as long each time, up to this
+    max_backoff_minutes: float = Field(default=24 * 60, gt=0)
+    failure_limit: int = Field(default=3, ge=1)  # failed runs in a row on one batch before it is set aside
+    neurons: NeuronSettings = Field(default_factory=NeuronSettings)
+    serve: bool = False  # the daemon runs `conch serve` too
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    ego: EgoSettings = Field(default_factory=EgoSettings)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
+    domain: dict[str, DomainSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _measures_need_the_teacher(self) -> Config:
+        if self.gate_metric is GateMetric.ON_POLICY and not self.measure_on_policy:
+            raise ValueError('gate_metric = "on_policy" needs measure_on_policy = true')
+        if self.kd.on_policy > 0 and not self.measure_on_policy:
+            # a machine without the teacher cannot score the student's own answers either
+            raise ValueError(f"[kd] on_policy = {self.kd.on_policy:g} needs measure_on_policy = true: the teacher "
+                             "scores the student's own answers; set [kd] on_policy = 0 to train on imported "
+                             "targets alone")
+        return self
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        for name in v:
+            validate_domain_name(name)
+        if len(set(v)) != len(v) or not v:
+            raise ValueError("domains must be a non-empty list of distinct names")
+        return v
+
+    def threshold(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.retrain_threshold if o and o.retrain_threshold else self.retrain_threshold
+
+    def iters(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.num_iters if o and o.num_iters else self.kd.num_iters
+
+    def kd_for(self, domain: str) -> KDConfig:
+        """The run settings of a domain: [kd] with the domain's num_iters."""
+        return replace(self.kd, num_iters=self.iters(domain))
+
+    def with_iters(self, domain: str, iters: int | None) -> Config:
+        """This config with the domain's num_iters set to `iters` (None: unchanged), e.g. --iters."""
+        if iters is None:
+            return self
+        override = (self.domain.get(domain) or DomainSettings()).model_copy(update={"num_iters": iters})
+        return self.model_copy(update={"domain": {**self.domain, domain: override}})
+
+    def heldout_minimum(self, domain: str) -> int:
+        o = self.domain.get(domain)
+        return o.min_heldout if o and o.min_heldout is not None else self.min_heldout
+
+
+def parse_config(text: str, source: str = "config.toml") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key"
+        where = f"{key}: " if key else ""  # a rule over several keys names them itself
+        raise ConfigError(f"{source}: {where}{msg.replace('KDConfig.', 'kd.')}") from None
+    unknown = [d for d in config.domain if d not in config.domains]
+    if unknown:
+        raise ConfigError(f"{source}: domain.{unknown[0]}: not one of the configured domains")
+    aliased = [(name, d) for name, d in config.ego.aliases.items() if d not in config.domains]
+    if aliased:
+        raise ConfigError(f"{source}: ego.aliases.{aliased[0][0]}: {aliased[0][1]!r} is not one of the "
+                          f"configured domains")
+    return config
+
+
+def load_config(home: str | Path) -> Config:
+    """The home's config.toml, or the defaults when there is none."""
+    path = Path(home) / "config.toml"
+    if not path.exists():
+        return Config()
+    return parse_config(path.read_text(), str(path))
