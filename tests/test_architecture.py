@@ -1,5 +1,5 @@
-"""The house plan of ARCHITECTURE.md, held against the code's own imports (every import statement,
-at module level or inside a function)."""
+"""The house plan of ARCHITECTURE.md, held against the code's own imports (every import statement, at module
+level or inside a function): a module's layer is its folder, and a folder imports only its own and those below."""
 
 import ast
 from pathlib import Path
@@ -8,17 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("conch_dna", "daemon", "neurons")
-APP = {"conch_dna.cli", "conch_dna.cli.main", "conch_dna.cli.__main__", "conch_dna.cli.demo", "conch_dna.lifecycle.report", "conch_dna.cli.progress", "conch_dna.cli.trainer",
-       "conch_dna.server.app", "conch_dna.server.wire"}
-SERVICES = ("daemon", "neurons")
-# The distillation engine, bottom up: a module may import those before it, never those after.
-ENGINE = ("conch_dna.training.losses", "conch_dna.training.hidden", "conch_dna.training.kd_config",
-          "conch_dna.training.callbacks",
-          "conch_dna.training.data", "conch_dna.training.evaluation", "conch_dna.training.on_policy",
-          "conch_dna.training.topk_codec", "conch_dna.training.teacher", "conch_dna.training.mixture",
-          "conch_dna.training.true_kd")
-# What the engine never reaches: it takes prompts and settings, it does not know where they are kept.
-ABOVE_ENGINE = {"conch_dna.settings.config", "conch_dna.traces.store", "conch_dna.traces.ingest", "conch_dna.lifecycle.cycle", "conch_dna.lifecycle.status"}
+# bottom up: a module may import its own layer's and the layers before it, never those after it
+LAYERS = ("conch_dna.system", "conch_dna.models", "conch_dna.kit", "conch_dna.training", "conch_dna.settings",
+          "conch_dna.traces", "conch_dna.lifecycle", "services", "conch_dna.server", "conch_dna.cli")
+SERVICES = ("neurons", "daemon")  # one layer, two packages that never import each other
+FACE = "conch_dna"  # the package itself: its names for agent code, loaded on first use
 
 
 def _module_name(path: Path) -> str:
@@ -51,12 +45,16 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def layer(module: str) -> str:
-    if module in APP:
-        return "app"
+def layer(module: str) -> int | None:
+    """The floor of a module's folder (None for the package's face)."""
+    if module == FACE:
+        return None
     if module.split(".")[0] in SERVICES:
-        return "services"
-    return "core"
+        return LAYERS.index("services")
+    for floor, folder in enumerate(LAYERS):
+        if module == folder or module.startswith(folder + "."):
+            return floor
+    raise AssertionError(f"{module} is in no layer's folder: put it in one (see ARCHITECTURE.md)")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -96,40 +94,52 @@ def graph():
 
 
 def test_the_graph_sees_function_level_imports(graph):
-    # cli imports the daemon inside its commands only: a reader of module-level imports would miss it
-    assert "daemon.service" in graph["conch_dna.cli.main"] and "conch_dna.training.true_kd" in graph["conch_dna.lifecycle.cycle"]
+    # the cli imports the daemon inside its commands only: a reader of module-level imports would miss it
+    assert "daemon.service" in graph["conch_dna.cli.main"]
+    assert "conch_dna.training.true_kd" in graph["conch_dna.lifecycle.cycle"]
 
 
 def test_cycles_are_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_layers_are_read_from_folders():
+    assert layer("conch_dna.models.gguf.reader") == layer("conch_dna.models.chat") < layer("conch_dna.training.losses")
+    assert layer("neurons.registry") == layer("daemon.worker") < layer("conch_dna.server.app")
+    with pytest.raises(AssertionError, match="no layer's folder"):
+        layer("conch_dna.stray")
+
+
 def test_no_import_cycles(graph):
     assert cycles(graph) == []
 
 
-def test_the_core_never_imports_services_or_the_app(graph):
-    upward = {m: sorted(d for d in deps if layer(d) != "core") for m, deps in graph.items() if layer(m) == "core"}
+def test_every_import_runs_down_or_within_its_own_folder(graph):
+    upward = {m: sorted(d for d in deps if layer(d) is not None and layer(m) is not None and layer(d) > layer(m))
+              for m, deps in graph.items()}
     assert {m: d for m, d in upward.items() if d} == {}
 
 
-def test_a_service_imports_the_core_and_its_own_package_only(graph):
-    strays = {m: sorted(d for d in deps if layer(d) == "app" or (layer(d) == "services"
-                                                                 and d.split(".")[0] != m.split(".")[0]))
-              for m, deps in graph.items() if layer(m) == "services"}
+def test_a_service_never_imports_the_other(graph):
+    strays = {m: sorted(d for d in deps if d.split(".")[0] in SERVICES and d.split(".")[0] != m.split(".")[0])
+              for m, deps in graph.items() if m.split(".")[0] in SERVICES}
     assert {m: d for m, d in strays.items() if d} == {}
 
 
-def test_the_engine_runs_one_way_and_knows_no_store_or_config(graph):
-    for i, module in enumerate(ENGINE):
-        assert not graph[module] & set(ENGINE[i + 1:]), module
-        assert not graph[module] & ABOVE_ENGINE, module
+def test_nothing_imports_the_face(graph):
+    """The package's face (Ego, record for agent code) loads the traces layer: the layers below import
+    the modules themselves."""
+    assert sorted(m for m, deps in graph.items() if FACE in deps) == []
 
 
-def test_every_module_is_placed(graph):
-    """A new module of the app layer must be named in APP (and in ARCHITECTURE.md), not slip into the core."""
+def test_the_engine_knows_no_store_no_config_and_no_home(graph):
+    """The engine takes prompts, a KDConfig and a KDCallback: it never reaches the settings or the traces."""
+    for module, deps in graph.items():
+        if layer(module) == LAYERS.index("conch_dna.training"):
+            assert not [d for d in deps if layer(d) is not None and layer(d) >= LAYERS.index("conch_dna.settings")]
+
+
+def test_every_folder_is_in_the_plan():
     plan = (ROOT / "ARCHITECTURE.md").read_text()
-    for module in graph:
-        if layer(module) != "core" or module.startswith("conch_dna.kit"):
-            continue
-        assert f"`{module.removeprefix('conch_dna.').replace('.', '/')}" in plan, f"{module} is not in ARCHITECTURE.md"
+    for folder in [f for f in LAYERS if f != "services"] + list(SERVICES):
+        assert f"{folder.removeprefix('conch_dna.').replace('.', '/')}/" in plan, f"{folder} is not in ARCHITECTURE.md"

@@ -89,12 +89,23 @@ def test_two_ranks_train_what_one_process_trains_and_score_each_trace_once(tmp_p
     alone = json.loads((tmp_path / "one" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert alone["ranks"] == 1 and [r["ranks"] for r in ranks] == [2, 2]
-    # 1 process x batch 4 against 2 ranks x 2 rows of the same batches: the same adapter after 8 steps
+    # 1 process x batch 4 against 2 ranks x 2 rows of the same batches: the same adapter after 8 steps, up to
+    # the order the ranks' gradients are summed in. The bound comes from what Adam does with that: each step
+    # moves a weight by at most about lr (its update is m/sqrt(v), of size 1 or less), so 8 steps reach at most
+    # 8 lr; a reordered float32 sum changes a gradient in its last bits, which Adam turns into a visible change
+    # only where that gradient is itself near zero. Held to 1% of the reach (observed: at most 0.2%), and the
+    # adapter's whole movement (lora_b starts at zero, so its norm is its movement) to 0.1%.
     a, b = (load_file(str(tmp_path / side / "adapter" / "adapters.safetensors")) for side in ("one", "two"))
-    assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
-    for side in ("before", "after"):  # the held-out metrics reduced across the ranks: the same
+    reach = 8 * 1e-3
+    assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 0.01 * reach
+    moved = [k for k in a if k.endswith("lora_b")]
+    assert np.sqrt(sum(float(np.square(a[k] - b[k]).sum()) for k in moved)) < \
+        1e-3 * np.sqrt(sum(float(np.square(a[k]).sum()) for k in moved))
+    # the held-out metrics reduced across the ranks: before training the same weights, only summed in another
+    # order (float32 over a few hundred tokens: ~1e-6 relative); after it, weights that differ as above
+    for side, rel in (("before", 1e-5), ("after", 1e-3)):
         for key in ("kl", "ce", "agreement"):
-            assert ranks[0][side][key] == pytest.approx(alone[side][key], rel=1e-5), (side, key)
+            assert ranks[0][side][key] == pytest.approx(alone[side][key], rel=rel), (side, key)
             assert ranks[1][side][key] == ranks[0][side][key]
         assert ranks[0][side]["tokens"] == alone[side]["tokens"]
     # one teacher pass per trace in total: each rank scored its share
@@ -174,3 +185,68 @@ def test_a_sigterm_to_the_launcher_reaches_every_rank_and_the_launcher_waits_for
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert sorted(out.split("\n")[:-1]) == ["rank 0 stopped", "rank 1 stopped"]
+
+
+PLAN = """
+import json, resource, sys
+from pathlib import Path
+from conch_dna.lifecycle.cycle import _Cycle
+from conch_dna.lifecycle.plan import decode_plan, encode_plan
+from conch_dna.settings.config import load_config
+from conch_dna.system import distributed
+from conch_dna.system.home import conch_home
+home = conch_home()
+blob = b""
+if distributed.is_leader():
+    cycle = _Cycle(home, "task", load_config(home), True, None)
+    picked = cycle.select()
+    blob = encode_plan(cycle.plan(picked, {"established": picked.held[:3]}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+got = distributed.broadcast_bytes(blob, "the plan", chunk=1 << 20)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+plan = decode_plan(got)
+first = plan["train"][0]
+print(json.dumps({"rank": distributed.rank(), "bytes": len(got), "grew": grew, "train": len(plan["train"]),
+                  "held": len(plan["held"]), "established": [t["rowid"] for t in plan["groups"]["established"]],
+                  "held_rowids": [t["rowid"] for t in plan["held"][:3]], "first_rowid": first["rowid"],
+                  "first_topk": first["topk"]["logprobs"][:2].astype(float).tolist(),
+                  "first_messages": first["messages"]}), flush=True)
+"""
+
+
+def test_a_plan_of_2000_traces_costs_each_rank_about_the_traces_size_in_the_store(tmp_path):
+    """Rank 0 sends the run's plan packed (top-k as the store keeps it, not as JSON numbers) and broadcast in
+    chunks (not gathered padded): each rank receives the plan once, at most twice the traces' size in the store,
+    and holds little more while it arrives; the held-out set is capped as the train side is."""
+    home = tmp_path / "home"
+    write_config(home, domains=["task"], max_traces_per_run=2000, max_heldout_per_run=40, heldout_fraction=0.1)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(2300):
+        n = 64
+        lines.append(json.dumps({"domain": "task", "teacher": "t", "messages": [
+            {"role": "user", "content": f"Plan step {i} of the day."}, {"role": "assistant", "content": f"Do {i}."}],
+            "topk": {"token_ids": rng.integers(0, 500, (n, 8)).tolist(),
+                     "logprobs": np.round(-rng.random((n, 8)) * 5, 3).tolist(), "tokenizer": "kit"}}))
+    store = TraceStore.for_home(home, load_config(home))
+    assert ingest_bytes(store, ("\n".join(lines) + "\n").encode(), "plan").stored == 2300
+    out = run([*LAUNCH, str(_script(tmp_path, PLAN))], home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    zero, one = ranks
+    assert zero["train"] == 2000 and zero["held"] == 40  # the cap on both sides
+    assert one == {**zero, "rank": 1, "grew": one["grew"]}  # the same plan on both ranks
+    assert set(one["established"]) == set(one["held_rowids"])  # a group travels as row ids of the held-out
+    in_store = store.db.conn.execute(
+        "SELECT SUM(length(messages) + COALESCE(length(tools), 0) + length(topk_ids) + length(topk_logprobs)) "
+        "FROM (SELECT * FROM traces WHERE split = 'train' ORDER BY rowid LIMIT 2000)").fetchone()[0]
+    assert one["bytes"] <= 2 * in_store
+    assert one["grew"] <= 2 * in_store  # what the follower held to receive it: the plan, and one chunk
+
+
+def _script(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(text)
+    return path

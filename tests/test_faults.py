@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conch_dna.kit import TEACHER_PATH, corpus
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
 from conch_dna.lifecycle.cycle import RESUME_FILE, pending, retrain_domain
 from conch_dna.lifecycle.failures import retry_at, set_aside_if_stuck
 from conch_dna.models.versions import domain_dir
@@ -24,9 +24,9 @@ from tests.test_daemon import write_config
 MISSING_STUDENT = "/nowhere/student"  # loading it fails at once: a run that fails the same way every time
 
 
-def failing_home(tmp_path, n=24, **extra):
+def failing_home(tmp_path, n=24, student=MISSING_STUDENT, **extra):
     home = tmp_path / "home"
-    write_config(home, student=MISSING_STUDENT, retrain_threshold=8, **extra)
+    write_config(home, student=student, retrain_threshold=8, **extra)
     store = TraceStore.for_home(home, load_config(home))
     add_traces(store, n, seed=1)
     return home, store
@@ -40,8 +40,22 @@ def add_traces(store, n, seed):
     store.add(traces, "test")
 
 
-def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_new_traces_train_again(tmp_path):
-    home, store = failing_home(tmp_path, failure_limit=3)
+@pytest.fixture
+def batch_fails(monkeypatch):
+    """Runs that fail on their traces (a batch the engine cannot train on): the failures that count towards
+    setting the traces aside; a model that does not load is not the traces' fault (tests/test_stopping.py).
+    The message is the student's, so a run with another student fails another way."""
+    from conch_dna.training.true_kd import TrueKnowledgeDistiller
+
+    def fails(self, domain, prompts, *args, **kwargs):
+        raise ValueError(f"cannot train {self.student_model_id} on this batch")
+
+    monkeypatch.setattr(TrueKnowledgeDistiller, "distill_domain", fails)
+
+
+def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_new_traces_train_again(
+        tmp_path, batch_fails):
+    home, store = failing_home(tmp_path, failure_limit=3, student=STUDENT_PATH)
     config = load_config(home)
     batch = pending(store, "debug")
     assert batch > 0 and set_aside_if_stuck(store, "debug", config) is None  # no failure yet
@@ -51,12 +65,12 @@ def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_ne
         assert pending(store, "debug") == batch and len(store.failure_streak("debug")) == attempt
         other = store.start_run("memory")  # another domain's runs are not this one's streak
         store.finish_run(other, RunStatus.REJECTED)
-    elsewhere = config.model_copy(update={"student": "/nowhere/else"})  # the third fails another way
+    elsewhere = config.model_copy(update={"student": TEACHER_PATH})  # the third fails another way
     third = retrain_domain(home, "debug", elsewhere)
     assert third.status is RunStatus.FAILED and f"set aside {batch} train traces" in third.reason
     [aside] = store.set_asides("debug")
     assert aside["traces"] == batch and aside["after_rowid"] == 0 and "3 runs in a row" in aside["reason"]
-    assert "/nowhere/else" in aside["reason"]  # the last error travels with the batch
+    assert f"cannot train {TEACHER_PATH}" in aside["reason"]  # the last error travels with the batch
     assert pending(store, "debug") == 0  # the domain is past them; they are still stored
     assert store.counts("debug").train == batch
     for _ in range(3):  # forced runs on traces already set aside set nothing more aside
@@ -74,8 +88,8 @@ def test_a_batch_that_keeps_failing_is_set_aside_after_failure_limit_runs_and_ne
     assert latest["after_rowid"] == aside["upto_rowid"] and latest["traces"] == fresh
 
 
-def test_failures_on_different_batches_are_not_one_batch(tmp_path):
-    home, store = failing_home(tmp_path, failure_limit=2)
+def test_failures_on_different_batches_are_not_one_batch(tmp_path, batch_fails):
+    home, store = failing_home(tmp_path, failure_limit=2, student=STUDENT_PATH)
     config = load_config(home)
     retrain_domain(home, "debug", config)
     add_traces(store, 24, seed=3)  # the next run sees more traces: another batch

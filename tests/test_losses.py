@@ -1,10 +1,9 @@
 """Each loss against an independent numpy reference written from its textbook definition."""
 
+from conch_dna.models.loading import VocabMismatchError, check_shared_vocab
 from conch_dna.training.losses import (
     PAD_LOGPROB,
-    VocabMismatchError,
     align_vocab_sizes,
-    check_shared_vocab,
     compute_ce_loss,
     compute_kd_loss,
     divergence,

@@ -178,7 +178,7 @@ def test_a_malformed_body_is_a_400_in_openais_shape(server, body, words):
 
 def test_the_request_size_limit_and_unknown_paths(server):
     big = json.dumps({"model": "task", "messages": [{"role": "user", "content": "x" * 5000}]})
-    response = httpx.post(f"{server.url}/chat/completions", content=big)
+    response = httpx.post(f"{server.url}/chat/completions", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     with pytest.raises(openai.APIStatusError, match="over this server's limit of 4096 bytes") as err:
         client(server).chat.completions.create(model="task", messages=[{"role": "user", "content": "x" * 5000}])

@@ -300,7 +300,8 @@ def kd_retrain(domain: str = typer.Option(..., help="the domain to retrain"),
 
         progress = RichProgress(console)
         try:
-            r = retrain_domain(home, domain, config, force, progress)
+            with progress.stop_on_signals():
+                r = retrain_domain(home, domain, config, force, progress)
         finally:
             progress.close()
         status, reason = str(r.status), r.reason
@@ -557,7 +558,10 @@ def models_import(source: str = typer.Argument(..., help="a .gguf file, ollama:N
         _fail(str(exc))
     if path.is_dir():
         _fail(f"{source} is already an mlx-lm directory ({path}): name it in config.toml as it is")
-    out = output or home / "models" / re.sub(r"[^A-Za-z0-9._-]+", "-", source.split(":", 1)[-1]).strip("-.")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split(":", 1)[-1]).strip("-.")
+    if output is None and not name:
+        _fail(f"cannot name a model folder after {source!r}: give one with --output")
+    out = output or home / "models" / name
     try:
         with console.status(f"importing {source} ({path.stat().st_size / 2**30:.2f} GiB) as {dtype}"):
             out = import_gguf(path, out, dtype, rest_dtype)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
+
 from conch_dna.training.callbacks import KDCallback
 
 from rich.console import Console
@@ -9,13 +13,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 
 class RichProgress(KDCallback):
-    """Draws the engine's callbacks on `console`."""
+    """Draws the engine's callbacks on `console`; inside `stop_on_signals()`, Ctrl-C or SIGTERM asks the
+    run to stop at its next step (a checkpoint is kept, the run is recorded as interrupted)."""
 
     def __init__(self, console: Console):
         self.console = console
         self.bar: Progress | None = None
         self.task = None
         self.domain = ""
+        self.stopping = threading.Event()
+
+    def should_stop(self) -> bool:
+        return self.stopping.is_set()
+
+    @contextmanager
+    def stop_on_signals(self):
+        """SIGINT and SIGTERM only set a flag while the run goes (the engine checks it between steps);
+        the handlers before are back afterwards."""
+        def stop(signum, frame) -> None:
+            if not self.stopping.is_set():
+                self.console.print("stopping at the next step; its checkpoint is kept for the next run")
+            self.stopping.set()
+
+        before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
     def on_stage(self, domain: str, text: str) -> None:
         self._close_bar()

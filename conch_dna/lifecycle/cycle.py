@@ -11,6 +11,8 @@ from pathlib import Path
 
 from conch_dna.lifecycle.failures import set_aside_if_stuck
 from conch_dna.lifecycle.gate import decide
+from conch_dna.lifecycle.plan import decode_plan, encode_plan
+from conch_dna.models.loading import ModelLoadError, VocabMismatchError
 from conch_dna.models.versions import (
     DomainBusy,
     ManifestError,
@@ -28,7 +30,7 @@ from conch_dna.system import distributed
 from conch_dna.system.domains import check_domain
 from conch_dna.system.fsutil import atomic_write_json
 from conch_dna.system.home import TEACHER_CACHE_DIR
-from conch_dna.traces.runs import RunStatus
+from conch_dna.traces.runs import NOT_THE_TRACES, RunStatus
 from conch_dna.traces.store import TraceStore
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.kd_config import changed_settings
@@ -110,19 +112,9 @@ def retrain_domain(home: str | Path, domain: str, config: Config | None = None, 
 
 
 def _tell_followers(plan: dict | None) -> None:
-    """Rank 0's plan of the run (what the other ranks train on and how), or None: no run."""
+    """Rank 0's plan of the run (what the other ranks train on and how), or None (sent as nothing): no run."""
     if distributed.size() > 1:
-        distributed.gather_bytes(json.dumps(plan, default=_plain).encode(), "the run's plan")
-
-
-def _plain(value):
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} in a run's plan")
+        distributed.broadcast_bytes(encode_plan(plan) if plan is not None else b"", "the run's plan")
 
 
 def _follow(home: Path, domain: str, callbacks: KDCallback) -> CycleResult:
@@ -131,9 +123,10 @@ def _follow(home: Path, domain: str, callbacks: KDCallback) -> CycleResult:
 
     from conch_dna.training.kd_config import KDConfig
 
-    plan = json.loads(distributed.gather_bytes(b"", "the run's plan")[0])
-    if plan is None:
+    blob = distributed.broadcast_bytes(b"", "the run's plan")
+    if not blob:
         return CycleResult(None, domain, RunStatus.SKIPPED, "rank 0 runs no retrain")
+    plan = decode_plan(blob)
     distributed.configure(plan["timeout_s"])
     with tempfile.TemporaryDirectory(prefix="conch-rank-") as tmp:
         distiller = TrueKnowledgeDistiller(plan["teacher"], plan["student"], KDConfig(**plan["kd"]), output_dir=tmp,
@@ -148,6 +141,10 @@ def _follow(home: Path, domain: str, callbacks: KDCallback) -> CycleResult:
         except distributed.RankFailure as exc:
             return CycleResult(None, domain, RunStatus.FAILED, str(exc))
     return CycleResult(None, domain, RunStatus.RUNNING, f"trained as rank {distributed.rank()}; rank 0 records the run")
+
+
+# what fails a run without being the traces' fault: the next run waits longer, but their data is not set aside
+ENVIRONMENT_ERRORS = (ModelLoadError, VocabMismatchError, OSError, MemoryError)
 
 
 class _Cycle:
@@ -183,16 +180,23 @@ class _Cycle:
             return self.interrupted(run_id, picked, candidate, stop)
         except distributed.RankFailure as exc:
             return self.rank_failed(run_id, picked, candidate, str(exc))
-        except BaseException as exc:
+        except (KeyboardInterrupt, SystemExit):  # stopped where no stop is checked for: not a failure either
+            self.keep_newest_checkpoint(picked, candidate)
+            discard(candidate)
+            self.store.finish_run(run_id, RunStatus.INTERRUPTED, decision=RunStatus.INTERRUPTED.value,
+                                  reason="interrupted; the next run resumes from its last checkpoint, if it had one")
+            raise
+        except Exception as exc:
             discard(candidate)
             reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
-            self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason)
-            if isinstance(exc, Exception):
-                traceback.print_exc()
-                set_aside = set_aside_if_stuck(self.store, self.domain, self.config)
-                return CycleResult(run_id, self.domain, RunStatus.FAILED, f"{reason}; {set_aside}" if set_aside
-                                   else reason)
-            raise
+            # a model that cannot be loaded, a full disk, too little memory: the next run waits longer, but
+            # these runs never count towards setting the traces aside, which are not at fault
+            decision = NOT_THE_TRACES if isinstance(exc, ENVIRONMENT_ERRORS) else RunStatus.FAILED.value
+            self.store.finish_run(run_id, RunStatus.FAILED, decision=decision, reason=reason)
+            traceback.print_exc()
+            set_aside = set_aside_if_stuck(self.store, self.domain, self.config)
+            return CycleResult(run_id, self.domain, RunStatus.FAILED, f"{reason}; {set_aside}" if set_aside
+                               else reason)
 
     def select(self) -> Selection:
         """New train traces since the last run, a replay sample of older ones, the held-out set."""
@@ -212,7 +216,9 @@ class _Cycle:
             upto = new[-1]["rowid"]
         replay = (self.store.traces_of(self.domain, "train", upto_rowid=mark, sample=self.config.replay_count)
                   if mark else [])
-        held = self.store.traces_of(self.domain, "heldout", upto_rowid=upto)
+        # at most max_heldout_per_run, drawn at random as the replay is (all of them, when there are fewer)
+        held = sorted(self.store.traces_of(self.domain, "heldout", upto_rowid=upto,
+                                           sample=self.config.max_heldout_per_run), key=lambda t: t["rowid"])
         if not new and not self.force:
             raise _Skip("no new train traces since the last run")
         if not new + replay:
@@ -232,14 +238,18 @@ class _Cycle:
         options = DistillOptions(warm_start=current_adapter_path(self.home, self.domain), adapter_dir=candidate,
                                  resume=picked.resume, heldout_groups=groups,
                                  measure_on_policy=self.config.measure_on_policy)
-        _tell_followers({"teacher": self.config.teacher, "student": self.config.student, "kd": asdict(self.kd),
-                         "train": picked.new + picked.replay, "held": picked.held, "groups": groups,
-                         "resume": picked.resume, "measure_on_policy": self.config.measure_on_policy,
-                         "timeout_s": self.config.distributed.timeout_s})
+        _tell_followers(self.plan(picked, groups))
         try:
             return distiller.distill_domain(self.domain, picked.new + picked.replay, picked.held or None, options)
         finally:
             TeacherCache(self.home / TEACHER_CACHE_DIR).evict(int(self.config.teacher_cache_max_mb * 2**20))
+
+    def plan(self, picked: Selection, groups: dict | None) -> dict:
+        """What the other ranks of a data-parallel run train on, and how (conch_dna.lifecycle.plan sends it)."""
+        return {"teacher": self.config.teacher, "student": self.config.student, "kd": asdict(self.kd),
+                "train": picked.new + picked.replay, "held": picked.held, "groups": groups,
+                "resume": picked.resume, "measure_on_policy": self.config.measure_on_policy,
+                "timeout_s": self.config.distributed.timeout_s}
 
     def gate(self, picked: Selection, result: DistillResult) -> tuple[bool, str]:
         established = (result.heldout_groups or {}).get("established")
@@ -288,24 +298,30 @@ class _Cycle:
         self.store.finish_run(run_id, RunStatus.INTERRUPTED, decision=RunStatus.INTERRUPTED.value, reason=reason)
         return CycleResult(run_id, self.domain, RunStatus.INTERRUPTED, reason)
 
+    def keep_newest_checkpoint(self, picked: Selection, candidate: Path) -> int | None:
+        """The candidate's newest checkpoint as the domain's resume point (for the same traces); its step."""
+        steps = sorted((int(p.name.rpartition("_")[2]), p) for p in candidate.glob("checkpoint_*")
+                       if p.name.rpartition("_")[2].isdigit())
+        if not steps:
+            return None
+        step, checkpoint = steps[-1]
+        discard(self.folder / RESUME_DIR)
+        os.rename(checkpoint, self.folder / RESUME_DIR)
+        atomic_write_json(self.folder / RESUME_FILE, {"iteration": step, "upto_rowid": picked.upto,
+                                                      "iters": self.kd.num_iters})
+        return step
+
     def rank_failed(self, run_id: int, picked: Selection, candidate: Path, reason: str) -> CycleResult:
         """A rank died or hung: the run failed, with why; its newest checkpoint is kept, so the next run
         of the domain resumes from it on the same traces (no version was written)."""
-        steps = sorted((int(p.name.rpartition("_")[2]), p) for p in candidate.glob("checkpoint_*")
-                       if p.name.rpartition("_")[2].isdigit())
         kept = ""
-        if steps:
-            step, checkpoint = steps[-1]
-            discard(self.folder / RESUME_DIR)
-            os.rename(checkpoint, self.folder / RESUME_DIR)
-            atomic_write_json(self.folder / RESUME_FILE, {"iteration": step, "upto_rowid": picked.upto,
-                                                          "iters": self.kd.num_iters})
+        if (step := self.keep_newest_checkpoint(picked, candidate)) is not None:
             kept = f"; the next run resumes from its checkpoint at step {step}"
         elif (state := self._resume_state()) is not None:  # it failed before a checkpoint of its own
             kept = f"; the next run resumes from the checkpoint at step {state['iteration']} again"
         discard(candidate)
         reason = f"{reason}{kept}"
-        self.store.finish_run(run_id, RunStatus.FAILED, decision=RunStatus.FAILED.value, reason=reason)
+        self.store.finish_run(run_id, RunStatus.FAILED, decision=NOT_THE_TRACES, reason=reason)
         return CycleResult(run_id, self.domain, RunStatus.FAILED, reason)
 
     def _resume_state(self) -> dict | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from itertools import takewhile
 
 from conch_dna.settings.config import Config
+from conch_dna.traces.runs import NOT_THE_TRACES
 from conch_dna.traces.store import TraceStore
 
 
@@ -28,7 +29,7 @@ def set_aside_if_stuck(store: TraceStore, domain: str, config: Config) -> str | 
     (a dead letter: kept, counted, with the last error) so new traces are trained again.
     Returns the reason recorded, or None. Call it holding the domain's lock (a checkpoint of the
     traces set aside is dropped by the next cycle, which finds them consumed)."""
-    streak = store.failure_streak(domain)
+    streak = [run for run in store.failure_streak(domain) if run.decision != NOT_THE_TRACES]
     if not streak:
         return None
     upto = streak[0].upto_rowid

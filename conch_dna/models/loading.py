@@ -85,3 +85,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of a tokenizer's vocabulary: same fingerprint, same token ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+class VocabMismatchError(ValueError):
+    """Teacher and student tokenizers do not give the same ids to the same tokens."""
+
+
+def check_shared_vocab(teacher_tokenizer, student_tokenizer) -> None:
+    """Raise VocabMismatchError unless every token both tokenizers know has the same id in both."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    differ = [tok for tok, i in s_vocab.items() if tok in t_vocab and t_vocab[tok] != i]
+    missing = [tok for tok in s_vocab if tok not in t_vocab]
+    if differ or len(missing) > 0.01 * len(s_vocab):
+        example = (differ or missing)[0]
+        raise VocabMismatchError(
+            f"teacher and student tokenizers do not share token ids ({len(differ)} tokens have "
+            f"different ids, {len(missing)} student tokens are unknown to the teacher; e.g. "
+            f"{example!r}): truncating would pair unrelated tokens. Use a student from the "
+            f"teacher's family, or the 'token_map' strategy."
+        )

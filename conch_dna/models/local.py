@@ -238,7 +238,7 @@ def tokenizer_of(ref: str):
 
 def pair_check(teacher: str, student: str) -> tuple[bool, str]:
     """Whether a teacher and a student share token ids, by the rule the distiller applies."""
-    from conch_dna.training.losses import VocabMismatchError, check_shared_vocab
+    from conch_dna.models.loading import VocabMismatchError, check_shared_vocab
 
     t, s = tokenizer_of(teacher), tokenizer_of(student)
     try:

@@ -220,7 +220,8 @@ def tool_use(tokenizer, tools: list[dict] | None, tool_choice=None) -> ToolUse |
                         "only tool_choice \"auto\" or \"none\" can be honoured")
     if tool_choice == "required":
         return ToolUse(tools, fmt, fmt.start)
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
         raise ToolError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": '
                         f'{{"name": ...}}}}, got {tool_choice!r}')

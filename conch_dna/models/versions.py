@@ -29,6 +29,13 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 _ANY = object()
 
 
+WRITE_TRIES = 100
+
+
+class VersionNameError(RuntimeError):
+    """A candidate could not be given a version name."""
+
+
 class DomainBusy(RuntimeError):
     """Another retrain cycle or rollback of the domain holds its lock."""
 
@@ -116,19 +123,25 @@ def current_adapter_path(home: str | Path, domain: str) -> Path | None:
 
 
 def write_version(home: str | Path, domain: str, candidate_dir: str | Path) -> str:
-    """Give a finished candidate directory the next version name; returns that name."""
+    """Give a finished candidate directory the next version name; returns that name.
+
+    The next name is above every entry named like a version, folder or not: a stray file called v0003 is
+    stepped over (v0004 is written), never renamed onto. Bounded: a folder whose names keep being taken
+    raises VersionNameError after WRITE_TRIES tries."""
     d = private_dir(domain_dir(home, domain))
-    while True:
-        existing = list_versions(home, domain)
-        name = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+    for _ in range(WRITE_TRIES):
+        taken = [int(m.group(1)) for p in d.iterdir() if (m := _VERSION.match(p.name))]
+        name = f"v{max(taken, default=0) + 1:04d}"
         try:
             os.rename(candidate_dir, d / name)  # fails if the name was taken meanwhile
             sync_dir(d)
             return name
         except OSError:
-            if (d / name).exists():
+            if os.path.lexists(d / name):
                 continue
             raise
+    raise VersionNameError(f"{domain}: could not give the candidate a version name in {d}: each new name was "
+                           f"taken {WRITE_TRIES} times in a row")
 
 
 def set_current(home: str | Path, domain: str, version: str, reason: str) -> dict:

@@ -10,7 +10,9 @@ whose answer is then recorded as a trace of the domain. The teacher is an upstre
 OpenAI-compatible server ([ego] upstream_url) or the config's teacher, loaded in this process.
 `POST /v1/traces` takes JSONL trace lines from agents on other machines, through the inbox's ingest
 (refused with [server] accept_traces = false). A host other than loopback is refused unless a bearer
-token is set ([server] token_env); with a token, every request must carry it. Message contents are
+token is set ([server] token_env); with a token, every request must carry it. Requests from web pages
+(an Origin, a foreign Host, a body not declared as JSON) are refused (conch_dna.server.guard); every
+connection, body and intake is bounded (conch_dna.server.connections, [server]). Message contents are
 never logged.
 """
 
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -35,6 +37,8 @@ import conch_dna.server.wire as wire
 from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
 from conch_dna.models.tools import ToolError
 from conch_dna.models.versions import list_versions
+from conch_dna.server.connections import Waiting, connection_cap, guarded_protocol, rate_limit_server_logs
+from conch_dna.server.guard import RequestGuard
 from conch_dna.settings.config import Config, load_config
 from conch_dna.traces.ego import Ego
 from conch_dna.traces.ingest import ingest_bytes, record
@@ -56,6 +60,7 @@ log = logging.getLogger("conch.serve")
 EGO_PREFIX = "ego/"
 GRACE_S = 10  # on stop, answers still streaming get this long to finish before they are cut
 PINNED_KEPT = 4  # pinned versions kept loaded between requests (each is one adapter's weights)
+REASONS_SHOWN = 100  # refused lines of a POST of traces whose reasons the answer gives; the rest are counted
 _DONE = object()
 
 
@@ -96,6 +101,7 @@ class ConchAPI:
         self._pins: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._token_map: tuple[TokenMap, str] | None = None
+        self._writes = _ByteBudget(config.server.traces_mb_per_hour * 2**20, 3600.0)
 
     # -- routing a model name -----------------------------------------------------------------
 
@@ -167,7 +173,7 @@ class ConchAPI:
         kind, domain, version = self.route(req.model)
         max_tokens = req.wanted_max_tokens(self.config.server.default_max_tokens, self.config.server.max_tokens)
         if kind == "neuron":
-            return await self.neuron_chat(req, domain, version, max_tokens)
+            return await self.neuron_chat(req, domain, version, max_tokens, request)
         if self.client is not None:
             return await self.upstream_chat(req, raw, domain, max_tokens)
         return await self.local_ego_chat(req, domain, max_tokens)
@@ -175,18 +181,33 @@ class ConchAPI:
     async def traces(self, request: Request) -> JSONResponse:
         """POST /v1/traces: JSONL trace lines from an agent elsewhere, through the inbox's ingest (the same
         validation, dedup and quarantine); the answer counts each outcome and gives each refused line's reason."""
-        if not self.config.server.accept_traces:
+        settings = self.config.server
+        if not settings.accept_traces:
             raise wire.APIError(403, "this server takes no traces ([server] accept_traces = false)",
                                 code="traces_refused")
-        data = await self._body(request, self.config.server.max_traces_mb * 2**20)
         client = request.client.host if request.client else "unknown"
+        free_mb = shutil.disk_usage(self.home).free / 2**20
+        if free_mb < settings.min_free_disk_mb:
+            raise wire.APIError(507, f"the home's disk has {free_mb:.0f} MB free, under [server] min_free_disk_mb "
+                                f"= {settings.min_free_disk_mb}: no traces are taken until there is more",
+                                type="server_error", code="disk_full")
+        data = await self._body(request, settings.max_traces_mb * 2**20)
+        if (lines := data.count(b"\n") + (not data.endswith(b"\n") and bool(data))) > settings.max_trace_lines:
+            raise wire.APIError(413, f"{lines} lines are over this server's limit of {settings.max_trace_lines} a "
+                                "request ([server] max_trace_lines): send them in parts", code="too_many_lines")
+        if (wait := self._writes.take(client, len(data))) is not None:
+            raise wire.APIError(429, f"{client} has sent its [server] traces_mb_per_hour = "
+                                f"{settings.traces_mb_per_hour:g}; try again in {wait:.0f} s", code="rate_limited",
+                                headers={"retry-after": str(int(wait) + 1)})
         report = await asyncio.to_thread(ingest_bytes, self.store, data, f"POST /v1/traces from {client}")
         reasons = await asyncio.to_thread(self.store.quarantine_reasons, hashlib.sha256(data).hexdigest())
         log.info("POST /v1/traces from %s: %d stored, %d duplicates, %d quarantined", client, report.stored,
                  report.duplicates, report.quarantined)
+        shown = sorted(reasons.items())[:REASONS_SHOWN]
         return JSONResponse({"lines": report.lines, "stored": report.stored, "duplicates": report.duplicates,
                              "quarantined": report.quarantined, "outcomes": report.outcomes,
-                             "reasons": {str(k): v for k, v in sorted(reasons.items())}})
+                             "reasons": {str(k): v for k, v in shown},
+                             "reasons_not_shown": max(0, len(reasons) - len(shown))})
 
     async def _body(self, request: Request, limit: int | None = None) -> bytes:
         limit = limit or self.config.server.max_request_kb * 1024
@@ -195,18 +216,27 @@ class ConchAPI:
         if int(request.headers.get("content-length") or 0) > limit:
             raise too_large
         body = bytearray()
-        try:
+
+        async def read() -> None:
             async for part in request.stream():
-                body += part
+                body.extend(part)
                 if len(body) > limit:
                     raise too_large
+
+        timeout = self.config.server.body_timeout_s
+        try:
+            await asyncio.wait_for(read(), timeout)
         except ClientDisconnect:
             raise wire.APIError(400, "the client went away before its request was read") from None
+        except asyncio.TimeoutError:
+            raise wire.APIError(408, f"the request body did not arrive within {timeout:g} s ([server] "
+                                "body_timeout_s)", code="request_timeout") from None
         return bytes(body)
 
     # -- the neurons --------------------------------------------------------------------------
 
-    async def neuron_chat(self, req: wire.ChatRequest, domain: str, version: str | None, max_tokens: int) -> Response:
+    async def neuron_chat(self, req: wire.ChatRequest, domain: str, version: str | None, max_tokens: int,
+                          request: Request | None = None) -> Response:
         sampling = {"stop": req.stop, "logprobs": req.wanted_logprobs()}
         if req.temperature:  # none or 0: greedy, where top_p means nothing
             sampling["temperature"] = req.temperature
@@ -240,7 +270,12 @@ class ConchAPI:
             return ("tool_calls" if calls and call.finish_reason is Finish.STOP else call.finish_reason.value), calls
 
         if not req.stream:
-            text = "".join([part async for part in _chunks(call)])
+            watch = asyncio.ensure_future(_cancel_when_gone(request, call)) if request is not None else None
+            try:
+                text = "".join([part async for part in _chunks(call)])
+            finally:
+                if watch is not None:
+                    watch.cancel()
             done("answered")
             counts = wire.usage(call.prompt_tokens, call.completion_tokens)
             reason, calls = finish()
@@ -346,10 +381,17 @@ class ConchAPI:
             return JSONResponse(data, background=keep)
 
         answer = {"parts": [], "content": [], "calls": wire.StreamedCalls(), "complete": False}
+        cap, read = self.ego.max_answer_kb * 1024, 0
 
         async def events():
+            nonlocal read
             try:
                 async for line in response.aiter_lines():
+                    read += len(line) + 1
+                    if read > cap:  # cut off: what was sent is not the teacher's whole answer, and is not kept
+                        raise wire.APIError(502, f"the upstream's answer is over [ego] max_answer_kb = "
+                                            f"{self.ego.max_answer_kb}: cut off", type="upstream_error",
+                                            code="upstream_answer_too_long")
                     if not line.startswith("data:"):
                         continue
                     payload = line[len("data:"):].strip()
@@ -465,6 +507,34 @@ async def _chunks(call):
         call.cancel()  # the caller went away, or it is over (then a no-op)
 
 
+async def _cancel_when_gone(request: Request, call) -> None:
+    """Cancel a call whose caller went away before its (non-streamed) answer was ready: the body is read,
+    so the next message the server hands over is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    call.cancel()
+
+
+class _ByteBudget:
+    """Bytes each client may write in a window (a token bucket refilled over `window_s`)."""
+
+    def __init__(self, per_window: float, window_s: float):
+        self.per_window, self.window_s, self._buckets = per_window, window_s, {}
+
+    def take(self, client: str, n: int) -> float | None:
+        """Spend `n` of the client's bytes; None if it had them, else the seconds until it will."""
+        now = time.monotonic()
+        level, at = self._buckets.get(client, (self.per_window, now))
+        level = min(self.per_window, level + (now - at) * self.per_window / self.window_s)
+        if n > level:
+            self._buckets[client] = (level, now)
+            return (n - level) * self.window_s / self.per_window
+        self._buckets[client] = (level - n, now)
+        if len(self._buckets) > 10_000:  # clients seen long ago are full again: forget them
+            self._buckets = {c: v for c, v in self._buckets.items() if now - v[1] < self.window_s}
+        return None
+
+
 async def _guarded(events):
     """A stream's events; an error after the response began ends the stream with an error event."""
     try:
@@ -500,7 +570,7 @@ def _as_asked(choice: dict, req: wire.ChatRequest) -> None:
 
 def _error_response(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, wire.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
     if isinstance(exc, HTTPException):
         kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
         error = wire.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind)
@@ -509,24 +579,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(wire.APIError(500, f"the server failed: {exc}", type="server_error").body(), status_code=500)
 
 
-class BearerAuth:
-    """ASGI middleware: with a token set, every HTTP request must carry it."""
-
-    def __init__(self, app, token: str | None):
-        self.app, self.token = app, token
-
-    async def __call__(self, scope, receive, send):
-        if self.token and scope["type"] == "http":
-            sent = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-                body = wire.APIError(401, "a valid bearer token is required (Authorization: Bearer <token>)",
-                                     type="authentication_error", code="invalid_api_key").body()
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_app(api: ConchAPI):
+def create_app(api: ConchAPI, host: str | None = None):
+    """The ASGI app; every request first passes RequestGuard (the bound `host`, the token, the origins)."""
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -539,7 +593,8 @@ def create_app(api: ConchAPI):
                 Route("/v1/models/{model:path}", api.model, methods=["GET"])],
         exception_handlers={Exception: _error_response, HTTPException: _error_response, wire.APIError: _error_response},
         lifespan=lifespan)
-    return BearerAuth(app, api.token)
+    settings = api.config.server
+    return RequestGuard(app, host or settings.host, api.token, settings.allowed_hosts, settings.allowed_origins)
 
 
 class Server:
@@ -558,8 +613,11 @@ class Server:
         self.registry = registry or NeuronRegistry(self.home)
         self.api = ConchAPI(self.home, config, self.registry, token)
         port = config.server.port if port is None else port
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.api), host=self.host, port=port,
+        rate_limit_server_logs()
+        self.connections = Waiting(connection_cap(config.server.max_connections), config.server.header_timeout_s)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.api, self.host), host=self.host, port=port,
                                                     log_level="warning", lifespan="on",
+                                                    http=guarded_protocol(self.connections),
                                                     timeout_graceful_shutdown=GRACE_S))
         self.thread: threading.Thread | None = None
 

@@ -19,9 +19,10 @@ class APIError(Exception):
     """An error as OpenAI sends it: {"error": {"message", "type", "code", "param"}} with a status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
@@ -99,6 +100,16 @@ class ChatRequest(BaseModel):
     def _tools(cls, v):
         return check_tools(v) if v else None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        function = v.get("function") if isinstance(v, dict) else None
+        if v is None or v in ("auto", "none", "required") or (
+                isinstance(v, dict) and v.get("type") == "function" and isinstance(function, dict)
+                and isinstance(function.get("name"), str)):
+            return v
+        raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
@@ -135,10 +146,14 @@ def parse_request(body: bytes) -> tuple[ChatRequest, dict]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
         return ChatRequest.model_validate(data), data
+    except RecursionError:
+        raise APIError(400, "the request is nested too deeply to read") from None
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(x) for x in e["loc"]) or "body"
@@ -198,6 +213,8 @@ class StreamedCalls:
     """An answer's tool calls put back together from a stream's `delta.tool_calls` fragments
     (OpenAI sends a call's id and name first, then its arguments in pieces, keyed by `index`)."""
 
+    MAX_CALLS = 128  # as many as a request may offer tools
+
     def __init__(self):
         self._calls: dict[int, dict] = {}
 
@@ -206,8 +223,11 @@ class StreamedCalls:
             if not isinstance(fragment, dict):
                 continue
             index = fragment.get("index", 0)
-            call = self._calls.setdefault(index if isinstance(index, int) else 0,
-                                          {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            # a fragment that names its call by no usable index belongs to no call: it must not join call 0
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.MAX_CALLS:
+                continue
+            call = self._calls.setdefault(index, {"id": "", "type": "function",
+                                                  "function": {"name": "", "arguments": ""}})
             if isinstance(fragment.get("id"), str):
                 call["id"] += fragment["id"]
             function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}

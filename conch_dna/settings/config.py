@@ -84,6 +84,16 @@ class ServerSettings(BaseModel):
     max_request_kb: int = Field(default=1024, ge=1)  # a larger request body is refused (413)
     accept_traces: bool = True  # POST /v1/traces: agents elsewhere send their EGO traces (JSONL) to this home
     max_traces_mb: int = Field(default=64, ge=1)  # a larger POST of traces is refused (413)
+    max_trace_lines: int = Field(default=20000, ge=1)  # a POST of more lines is refused (413): send it in parts
+    traces_mb_per_hour: float = Field(default=512.0, gt=0)  # each client's POSTed traces; past it, 429
+    min_free_disk_mb: int = Field(default=1024, ge=0)  # a POST of traces is refused (507) with less free in the home
+    # names this server answers to besides loopback and its bound address (a request for another Host is
+    # refused: DNS rebinding), and the web origins it answers (a request from any other page is refused)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    max_connections: int = Field(default=256, ge=1, le=65536)  # open at once; one more closes the slowest waiting
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # for a request's headers, once connected
+    body_timeout_s: float = Field(default=120.0, gt=0, le=86400)  # for a request's whole body
 
 
 class DistributedSettings(BaseModel):
@@ -112,6 +122,7 @@ class EgoSettings(BaseModel):
     top_logprobs: int = Field(default=10, ge=0, le=20)  # asked of the upstream for the trace's top-k
     timeout_s: float = Field(default=600.0, gt=0)
     aliases: dict[str, str] = Field(default_factory=dict)  # other model names that mean "ego/<domain>"
+    max_answer_kb: int = Field(default=4096, ge=1)  # an upstream answer longer than this is cut off, not recorded
 
     @field_validator("upstream_url")
     @classmethod
@@ -130,8 +141,11 @@ class Config(BaseModel):
     check_minutes: float = Field(default=10.0, gt=0)
     retrain_threshold: int = Field(default=32, ge=1)
     replay_count: int = Field(default=32, ge=0)  # older train traces mixed into each retrain
+    # the quarantine (bad lines from the inbox, record() and POST /v1/traces) keeps this much, oldest forgotten first
+    max_quarantine_mb: float = Field(default=64.0, gt=0)
     # a backlog (a long pause, a bulk import) is trained in runs of at most this many new traces
     max_traces_per_run: int = Field(default=2000, ge=1)
+    max_heldout_per_run: int = Field(default=1000, ge=1)  # more held-out traces: each run measures a sample
     promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
     gate_metric: GateMetric = GateMetric.TEACHER_FORCED  # the held-out KL the gate compares
     # the on-policy held-out KL costs teacher passes over each version's answers: false on a machine

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -135,6 +136,36 @@ def gather_bytes(blob: bytes, what: str = "a gather") -> list[bytes]:
         mx.eval(gathered)
     rows = np.array(gathered).reshape(size(), -1)
     return [rows[r, : int(n)].tobytes() for r, n in enumerate(np.array(lengths))]
+
+
+BROADCAST_CHUNK = 8 << 20  # bytes a broadcast moves per collective: what it holds beyond the message itself
+
+
+def broadcast_bytes(blob: bytes, what: str = "a broadcast", chunk: int = BROADCAST_CHUNK) -> bytes | bytearray:
+    """Rank 0's bytes on every rank (the others pass b""), sent in chunks: each rank holds the message and one
+    chunk, never the padded copies of every rank's part that a gather would."""
+    if size() == 1:
+        return blob
+    import mlx.core as mx
+
+    def summed(values: np.ndarray) -> np.ndarray:  # rank 0's values plus everyone else's zeros
+        out = mx.distributed.all_sum(mx.array(values if is_leader() else np.zeros_like(values)), stream=mx.cpu)
+        mx.eval(out)
+        return np.array(out)
+
+    with collective(what):
+        header = summed(np.frombuffer(struct.pack("<Q", len(blob)), np.uint8).copy())
+        length = struct.unpack("<Q", header.astype(np.uint8).tobytes())[0]
+        if is_leader():
+            for start in range(0, length, chunk):
+                summed(np.frombuffer(blob, np.uint8, min(chunk, length - start), start))
+            return blob
+        out = bytearray(length)
+        view = np.frombuffer(out, np.uint8)
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            view[start:stop] = summed(np.zeros(stop - start, np.uint8))
+    return out
 
 
 def gather(share: list, encode: Callable[[list], bytes], decode: Callable[[bytes], list], what: str) -> list:

@@ -95,6 +95,7 @@ def ingest_lines(store: TraceStore, lines: Iterable[tuple[bytes, int]], source: 
     nothing twice and loses nothing.
     """
     rows, kinds, bad = [], [], []
+    alike = _AlikeRun()
 
     def commit():
         with store.write() as conn:
@@ -107,16 +108,49 @@ def ingest_lines(store: TraceStore, lines: Iterable[tuple[bytes, int]], source: 
     for number, (raw, length) in enumerate(lines, start=1):
         row, reason = prepare_line(store, raw, length)
         if row is None:
-            bad.append((number, reason, kept_bytes(raw, length)))
+            if (ended := alike.add(number, reason, kept_bytes(raw, length))) is not None:
+                bad.append(ended)
             kinds.append("quarantined")
         else:
+            if (ended := alike.end()) is not None:
+                bad.append(ended)
             rows.append(row)
             kinds.append(None)
         if len(kinds) >= CHUNK_LINES:
             commit()
-    if kinds:
+    if (ended := alike.end()) is not None:
+        bad.append(ended)
+    if kinds or bad:
         commit()
     return report
+
+
+class _AlikeRun:
+    """Consecutive bad lines that are alike (blank, or the same bytes for the same reason) kept as one
+    quarantine row, by the first line's number: a body of a million newlines is one row, not a million.
+    The run may span transactions; a crash before its row is written re-reads the lines, which come out
+    as the same row (keyed by the file's hash and that first line)."""
+
+    def __init__(self):
+        self.key = self.first = self.last = self.reason = self.raw = None
+
+    def add(self, number: int, reason: str, raw: bytes) -> tuple[int, str, bytes] | None:
+        """Take a bad line; the row of the run it ends, if it ends one."""
+        key = ("blank", reason) if not raw.strip() else (raw, reason)
+        if key == self.key:
+            self.last = number
+            return None
+        ended = self.end()
+        self.key, self.first, self.last, self.reason, self.raw = key, number, number, reason, raw
+        return ended
+
+    def end(self) -> tuple[int, str, bytes] | None:
+        if self.key is None:
+            return None
+        n = self.last - self.first + 1
+        reason = self.reason if n == 1 else f"{self.reason} (lines {self.first}-{self.last}: {n} alike, kept once)"
+        row, self.key = (self.first, reason, self.raw), None
+        return row
 
 
 def ingest_bytes(store: TraceStore, data: bytes, source: str) -> IngestReport:

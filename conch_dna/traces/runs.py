@@ -20,6 +20,11 @@ class RunStatus(str, Enum):
         return self.value
 
 
+# a failed run's decision when what failed was not its traces (a model that does not load, a full disk):
+# it backs the domain off like any failure, but never counts towards setting the traces aside
+NOT_THE_TRACES = "failed: not the traces"
+
+
 @dataclass
 class RunRecord:
     """One row of the store's `runs` table: what a retrain cycle took in, measured and decided."""

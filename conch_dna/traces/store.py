@@ -109,10 +109,14 @@ class TraceStore:
     Raises RuntimeError for a database written by a newer conch.
     """
 
-    def __init__(self, path: str | Path, domains=DOMAINS, heldout_fraction: float = 0.1):
+    def __init__(self, path: str | Path, domains=DOMAINS, heldout_fraction: float = 0.1,
+                 max_quarantine_mb: float | None = None):
         self.path = Path(path)
         self.domains = tuple(domains)
         self.heldout_fraction = heldout_fraction
+        # the quarantine keeps at most this much (raw lines and reasons), the oldest forgotten first:
+        # what any file, agent or client sends cannot grow it without bound
+        self.max_quarantine_bytes = int(max_quarantine_mb * 2**20) if max_quarantine_mb else None
         private_dir(self.path.parent)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -123,7 +127,7 @@ class TraceStore:
     @classmethod
     def for_home(cls, home: str | Path, config) -> TraceStore:
         """The store of a home (`<home>/conch.db`) with its config's domains and held-out fraction."""
-        return cls(Path(home) / DB_FILE, config.domains, config.heldout_fraction)
+        return cls(Path(home) / DB_FILE, config.domains, config.heldout_fraction, config.max_quarantine_mb)
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -252,6 +256,21 @@ class TraceStore:
         conn.executemany(
             "INSERT OR IGNORE INTO quarantine (source, source_hash, line, reason, raw, quarantined_at)"
             " VALUES (?,?,?,?,?,?)", [(source, source_hash, n, reason, raw, now) for n, reason, raw in items])
+        if items and self.max_quarantine_bytes is not None:
+            self._bound_quarantine(conn, self.max_quarantine_bytes)
+
+    @staticmethod
+    def _bound_quarantine(conn: sqlite3.Connection, max_bytes: int) -> int:
+        """Forget the oldest quarantined lines beyond `max_bytes` of raw bytes and reasons; how many.
+        (length() of a blob reads no content: the scan stays cheap.)"""
+        return conn.execute(
+            "DELETE FROM quarantine WHERE id IN (SELECT id FROM (SELECT id, SUM(length(raw) + length(reason))"
+            " OVER (ORDER BY id DESC) AS newer FROM quarantine) WHERE newer > ?)", (max_bytes,)).rowcount
+
+    def quarantine_bytes(self) -> int:
+        """What the quarantine holds: its raw lines' and reasons' bytes."""
+        return self.db.conn.execute(
+            "SELECT COALESCE(SUM(length(raw) + length(reason)), 0) FROM quarantine").fetchone()[0]
 
     def trained_upto(self, domain: str) -> int:
         """The last trace rowid a completed training run of the domain consumed (0: none yet)."""

@@ -22,10 +22,6 @@ _LOG_FLOOR = -13.8  # log(1e-6)
 PAD_LOGPROB = -30.0
 
 
-class VocabMismatchError(ValueError):
-    """Teacher and student tokenizers do not give the same ids to the same tokens."""
-
-
 def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -229,21 +225,6 @@ def align_vocab_sizes(
         floor = teacher_logits.min() - 30.0
         return mx.where(token_map >= 0, gathered, floor), student_logits
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALIGN_STRATEGIES)}")
-
-
-def check_shared_vocab(teacher_tokenizer, student_tokenizer) -> None:
-    """Raise VocabMismatchError unless every token both tokenizers know has the same id in both."""
-    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    differ = [tok for tok, i in s_vocab.items() if tok in t_vocab and t_vocab[tok] != i]
-    missing = [tok for tok in s_vocab if tok not in t_vocab]
-    if differ or len(missing) > 0.01 * len(s_vocab):
-        example = (differ or missing)[0]
-        raise VocabMismatchError(
-            f"teacher and student tokenizers do not share token ids ({len(differ)} tokens have "
-            f"different ids, {len(missing)} student tokens are unknown to the teacher; e.g. "
-            f"{example!r}): truncating would pair unrelated tokens. Use a student from the "
-            f"teacher's family, or the 'token_map' strategy."
-        )
 
 
 def token_string_map(teacher_tokenizer, student_tokenizer) -> mx.array:

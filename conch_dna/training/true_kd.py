@@ -35,6 +35,7 @@ from conch_dna.models.loading import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
     check_model_ref,
+    check_shared_vocab,
     free_memory,
     load_model,
     load_tokenizer_only,
@@ -55,7 +56,6 @@ from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import (  # noqa: F401 - the documented public API
     DIVERGENCES,
     align_vocab_sizes,
-    check_shared_vocab,
     compute_ce_loss,
     compute_kd_loss,
     kd_loss,

@@ -40,6 +40,9 @@ BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MiB of float32
 SHARD_BYTES = 4 << 30  # safetensors files of at most this much, as mlx-lm writes them
 
 
+DISK_MARGIN = 256 * 2**20  # free space an import leaves on the disk, beyond what it writes
+
+
 class GGUFImportError(ValueError):
     """A GGUF file this importer cannot turn into an mlx-lm model; the message names what."""
 
@@ -107,22 +110,27 @@ def model_config(meta: dict, tensors: dict[str, TensorInfo], rope_freqs: np.ndar
     def get(key, default=None, required=True):
         return _meta(meta, f"{name}.{key}", default, required)
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    def count(key, default=None, required=True):
+        return _count(get(key, default, required), f"{name}.{key}")
+
+    hidden, heads = count("embedding_length"), count("attention.head_count")
     tokens = meta.get("tokenizer.ggml.tokens")
     config = {
         "model_type": arch.model_type, "architectures": [arch.hf_class],
-        "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else None)),
+        "hidden_size": hidden, "num_hidden_layers": count("block_count"),
+        "intermediate_size": count("feed_forward_length"),
+        "num_attention_heads": heads, "num_key_value_heads": count("attention.head_count_kv", heads),
+        "rms_norm_eps": _number(get("attention.layer_norm_rms_epsilon"), f"{name}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _number(get("rope.freq_base", 10000.0), f"{name}.rope.freq_base"),
+        "max_position_embeddings": count("context_length", 4096),
+        "vocab_size": count("vocab_size", len(tokens) if tokens is not None else None),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
     head_dim = get("attention.key_length", None, required=False)
-    if head_dim is not None and int(head_dim) != hidden // heads or arch.model_type in ("qwen3", "gemma3_text"):
-        config["head_dim"] = int(head_dim if head_dim is not None else hidden // heads)
+    head_dim = _count(head_dim, f"{name}.attention.key_length") if head_dim is not None else None
+    _check_shape_of_model(config, head_dim, tensors, tokens, meta)
+    if head_dim is not None and head_dim != hidden // heads or arch.model_type in ("qwen3", "gemma3_text"):
+        config["head_dim"] = head_dim if head_dim is not None else hidden // heads
     for key, token in (("eos_token_id", "eos"), ("bos_token_id", "bos")):
         value = meta.get(f"tokenizer.ggml.{token}_token_id")
         config[key] = int(value) if value is not None else None
@@ -140,6 +148,45 @@ def model_config(meta: dict, tensors: dict[str, TensorInfo], rope_freqs: np.ndar
         config["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length",
                                                              config["max_position_embeddings"], required=False))
     return config
+
+
+def _count(value, key: str) -> int:
+    """A metadata count: a whole number of at least 1 (not a float, a string, a bool or an array)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise GGUFImportError(f"the GGUF metadata's {key} is {value!r}: it must be a whole number of at least 1")
+    return int(value)
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value):
+        raise GGUFImportError(f"the GGUF metadata's {key} is {value!r}: it must be a finite number")
+    return float(value)
+
+
+def _check_shape_of_model(config: dict, head_dim: int | None, tensors: dict[str, TensorInfo], tokens,
+                          meta: dict) -> None:
+    """What the metadata says of the model's shape, against itself and the tensors, before anything is built
+    from it (a file claiming ten million blocks must not make the importer try)."""
+    hidden, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    if head_dim is None and hidden % heads:
+        raise GGUFImportError(f"the GGUF metadata has {heads} attention heads, which do not divide the width {hidden}")
+    if heads % kv:
+        raise GGUFImportError(f"the GGUF metadata has {kv} key-value heads, which do not divide its {heads} heads")
+    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if config["num_hidden_layers"] > len(blocks):
+        raise GGUFImportError(f"the GGUF metadata claims {config['num_hidden_layers']} blocks; the file has tensors "
+                              f"for {len(blocks)}")
+    if tokens is not None:
+        for key in ("bos", "eos", "padding", "unknown"):
+            value = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if value is not None and not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                                          and 0 <= value < len(tokens)):
+                raise GGUFImportError(f"the GGUF metadata's tokenizer.ggml.{key}_token_id is {value!r}, not an id "
+                                      f"of its {len(tokens)} tokens")
+        if config["vocab_size"] < len(tokens):
+            raise GGUFImportError(f"the GGUF metadata's vocab_size {config['vocab_size']} is smaller than its "
+                                  f"{len(tokens)} tokens")
 
 
 def _rope_scaling(name: str, meta: dict, rope_freqs: np.ndarray | None, config: dict) -> dict | None:
@@ -544,6 +591,13 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32", r
             bits = 4 if dtype == "q4" else 8
             config["quantization"] = config["quantization_config"] = {"group_size": GROUP_SIZE, "bits": bits}
         config["torch_dtype"] = fmt.floats
+        planned = sum(size for plan in plans for *_, size in _outputs(plan, fmt))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if planned + DISK_MARGIN > free:
+            raise GGUFImportError(f"the import needs {planned / 2**20:.0f} MiB and {out.parent} has {free / 2**20:.0f}"
+                                  f" MiB free (keeping {DISK_MARGIN // 2**20} MiB spare): free some space or "
+                                  "choose a smaller --dtype")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)

@@ -139,6 +139,8 @@ class GGUFFile:
         metadata = {}
         for i in range(n_kv):
             key = c.string(f"metadata key {i}", MAX_NAME_BYTES)
+            if key in metadata:  # which one would count? ggml refuses the file too
+                raise GGUFError(f"{path.name}: the metadata has the key {key!r} twice")
             metadata[key] = _value(c, c.unpack("I", f"the type of {key!r}"), key)
         if n_tensors > c.left() // _MIN_TENSOR_BYTES:
             raise GGUFError(f"{path.name}: {n_tensors} tensors cannot fit in its {len(mapped)} bytes")
@@ -147,13 +149,19 @@ class GGUFFile:
             raise GGUFError(f"{path.name}: general.alignment {alignment!r} is not a power of two")
         entries = [_tensor_entry(c, i) for i in range(n_tensors)]
         data_start = -(-c.pos // alignment) * alignment
-        sizes, tensors, names = type_sizes(), [], set()
+        sizes, tensors, names, expected = type_sizes(), [], set(), 0
         for name, shape, type_id, offset in entries:
             if name in names:
                 raise GGUFError(f"{path.name}: two tensors are named {name!r}")
             names.add(name)
-            tensors.append(_checked_tensor(path, name, shape, type_id, offset, data_start, alignment,
-                                           len(mapped), sizes))
+            tensor = _checked_tensor(path, name, shape, type_id, offset, data_start, alignment, len(mapped), sizes)
+            # as ggml reads a file: each tensor's data right after the one before, padded to the alignment, so
+            # no two tensors share bytes and a file cannot claim more data than it holds
+            if offset != expected:
+                raise GGUFError(f"{path.name}: tensor {name!r} has offset {offset}, expected {expected} (tensors "
+                                "must lie in order, each after the one before, as ggml requires)")
+            expected += -(-tensor.nbytes // alignment) * alignment
+            tensors.append(tensor)
         return cls(path, version, metadata, tensors, mapped)
 
     def tensor(self, name: str) -> TensorInfo:
