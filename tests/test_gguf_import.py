@@ -377,3 +377,59 @@ def test_student_cut_keeps_evenly_spaced_blocks_and_loads(tmp_path):
     assert len(model.layers) == 2
     np.testing.assert_array_equal(np.array(model.layers[1].mlp.up_proj.weight),
                                   np.array(teacher.layers[2].mlp.up_proj.weight))
+
+
+def _patched(path: Path, out: Path, key: str, type_id: int, value: bytes) -> Path:
+    """A copy of a GGUF whose metadata `key` now says `value` (of the same width), as type `type_id`."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    width = {4: 4, 5: 4, 6: 4}[struct.unpack_from("<I", data, at)[0]]
+    assert len(value) == width
+    data[at:at + 4] = struct.pack("<I", type_id)
+    data[at + 4:at + 4 + width] = value
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_file_that_lies_about_its_model_or_its_data_is_refused_by_the_cli_and_nothing_is_written(tmp_path):
+    import struct
+
+    config = hf_config("llama")
+    good = write_gguf(tmp_path / "good.gguf", config, hf_weights(config))
+    head = b"GGUF" + (3).to_bytes(4, "little")
+    value = (8).to_bytes(4, "little") + _string(b"m")
+    cases = {
+        "tensors that overlap": (hostile(tmp_path, "overlap.gguf", head + _u64(2) + _u64(0) + _tensor(b"a", [32], 0, 0)
+                                         + _tensor(b"b", [32], 0, 0)), "'b' has offset 0, expected 128"),
+        "a key twice": (hostile(tmp_path, "twice.gguf", head + _u64(0) + _u64(2) + _string(b"general.name") + value
+                                + _string(b"general.name") + value), "the key 'general.name' twice"),
+        "ten million blocks": (_patched(good, tmp_path / "blocks.gguf", "llama.block_count", 4,
+                                        struct.pack("<I", 10_000_000)), "claims 10000000 blocks; the file has"),
+        "no heads": (_patched(good, tmp_path / "heads.gguf", "llama.attention.head_count", 4, struct.pack("<I", 0)),
+                     "head_count is 0: it must be a whole number of at least 1"),
+        "an id past the vocabulary": (_patched(good, tmp_path / "eos.gguf", "tokenizer.ggml.eos_token_id", 4,
+                                               struct.pack("<I", 10**6)), "eos_token_id is 1000000, not an id"),
+        "a length that is no whole number": (_patched(good, tmp_path / "len.gguf", "llama.context_length", 6,
+                                                      struct.pack("<f", 2048.5)), "context_length is 2048.5"),
+    }
+    for i, (case, (path, reason)) in enumerate(cases.items()):
+        out = tmp_path / f"out{i}"
+        done = subprocess.run([sys.executable, "-m", "conch_dna.cli", "models", "import", str(path), "-o", str(out)],
+                              capture_output=True, text=True, env={**__import__("os").environ,
+                                                                   "CONCH_HOME": str(tmp_path / "home")})
+        assert done.returncode == 2 and reason in " ".join(done.stdout.split()), (case, done.stdout + done.stderr)
+        assert "Traceback" not in done.stderr and not out.exists() and not list(tmp_path.glob(f".out{i}*"))
+    assert import_gguf(good, tmp_path / "fine").is_dir()  # the file they were made from imports
+
+
+def test_an_import_that_would_not_fit_on_the_disk_is_refused_before_it_writes(tmp_path, monkeypatch):
+    from conch_dna.models.gguf import importer
+
+    config = hf_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", config, hf_weights(config))
+    monkeypatch.setattr(importer, "DISK_MARGIN", 2**62)  # as if the disk were all but full
+    with pytest.raises(GGUFImportError, match="MiB free .*: free some space or choose a smaller --dtype"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
