@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # because transformers imports torch in every process that can find it (2 s each, in every conch process)
 REFERENCE := $(VENV)/reference
 
-.PHONY: demo test lint mutate clean system-packages
+.PHONY: demo test lint docs mutate clean system-packages
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,17 @@ system-packages:
 demo: $(VENV)/.installed system-packages
 	$(VENV)/bin/conch demo
 
+# two workers (the tests are independent; those on the real pair share one, see tests/conftest.py)
 test: $(VENV)/.installed
 	@$(MAKE) --no-print-directory system-packages WITH_CHROMIUM=1
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# docs/config.md and docs/cli.md, made from the code (tests/test_docs.py fails when they are stale)
+docs: $(VENV)/.installed
+	$(PY) -m conch_dna.cli.reference
 
 # Mutation testing (mutmut) of the gate, the losses, evaluation and ingest; the survivors are listed at the end.
 mutate: $(VENV)/.installed

@@ -15,30 +15,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.models.loading import tokenizer_fingerprint
 from conch_dna.settings.config import load_config
 from conch_dna.system.domains import DOMAINS
-from conch_dna.system.home import conch_home
 from conch_dna.traces.ego import Ego
 from conch_dna.traces.store import TraceStore
-from conch_dna.training.distillation import DOMAIN_PROMPTS
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import to_messages
+
+from pair_args import add_model_args, parse_model_args
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=TEACHER_PATH)
-    p.add_argument("--student", default=STUDENT_PATH)
-    p.add_argument("--real", action="store_true", help="the SmolLM2 pair under $CONCH_HOME/models/smollm2")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per domain")
+    add_model_args(p, domains=None, prompts=8)
     p.add_argument("--max-tokens", type=int, default=64, help="the EGO's answer budget")
-    args = p.parse_args()
-    if args.real:
-        from conch_dna.models.realpair import build_pair
-
-        args.teacher, args.student = (str(x) for x in build_pair(conch_home() / "models" / "smollm2"))
+    args = parse_model_args(p)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         home.mkdir()

@@ -27,7 +27,7 @@ import json, sys, time
 from pathlib import Path
 from conch_dna.system import distributed
 from conch_dna.training.callbacks import KDCallback
-from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.training.true_kd import KDConfig, TrueKnowledgeDistiller, train_kd
 from mlx.utils import tree_flatten
 args = json.loads(sys.argv[1])

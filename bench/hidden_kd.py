@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.training.hidden import HIDDEN_LOSSES
-from conch_dna.training.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
-from conch_dna.training.topk_codec import decode_topk
+from conch_dna.training.targets.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
+from conch_dna.training.targets.topk_codec import decode_topk
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
 
 from pair_args import add_model_args, parse_model_args

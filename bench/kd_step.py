@@ -24,16 +24,16 @@ import tempfile
 import time
 from dataclasses import replace
 
-from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
+from conch_dna.kit import corpus
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.models.adapters import apply_lora
 from conch_dna.models.chat import encode_chat, split_prompts, to_messages
 from conch_dna.models.loading import load_model, output_vocab_size
 from conch_dna.training.data import KDExample, collate
-from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.losses import compute_kd_loss, masked_mean
-from conch_dna.training.teacher import TeacherCache, TeacherScorer, topk_logprobs
-from conch_dna.training.topk_codec import decode_topk, encode_topk
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer, topk_logprobs
+from conch_dna.training.targets.topk_codec import decode_topk, encode_topk
 from conch_dna.training.true_kd import KDConfig, make_kd_step, train_kd
 
 import mlx.core as mx
@@ -42,6 +42,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import default_loss
+from pair_args import add_model_args, parse_model_args
 from safetensors.numpy import save as safetensors_bytes
 
 
@@ -199,8 +200,7 @@ def packing_cost(args, teacher) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=TEACHER_PATH)
-    p.add_argument("--student", default=STUDENT_PATH)
+    add_model_args(p, domains=None, prompts=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--length", type=int, default=128, help="tokens per sequence")
     p.add_argument("--top-k", type=int, default=64)
@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--kl-max-answer-tokens", type=int, default=64, help="answer length there")
     p.add_argument("--answers-cache", help="a teacher cache holding those answers (e.g. /tmp/pair_cache)")
     p.add_argument("--packing-only", action="store_true", help="only the packed cache's figures")
-    args = p.parse_args()
+    args = parse_model_args(p)
     if args.packing_only:
         print_packing(args, load_model(args.teacher)[0])
         return

@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
-from conch_dna.system.home import conch_home
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.training.callbacks import KDCallback
-from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.true_kd import (
     KDConfig,
@@ -40,6 +38,7 @@ from mlx_lm import generate
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
 from mlx_lm.tuner.trainer import TrainingArgs, train
+from pair_args import add_model_args, parse_model_args
 
 
 class EvalAt(TrainingCallback):
@@ -60,12 +59,7 @@ def answer(model, tokenizer, messages, max_tokens: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=TEACHER_PATH)
-    p.add_argument("--student", default=STUDENT_PATH)
-    p.add_argument("--real", action="store_true",
-                   help="the real pair (conch models pair), built under $CONCH_HOME/models/smollm2 if missing")
-    p.add_argument("--domains", default="thinking,debug")
-    p.add_argument("--prompts", type=int, default=64, help="prompts per domain (then split train/held-out)")
+    add_model_args(p)
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--eval-at", default="", help="steps to measure at, e.g. 30,60,120,200 (default: the end)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -76,11 +70,7 @@ def main() -> None:
     p.add_argument("--max-answer-tokens", type=int, default=96)
     p.add_argument("--show-answers", type=int, default=3, help="held-out answers printed as text")
     p.add_argument("--cache-dir", default=None, help="teacher cache to reuse between runs")
-    args = p.parse_args()
-    if args.real:
-        from conch_dna.models.realpair import build_pair
-
-        args.teacher, args.student = (str(x) for x in build_pair(conch_home() / "models" / "smollm2"))
+    args = parse_model_args(p)
     steps = sorted({int(s) for s in args.eval_at.split(",") if s} | {args.iters})
     config = KDConfig(num_iters=args.iters, learning_rate=args.learning_rate, temperature=args.temperature,
                       alpha=args.alpha, lora_rank=args.lora_rank, lora_layers=1024,

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from conch_dna.training.distillation import DOMAIN_PROMPTS
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
 
 from pair_args import add_model_args, parse_model_args

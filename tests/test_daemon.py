@@ -166,7 +166,7 @@ def test_interrupted_cycle_keeps_a_checkpoint_and_the_next_one_resumes(tmp_path)
 def test_captured_topk_is_used_without_a_teacher_pass(tmp_path):
     from conch_dna.models.chat import encode_chat
     from conch_dna.models.loading import tokenizer_fingerprint
-    from conch_dna.training.teacher import TeacherCache, TeacherScorer
+    from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
     from mlx_lm import load
 

@@ -1,14 +1,57 @@
 """`conch demo` end to end, as `make demo` runs it: every demo domain promoted, one candidate rejected."""
 
+import os
 import re
 import stat
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
 
 from tests.conftest import run_module
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_demo_promotes_every_domain_and_rejects_the_noise_batch(tmp_path):
-    home = tmp_path / "demo-home"
-    proc = run_module("conch_dna.cli", "demo", "--home", str(home), timeout=900)  # a hang guard, not a speed test
+
+def installed_wheel(tmp_path: Path) -> Path:
+    """The project built as a wheel and installed, without its dependencies, into a fresh virtual environment
+    that borrows them from the test's own (a path line, so that none of its .pth files, the checkout's editable
+    install among them, is read); returns that environment's bin folder."""
+    dist = tmp_path / "dist"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(dist), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = dist.glob("conch_dna-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.startswith("conch_dna-")} == {"conch_dna", "daemon", "neurons"}  # no stray
+    assert any(n.endswith("kit/models/student/model.safetensors") for n in names)
+    assert any(n.endswith("data/share/conch-dna/launchd/com.conch.dna.plist.template") for n in names)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    [site] = (venv / "lib").glob("python*/site-packages")
+    (site / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                                "--no-deps", "-q", str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return venv / "bin"
+
+
+def test_the_installed_wheel_runs_the_demo_from_another_folder(tmp_path):
+    """`pip install .` then `conch demo` anywhere, as `make demo` runs it: every demo domain promoted, one
+    candidate rejected, the daemon's worker started from the installed package."""
+    bin_dir = installed_wheel(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    home = elsewhere / "demo-home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import conch_dna, daemon; print(conch_dna.__file__, "
+                            "daemon.__file__)"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
+    assert str(tmp_path / "venv") in where.stdout and str(ROOT) not in where.stdout, where.stdout + where.stderr
+    proc = subprocess.run([str(bin_dir / "conch"), "demo", "--home", str(home)], cwd=elsewhere, capture_output=True,
+                          text=True, env=env, timeout=900)  # a hang guard, not a speed test
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"OK: 2 of 2 domains promoted, [1-9]\d* candidate\(s\) rejected", proc.stdout)
     # `action` is asked with tools through conch serve; its promoted student answers with a call

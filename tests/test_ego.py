@@ -7,7 +7,7 @@ from conch_dna.settings.config import load_config
 from conch_dna.traces.ego import Ego
 from conch_dna.traces.store import TraceStore
 from conch_dna.training.losses import PAD_LOGPROB
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
 import numpy as np
 

@@ -433,3 +433,14 @@ def test_an_import_that_would_not_fit_on_the_disk_is_refused_before_it_writes(tm
     with pytest.raises(GGUFImportError, match="MiB free .*: free some space or choose a smaller --dtype"):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_source_that_names_no_folder_is_refused_and_the_models_folder_is_left_alone(tmp_path):
+    config = hf_config("llama")
+    write_gguf(tmp_path / "-.-", config, hf_weights(config))
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "conch_dna.cli", "models", "import", "./-.-"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "CONCH_HOME": str(home)})
+    assert done.returncode == 2 and "cannot name a model folder after './-.-': give one with --output" in \
+        " ".join(done.stdout.split()), done.stdout + done.stderr
+    assert not (home / "models").exists() or not list((home / "models").iterdir())

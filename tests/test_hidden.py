@@ -8,7 +8,7 @@ from conch_dna.models.chat import encode_chat
 from conch_dna.training.data import collate
 from conch_dna.training.hidden import attach_projection, hidden_loss, kd_hidden_loss, layer_map, student_layers, tapped
 from conch_dna.training.kd_config import KDConfig
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import TrueKnowledgeDistiller, train_kd
 
 import mlx.core as mx

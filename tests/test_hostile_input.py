@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import daemon.inbox as inbox_module
 from daemon.inbox import CORRUPT, Inbox
+from tests.conftest import quarantine_rows
 from tests.test_inbox import trace_line, wait_for
 
 
@@ -124,7 +125,7 @@ def test_the_split_fraction_travels_with_the_data(tmp_path):
 
 def test_a_prompt_longer_than_the_window_is_cut_for_the_teacher_too(tmp_path, kit):
     from conch_dna.models.loading import load_model
-    from conch_dna.training.teacher import TeacherCache, TeacherScorer
+    from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
     _, tokenizer = load_model(kit["student"])
     scorer = TeacherScorer(kit["teacher"], TeacherCache(tmp_path / "cache"), top_k=4, max_seq_length=32)
@@ -197,20 +198,6 @@ def record_calls(draw):
     if bad == "meta":
         meta["self"] = meta  # circular
     return messages, topk, meta
-
-
-def quarantine_rows(store, lines: list[bytes]) -> int:
-    """The rows a file's bad lines make: one per run of consecutive bad lines that are alike (blank ones, or
-    the same bytes), each line's fate read from prepare_line."""
-    from conch_dna.traces.ingest import prepare_line
-
-    rows, previous = 0, None
-    for line in lines:
-        reason = prepare_line(store, line, len(line))[1]
-        key = None if reason is None else ("blank", reason) if not line.strip() else (line, reason)
-        rows += key is not None and key != previous
-        previous = key
-    return rows
 
 
 def test_mixes_of_good_and_bad_lines_are_each_accounted_for_and_the_inbox_goes_on(tmp_path):

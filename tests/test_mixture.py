@@ -5,8 +5,8 @@ import json
 from conch_dna.training import true_kd
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.losses import PAD_LOGPROB
-from conch_dna.training.mixture import mix_topk
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.mixture import mix_topk
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
 import numpy as np
 import pytest

@@ -8,13 +8,14 @@ from conch_dna.lifecycle.gate import decide
 from conch_dna.models.versions import current_adapter_path
 from conch_dna.settings.config import Config, GateMetric, parse_config
 from conch_dna.traces.store import TraceStore
-from conch_dna.training import teacher as teacher_module
+from conch_dna.training import distiller as distiller_module
+from conch_dna.training.targets import teacher as teacher_module
 from conch_dna.training import true_kd
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part, round_groups
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ class ResidentModels:
 
     def __init__(self, teacher_id: str, monkeypatch):
         self.teacher_id, self.loads, self.live = teacher_id, [], []
-        original = true_kd.load_model
+        original = distiller_module.load_model
 
         def load(model_id, *args, **kwargs):
             kind = "teacher" if model_id == self.teacher_id else "student"
@@ -41,7 +42,7 @@ class ResidentModels:
             self.live.append((kind, weakref.ref(model)))
             return model, tokenizer
 
-        monkeypatch.setattr(true_kd, "load_model", load)
+        monkeypatch.setattr(distiller_module, "load_model", load)
         monkeypatch.setattr(teacher_module, "load_model", load)
 
 
@@ -186,14 +187,14 @@ def test_the_gate_compares_the_metric_config_chooses():
 def test_on_policy_rounds_answer_each_share_with_the_student_as_it_stands(kit, tmp_path, monkeypatch):
     models = ResidentModels(kit["teacher"], monkeypatch)
     calls = []
-    original = true_kd.answer_tokens
+    original = distiller_module.answer_tokens
 
     def recorded(model, tokenizer, chats, max_tokens, temperature, seed):
         answers = original(model, tokenizer, chats, max_tokens, temperature, seed)
         calls.append((seed, temperature, answers))
         return answers
 
-    monkeypatch.setattr(true_kd, "answer_tokens", recorded)
+    monkeypatch.setattr(distiller_module, "answer_tokens", recorded)
     config = KDConfig(num_iters=6, learning_rate=1e-2, lora_rank=8, sample_max_tokens=12, on_policy=1.0,
                       on_policy_rounds=3, sample_temperature=1.0, seed=5)  # sampled, told from greedy held-out
     distiller = true_kd.TrueKnowledgeDistiller(kit["teacher"], kit["student"], config, output_dir=tmp_path)

@@ -7,7 +7,7 @@ import time
 
 from conch_dna.models.versions import list_versions, pin, promote, prune_versions, read_manifest, rollback
 from conch_dna.system.fsutil import rotate
-from conch_dna.training.teacher import TeacherCache
+from conch_dna.training.targets.teacher import TeacherCache
 
 import numpy as np
 

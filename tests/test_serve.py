@@ -19,7 +19,7 @@ from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
 from conch_dna.server.app import ServeError, Server
 from conch_dna.system.domains import DOMAINS
 from conch_dna.traces.store import TraceStore
-from conch_dna.training.teacher import _fit_topk
+from conch_dna.training.targets.teacher import _fit_topk
 
 import httpx
 import numpy as np

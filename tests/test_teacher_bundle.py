@@ -10,10 +10,10 @@ from conch_dna.settings.config import ConfigError, parse_config
 from conch_dna.traces.bundle import BUNDLE_FORMAT, BundleError, export_bundle, import_bundle
 from conch_dna.traces.ingest import ingest_file
 from conch_dna.traces.store import TraceStore
-from conch_dna.training import teacher as teacher_module
-from conch_dna.training import true_kd
-from conch_dna.training.teacher import TeacherCache
-from conch_dna.training.topk_codec import encode_topk
+from conch_dna.training import distiller as distiller_module
+from conch_dna.training.targets import teacher as teacher_module
+from conch_dna.training.targets.teacher import TeacherCache
+from conch_dna.training.targets.topk_codec import encode_topk
 
 import numpy as np
 import pytest
@@ -51,13 +51,13 @@ def test_a_bundle_moves_the_targets_and_the_other_home_retrains_without_the_teac
         "already here" in again.stdout
 
     loaded = []
-    original = true_kd.load_model
+    original = distiller_module.load_model
 
     def load(model_id, *args, **kwargs):
         loaded.append(model_id)
         return original(model_id, *args, **kwargs)
 
-    monkeypatch.setattr(true_kd, "load_model", load)
+    monkeypatch.setattr(distiller_module, "load_model", load)
     monkeypatch.setattr(teacher_module, "load_model", load)
     assert str(retrain(training, "debug", iters=4, force=True).status) == "promoted"
     assert TEACHER_PATH not in loaded and loaded

@@ -1,8 +1,8 @@
 """The packed teacher targets: what a loss reads survives packing, in 150 bytes a token or less."""
 
 from conch_dna.training.losses import PAD_LOGPROB
-from conch_dna.training.teacher import TeacherCache
-from conch_dna.training.topk_codec import decode_topk, encode_topk
+from conch_dna.training.targets.teacher import TeacherCache
+from conch_dna.training.targets.topk_codec import decode_topk, encode_topk
 
 import numpy as np
 import pytest

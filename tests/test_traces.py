@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import quarantine_rows
+
 
 def trace(domain="thinking", prompt="Why does ice float?", answer="Because it is less dense.", **extra):
     return {"domain": domain, "teacher": "tiny-teacher",
@@ -132,7 +134,8 @@ def test_every_line_is_stored_duplicate_or_quarantined(lines, data):
                 assert outcome == "quarantined"
         assert report.stored == len(set(valid_ids))
         assert store.db.conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(set(valid_ids))
-        assert store.quarantine_count() == report.quarantined
+        # a run of alike bad lines (blank, or the same bytes) is one row
+        assert store.quarantine_count() == quarantine_rows(store, [raw.removesuffix(b"\r") for raw in lines])
         store.close()
 
 

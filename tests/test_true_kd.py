@@ -3,11 +3,11 @@
 import json
 import stat
 
+from conch_dna.kit.seeds import DOMAIN_PROMPTS
 from conch_dna.models.chat import encode_chat
 from conch_dna.training.data import collate
-from conch_dna.training.distillation import DOMAIN_PROMPTS
 from conch_dna.training.evaluation import heldout_metrics
-from conch_dna.training.teacher import TeacherCache, TeacherScorer
+from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 from conch_dna.training.true_kd import (
     KDConfig,
     TrueKnowledgeDistiller,
@@ -91,7 +91,7 @@ def test_teacher_targets_are_cached_and_match_a_full_softmax(kit, student, tmp_p
     # stored packed: log-probs to 8 bits on a square-root scale (finest near p = 1), the top-1 exact;
     # half a level of sqrt(-log p / DEPTH) moves p by at most max_p p·sqrt(-log p·DEPTH)/LEVELS (at
     # p = e^-1/2): 0.0092
-    from conch_dna.training.topk_codec import DEPTH, LEVELS
+    from conch_dna.training.targets.topk_codec import DEPTH, LEVELS
 
     bound = np.exp(-0.5) * np.sqrt(0.5 * DEPTH) / LEVELS
     exact = np.take_along_axis(full, ids, -1)

@@ -63,7 +63,7 @@ def _models(args) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conch_dna.training.distillation import DOMAIN_PROMPTS
+    from conch_dna.kit.seeds import DOMAIN_PROMPTS
 
     args = parser().parse_args(argv)
     console = Console(stderr=True)

@@ -34,7 +34,7 @@ from conch_dna.traces.runs import NOT_THE_TRACES, RunStatus
 from conch_dna.traces.store import TraceStore
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.kd_config import changed_settings
-from conch_dna.training.teacher import TeacherCache
+from conch_dna.training.targets.teacher import TeacherCache
 from conch_dna.training.true_kd import DistillOptions, DistillResult, TrainingInterrupted, TrueKnowledgeDistiller
 
 RESUME_FILE = ".resume.json"

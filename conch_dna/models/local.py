@@ -220,8 +220,8 @@ def list_models(home: Path) -> list[LocalModel]:
 def tokenizer_of(ref: str):
     """The tokenizer of a model reference, without its weights: an mlx-lm directory's or hub id's
     (mlx-lm's loader), a GGUF file's rebuilt from its header."""
-    from conch_dna.models.gguf.importer import build_tokenizer
     from conch_dna.models.gguf.reader import GGUFFile
+    from conch_dna.models.gguf.tokenizer import build_tokenizer
     from conch_dna.models.loading import load_tokenizer_only
 
     try:

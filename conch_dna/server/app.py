@@ -19,42 +19,32 @@ never logged.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ipaddress
-import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import conch_dna.server.wire as wire
-from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
-from conch_dna.models.tools import ToolError
 from conch_dna.models.versions import list_versions
 from conch_dna.server.connections import Waiting, connection_cap, guarded_protocol, rate_limit_server_logs
-from conch_dna.server.guard import RequestGuard
+from conch_dna.server.guard import RequestGuard, is_loopback_name
+from conch_dna.server.intake import TraceIntake
+from conch_dna.server.students import StudentAnswers
+from conch_dna.server.teacher import TeacherAnswers
 from conch_dna.settings.config import Config, load_config
-from conch_dna.traces.ego import Ego
-from conch_dna.traces.ingest import ingest_bytes, record
 from conch_dna.traces.store import TraceStore
-from conch_dna.traces.upstream import TokenMap, topk_from_logprobs, trace_messages
 
-import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from neurons.batching import EngineClosed, Finish
-from neurons.registry import NeuronRegistry, VersionRefused
+from neurons.registry import NeuronRegistry
 
 log = logging.getLogger("conch.serve")
 EGO_PREFIX = "ego/"
@@ -68,40 +58,28 @@ class ServeError(RuntimeError):
     """The server cannot start as asked (e.g. a public host without a bearer token)."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def bearer_token(config: Config) -> str | None:
     """The token every request must carry, from the variable [server] token_env names; None if unset."""
     return os.environ.get(config.server.token_env) or None
 
 
 def check_exposure(host: str, token: str | None, token_env: str) -> None:
-    if not is_loopback(host) and not token:
+    if not is_loopback_name(host.strip("[]")) and not token:
         raise ServeError(f"refusing to listen on {host}, which is not loopback, without a bearer token: "
                          f"set ${token_env} (every request must then send 'Authorization: Bearer <token>')")
 
 
 class ConchAPI:
-    """The endpoints, over one neuron registry and one teacher (upstream or in process)."""
+    """The endpoints, each a thin route: a model name to the students' or the teacher's answers, the model
+    list, the traces' intake; the request bodies read within their bounds."""
 
     def __init__(self, home: Path, config: Config, registry: NeuronRegistry, token: str | None = None):
         self.home, self.config, self.registry, self.token = home, config, registry, token
         self.store = TraceStore.for_home(home, config)
         self.ego = config.ego
-        self.teacher_name = self.ego.upstream_model or config.teacher
-        self.client = httpx.AsyncClient(timeout=self.ego.timeout_s) if self.ego.upstream_url else None
-        self._local_ego: Ego | None = None
-        self._pins: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._token_map: tuple[TokenMap, str] | None = None
-        self._writes = _ByteBudget(config.server.traces_mb_per_hour * 2**20, 3600.0)
+        self.students = StudentAnswers(registry)
+        self.teacher = TeacherAnswers(home, config, self.store)
+        self.intake = TraceIntake(home, config, self.store)
 
     # -- routing a model name -----------------------------------------------------------------
 
@@ -123,24 +101,6 @@ class ConchAPI:
                                 f"(kept: {kept})", code="model_not_found", param="model")
         raise wire.APIError(404, f"model {model!r} does not exist; known: {', '.join(domains)}, a domain@version "
                             f"(see /v1/models), or ego/<domain>", code="model_not_found", param="model")
-
-    def neuron(self, domain: str, version: str | None):
-        if version is None:
-            return self.registry.get(domain)
-        with self._lock:
-            if (domain, version) in self._pins:
-                self._pins.move_to_end((domain, version))
-                return self._pins[(domain, version)]
-        try:
-            with self.registry.pinned(domain, version) as neuron:
-                pass
-        except VersionRefused as exc:
-            raise wire.APIError(400, str(exc), code="version_refused", param="model") from None
-        with self._lock:
-            self._pins[(domain, version)] = neuron
-            while len(self._pins) > PINNED_KEPT:
-                self._pins.popitem(last=False)
-        return neuron
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -164,8 +124,9 @@ class ConchAPI:
         for d in self.registry.domains:
             out.append(entry(d, "conch", serving_version=self.registry.next_version(d)))
             out += [entry(f"{d}@{v}", "conch") for v in list_versions(self.home, d)]
-        out += [entry(f"{EGO_PREFIX}{d}", "conch-ego", teacher=self.teacher_name) for d in self.registry.domains]
-        out += [entry(name, "conch-ego", teacher=self.teacher_name, domain=d) for name, d in self.ego.aliases.items()]
+        teacher = self.teacher.teacher_name
+        out += [entry(f"{EGO_PREFIX}{d}", "conch-ego", teacher=teacher) for d in self.registry.domains]
+        out += [entry(name, "conch-ego", teacher=teacher, domain=d) for name, d in self.ego.aliases.items()]
         return out
 
     async def chat(self, request: Request) -> Response:
@@ -173,41 +134,11 @@ class ConchAPI:
         kind, domain, version = self.route(req.model)
         max_tokens = req.wanted_max_tokens(self.config.server.default_max_tokens, self.config.server.max_tokens)
         if kind == "neuron":
-            return await self.neuron_chat(req, domain, version, max_tokens, request)
-        if self.client is not None:
-            return await self.upstream_chat(req, raw, domain, max_tokens)
-        return await self.local_ego_chat(req, domain, max_tokens)
+            return await self.students.answer(req, domain, version, max_tokens, request)
+        return await self.teacher.answer(req, raw, domain, max_tokens)
 
     async def traces(self, request: Request) -> JSONResponse:
-        """POST /v1/traces: JSONL trace lines from an agent elsewhere, through the inbox's ingest (the same
-        validation, dedup and quarantine); the answer counts each outcome and gives each refused line's reason."""
-        settings = self.config.server
-        if not settings.accept_traces:
-            raise wire.APIError(403, "this server takes no traces ([server] accept_traces = false)",
-                                code="traces_refused")
-        client = request.client.host if request.client else "unknown"
-        free_mb = shutil.disk_usage(self.home).free / 2**20
-        if free_mb < settings.min_free_disk_mb:
-            raise wire.APIError(507, f"the home's disk has {free_mb:.0f} MB free, under [server] min_free_disk_mb "
-                                f"= {settings.min_free_disk_mb}: no traces are taken until there is more",
-                                type="server_error", code="disk_full")
-        data = await self._body(request, settings.max_traces_mb * 2**20)
-        if (lines := data.count(b"\n") + (not data.endswith(b"\n") and bool(data))) > settings.max_trace_lines:
-            raise wire.APIError(413, f"{lines} lines are over this server's limit of {settings.max_trace_lines} a "
-                                "request ([server] max_trace_lines): send them in parts", code="too_many_lines")
-        if (wait := self._writes.take(client, len(data))) is not None:
-            raise wire.APIError(429, f"{client} has sent its [server] traces_mb_per_hour = "
-                                f"{settings.traces_mb_per_hour:g}; try again in {wait:.0f} s", code="rate_limited",
-                                headers={"retry-after": str(int(wait) + 1)})
-        report = await asyncio.to_thread(ingest_bytes, self.store, data, f"POST /v1/traces from {client}")
-        reasons = await asyncio.to_thread(self.store.quarantine_reasons, hashlib.sha256(data).hexdigest())
-        log.info("POST /v1/traces from %s: %d stored, %d duplicates, %d quarantined", client, report.stored,
-                 report.duplicates, report.quarantined)
-        shown = sorted(reasons.items())[:REASONS_SHOWN]
-        return JSONResponse({"lines": report.lines, "stored": report.stored, "duplicates": report.duplicates,
-                             "quarantined": report.quarantined, "outcomes": report.outcomes,
-                             "reasons": {str(k): v for k, v in shown},
-                             "reasons_not_shown": max(0, len(reasons) - len(shown))})
+        return await self.intake.post(request, self._body)
 
     async def _body(self, request: Request, limit: int | None = None) -> bytes:
         limit = limit or self.config.server.max_request_kb * 1024
@@ -233,336 +164,8 @@ class ConchAPI:
                                 "body_timeout_s)", code="request_timeout") from None
         return bytes(body)
 
-    # -- the neurons --------------------------------------------------------------------------
-
-    async def neuron_chat(self, req: wire.ChatRequest, domain: str, version: str | None, max_tokens: int,
-                          request: Request | None = None) -> Response:
-        sampling = {"stop": req.stop, "logprobs": req.wanted_logprobs()}
-        if req.temperature:  # none or 0: greedy, where top_p means nothing
-            sampling["temperature"] = req.temperature
-            if req.top_p is not None and req.top_p < 1.0:
-                sampling["top_p"] = req.top_p
-        neuron = await asyncio.to_thread(self.neuron, domain, version)
-        try:
-            call = await asyncio.to_thread(neuron.submit, req.chat(), max_tokens, tools=req.tools,
-                                           tool_choice=req.tool_choice, **sampling)
-        except EngineClosed as exc:
-            raise wire.APIError(503, str(exc), type="server_error", code="shutting_down") from None
-        except ToolError as exc:
-            raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
-        except (ValueError, TypeError) as exc:
-            raise wire.APIError(400, f"cannot answer this chat: {exc}") from None
-        cid, fingerprint = wire.completion_id(), f"{domain}@{call.version}"
-        headers = {"x-conch-version": call.version}
-        decode = self.registry.tokenizer.decode
-
-        def logprobs_of(start: int, end: int | None = None) -> list[dict] | None:
-            if call.logprobs is None:
-                return None
-            return wire.token_logprobs(call.token_logprobs[start:end], lambda t: decode([t]))
-
-        def done(kind: str) -> None:
-            log.info("%s %s on %s: %s after %d tokens", kind, req.model, call.version,
-                     call.finish_reason.value if call.finish_reason else "error", call.completion_tokens)
-
-        def finish() -> tuple[str, list[dict]]:
-            calls = call.parsed().tool_calls
-            return ("tool_calls" if calls and call.finish_reason is Finish.STOP else call.finish_reason.value), calls
-
-        if not req.stream:
-            watch = asyncio.ensure_future(_cancel_when_gone(request, call)) if request is not None else None
-            try:
-                text = "".join([part async for part in _chunks(call)])
-            finally:
-                if watch is not None:
-                    watch.cancel()
-            done("answered")
-            counts = wire.usage(call.prompt_tokens, call.completion_tokens)
-            reason, calls = finish()
-            content = call.parsed().content if calls else text
-            whole = wire.completion(cid, req.model, content or (None if calls else ""), reason, counts, fingerprint,
-                                    logprobs_of(0), calls)
-            return JSONResponse(whole, headers=headers)
-
-        async def events():
-            yield wire.sse(wire.chunk(cid, req.model, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
-            seen, text = 0, _ContentOnly(call.tools.format if call.tools else None)
-            async for part in _chunks(call):
-                # the tokens of this text; a token decoded since may come along, none is sent twice
-                end = len(call.token_logprobs)
-                if content := text.add(part):
-                    yield wire.sse(wire.chunk(cid, req.model, {"content": content}, fingerprint=fingerprint,
-                                              logprobs=logprobs_of(seen, end)))
-                    seen = end
-            reason, calls = finish()
-            if calls:
-                yield wire.sse(wire.chunk(cid, req.model, {"tool_calls": wire.tool_call_deltas(calls)},
-                                          fingerprint=fingerprint))
-            elif held := text.held():  # tool-call markup that read as no call is the answer's text
-                yield wire.sse(wire.chunk(cid, req.model, {"content": held}, fingerprint=fingerprint))
-            yield wire.sse(wire.chunk(cid, req.model, {}, reason, fingerprint, logprobs_of(seen)))
-            if req.stream_options and req.stream_options.include_usage:
-                counts = wire.usage(call.prompt_tokens, call.completion_tokens)
-                yield wire.sse(wire.chunk(cid, req.model, None, usage=counts, fingerprint=fingerprint))
-            yield wire.sse("[DONE]")
-            done("streamed")
-
-        return StreamingResponse(_guarded(events()), media_type="text/event-stream", headers=headers)
-
-    # -- the EGO ------------------------------------------------------------------------------
-
-    async def local_ego_chat(self, req: wire.ChatRequest, domain: str, max_tokens: int) -> Response:
-        """The config's teacher in this process (greedy, as the EGO answers agent code)."""
-        with self._lock:
-            if self._local_ego is None:
-                self._local_ego = Ego(home=self.home, store=self.store)
-        messages = trace_messages(req.chat(), "")[:-1]
-        try:
-            answer = await asyncio.to_thread(self._local_ego.answer, messages, max_tokens, req.tools, req.tool_choice)
-        except ToolError as exc:
-            raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
-        keep = BackgroundTask(self._local_ego.record, domain, messages, answer, {"via": "conch serve"}, req.tools)
-        cid, counts = wire.completion_id(), wire.usage(answer.prompt_tokens, answer.completion_tokens)
-        message = answer.message()
-        if not req.stream:
-            whole = wire.completion(cid, req.model, message["content"], answer.finish_reason, counts,
-                                    tool_calls=answer.tool_calls)
-            return JSONResponse(whole, background=keep)
-
-        async def events():
-            yield wire.sse(wire.chunk(cid, req.model, {"role": "assistant", "content": ""}))
-            if message["content"]:
-                yield wire.sse(wire.chunk(cid, req.model, {"content": message["content"]}))
-            if answer.tool_calls:
-                yield wire.sse(wire.chunk(cid, req.model, {"tool_calls": wire.tool_call_deltas(answer.tool_calls)}))
-            yield wire.sse(wire.chunk(cid, req.model, {}, answer.finish_reason))
-            if req.stream_options and req.stream_options.include_usage:
-                yield wire.sse(wire.chunk(cid, req.model, None, usage=counts))
-            yield wire.sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", background=keep)
-
-    async def upstream_chat(self, req: wire.ChatRequest, raw: dict, domain: str, max_tokens: int) -> Response:
-        """The request goes to the upstream teacher as it came (tools and all; its model renamed);
-        the answer comes back as the upstream sent it, and is recorded after it was sent."""
-        body = {**{k: v for k, v in raw.items() if k != "max_completion_tokens"},
-                "model": self.teacher_name, "max_tokens": max_tokens}
-        if self.ego.top_logprobs:  # for the trace's top-k; the caller gets what it asked for
-            body["logprobs"], body["top_logprobs"] = True, max(self.ego.top_logprobs, req.top_logprobs or 0)
-        url = f"{self.ego.upstream_url}/chat/completions"
-        key = os.environ.get(self.ego.api_key_env) if self.ego.api_key_env else None
-        try:
-            response = await self.client.send(
-                self.client.build_request("POST", url, json=body,
-                                          headers={"Authorization": f"Bearer {key}"} if key else {}),
-                stream=True)
-        except httpx.HTTPError as exc:
-            raise wire.APIError(502, f"the upstream teacher at {url} could not be reached: {exc!r}",
-                                type="upstream_error", code="upstream_unreachable") from None
-        if response.status_code >= 400:
-            detail = (await response.aread())[:500].decode("utf-8", "replace")
-            await response.aclose()
-            raise wire.APIError(502, f"the upstream teacher at {url} answered {response.status_code}: {detail}",
-                                type="upstream_error", code="upstream_error")
-        messages = req.chat()
-        if not req.stream:
-            try:
-                data = await _read_json(response)
-                choice = data["choices"][0]
-                message, content = choice["message"], (choice.get("logprobs") or {}).get("content")
-                answer = {"role": "assistant", "content": message.get("content"),
-                          "tool_calls": message.get("tool_calls")}
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError, httpx.HTTPError) as exc:
-                raise wire.APIError(502, f"the upstream teacher at {url} sent no chat completion: {exc!r}",
-                                    type="upstream_error", code="upstream_error") from None
-            data["model"] = req.model
-            _as_asked(choice, req)
-            keep = BackgroundTask(self.record_upstream, domain, messages, answer, content, req.tools)
-            return JSONResponse(data, background=keep)
-
-        answer = {"parts": [], "content": [], "calls": wire.StreamedCalls(), "complete": False}
-        cap, read = self.ego.max_answer_kb * 1024, 0
-
-        async def events():
-            nonlocal read
-            try:
-                async for line in response.aiter_lines():
-                    read += len(line) + 1
-                    if read > cap:  # cut off: what was sent is not the teacher's whole answer, and is not kept
-                        raise wire.APIError(502, f"the upstream's answer is over [ego] max_answer_kb = "
-                                            f"{self.ego.max_answer_kb}: cut off", type="upstream_error",
-                                            code="upstream_answer_too_long")
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[len("data:"):].strip()
-                    if payload == "[DONE]":
-                        answer["complete"] = True
-                        yield wire.sse("[DONE]")
-                        return
-                    try:
-                        data = json.loads(payload)
-                    except ValueError:
-                        continue  # not ours to repair; the answer's other chunks still count
-                    for choice in data.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        answer["parts"].append(delta.get("content") or "")
-                        answer["calls"].add(delta.get("tool_calls"))
-                        answer["content"] += (choice.get("logprobs") or {}).get("content") or []
-                        _as_asked(choice, req)
-                    data["model"] = req.model
-                    yield wire.sse(data)
-            finally:
-                await response.aclose()
-
-        def keep() -> None:
-            if answer["complete"]:  # an answer cut off by a caller who left is not the teacher's answer
-                message = {"role": "assistant", "content": "".join(answer["parts"]) or None,
-                           "tool_calls": answer["calls"].calls() or None}
-                self.record_upstream(domain, messages, message, answer["content"], req.tools)
-
-        return StreamingResponse(_guarded(events()), media_type="text/event-stream", background=BackgroundTask(keep))
-
-    def record_upstream(self, domain: str, messages: list[dict], answer: dict, content,
-                        tools: list[dict] | None = None) -> None:
-        """The trace of an upstream answer (text or tool calls); top-k when its logprobs map to the
-        teacher's token ids."""
-        topk = None
-        if content:
-            try:
-                token_map, fingerprint = self.teacher_tokens()
-                topk = topk_from_logprobs(content, token_map, fingerprint)
-            except Exception:  # noqa: BLE001 - without top-k the retrain's teacher pass makes it
-                log.exception("cannot map the upstream's logprobs to %s's tokens", self.config.teacher)
-        trace_id = record(domain, trace_messages(messages, answer), teacher=self.teacher_name, topk=topk,
-                          meta={"via": "conch serve"}, store=self.store, tools=tools)
-        log.info("recorded an EGO answer of %s (%s top-k)", domain, "with" if topk else "without")
-        return trace_id
-
-    def teacher_tokens(self) -> tuple[TokenMap, str]:
-        with self._lock:
-            if self._token_map is None:
-                tokenizer = load_tokenizer_only(self.config.teacher)
-                self._token_map = TokenMap(tokenizer), tokenizer_fingerprint(tokenizer)
-            return self._token_map
-
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-        if self._local_ego is not None:
-            await asyncio.to_thread(self._local_ego.close)
-
-
-class _ContentOnly:
-    """A streamed answer's text with its tool calls held back: what may be sent as `content` now.
-    A possible start of a call's markup is held until it is one, or is not."""
-
-    def __init__(self, fmt):
-        self.fmt, self.pending, self.in_call = fmt, "", False
-
-    def add(self, part: str) -> str:
-        if self.fmt is None:
-            return part
-        self.pending += part
-        if self.in_call:
-            return ""
-        at = self.pending.find(self.fmt.start)
-        if at >= 0:
-            self.in_call = True
-            sent, self.pending = self.pending[:at], self.pending[at:]
-            return sent
-        keep = next((n for n in range(min(len(self.fmt.start) - 1, len(self.pending)), 0, -1)
-                     if self.fmt.start.startswith(self.pending[-n:])), 0)
-        sent, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        return sent
-
-    def held(self) -> str:
-        return self.pending
-
-
-async def _chunks(call):
-    """A call's text chunks, read on a thread of their own; leaving early cancels the call."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-    def pump() -> None:
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone (shutdown): nobody reads any more
-                call.cancel()
-
-        try:
-            for part in call:
-                put(part)
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request that reads it
-            put(exc)
-
-    threading.Thread(target=pump, name="conch-serve-call", daemon=True).start()
-    try:
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        call.cancel()  # the caller went away, or it is over (then a no-op)
-
-
-async def _cancel_when_gone(request: Request, call) -> None:
-    """Cancel a call whose caller went away before its (non-streamed) answer was ready: the body is read,
-    so the next message the server hands over is the disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    call.cancel()
-
-
-class _ByteBudget:
-    """Bytes each client may write in a window (a token bucket refilled over `window_s`)."""
-
-    def __init__(self, per_window: float, window_s: float):
-        self.per_window, self.window_s, self._buckets = per_window, window_s, {}
-
-    def take(self, client: str, n: int) -> float | None:
-        """Spend `n` of the client's bytes; None if it had them, else the seconds until it will."""
-        now = time.monotonic()
-        level, at = self._buckets.get(client, (self.per_window, now))
-        level = min(self.per_window, level + (now - at) * self.per_window / self.window_s)
-        if n > level:
-            self._buckets[client] = (level, now)
-            return (n - level) * self.window_s / self.per_window
-        self._buckets[client] = (level - n, now)
-        if len(self._buckets) > 10_000:  # clients seen long ago are full again: forget them
-            self._buckets = {c: v for c, v in self._buckets.items() if now - v[1] < self.window_s}
-        return None
-
-
-async def _guarded(events):
-    """A stream's events; an error after the response began ends the stream with an error event."""
-    try:
-        async for event in events:
-            yield event
-    except wire.APIError as exc:
-        yield wire.sse(exc.body())
-    except Exception as exc:  # noqa: BLE001 - the status line is sent; say it in the stream
-        log.exception("a stream failed")
-        yield wire.sse(wire.APIError(500, f"the answer failed: {exc}", type="server_error").body())
-
-
-async def _read_json(response) -> dict:
-    try:
-        return json.loads((await response.aread()).decode("utf-8"))
-    finally:
-        await response.aclose()
-
-
-def _as_asked(choice: dict, req: wire.ChatRequest) -> None:
-    """The upstream's logprobs as the caller asked for them: none, or `top_logprobs` alternatives."""
-    lp = choice.get("logprobs")
-    if not req.logprobs:
-        choice["logprobs"] = None
-    elif isinstance(lp, dict) and isinstance(lp.get("content"), list):
-        for position in lp["content"]:
-            if isinstance(position, dict) and isinstance(position.get("top_logprobs"), list):
-                position["top_logprobs"] = position["top_logprobs"][: req.top_logprobs or 0]
+        await self.teacher.close()
 
 
 # -- the app ----------------------------------------------------------------------------------

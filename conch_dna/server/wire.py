@@ -4,6 +4,7 @@ response and stream chunks it sends (https://platform.openai.com/docs/api-refere
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Literal
@@ -12,6 +13,7 @@ from conch_dna.models.tools import check_tools
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+log = logging.getLogger("conch.serve")
 MAX_STOP = 4  # stop strings a request may give (OpenAI's limit)
 
 
@@ -247,3 +249,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def sse(data) -> bytes:
     """One server-sent event: a JSON object, or the final "[DONE]"."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def guarded(events):
+    """A stream's events; an error after the response began ends the stream with an error event."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; say it in the stream
+        log.exception("a stream failed")
+        yield sse(APIError(500, f"the answer failed: {exc}", type="server_error").body())

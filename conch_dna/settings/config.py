@@ -59,41 +59,55 @@ class DomainSettings(BaseModel):
     """Per-domain overrides of the top-level thresholds."""
 
     model_config = ConfigDict(extra="forbid")
-    retrain_threshold: int | None = Field(default=None, ge=1)
-    num_iters: int | None = Field(default=None, ge=1)
-    min_heldout: int | None = Field(default=None, ge=0)
+    retrain_threshold: int | None = Field(
+        default=None, ge=1,
+        description="new train traces of a domain that start a retrain")
+    num_iters: int | None = Field(default=None, ge=1,
+                                  description="KD steps of this domain's runs (default: [kd] num_iters)")
+    min_heldout: int | None = Field(default=None, ge=0,
+                                    description="held-out traces a run needs before its candidate may be promoted "
+                                                "(fewer: --force)")
 
 
 class NeuronSettings(BaseModel):
     """How the neuron registry batches calls ([neurons] in config.toml)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: int = Field(default=8, ge=1, le=256)  # rows decoded together; later calls queue
-    prefill_step_size: int = Field(default=512, ge=1)  # prompt tokens prefilled between decode steps
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="rows decoded together; later calls queue")
+    prefill_step_size: int = Field(default=512, ge=1, description="prompt tokens prefilled between decode steps")
 
 
 class ServerSettings(BaseModel):
     """`conch serve`, the OpenAI-compatible API ([server] in config.toml)."""
 
     model_config = ConfigDict(extra="forbid")
-    host: str = "127.0.0.1"  # another host needs the bearer token
-    port: int = Field(default=8321, ge=1, le=65535)
-    token_env: str = "CONCH_SERVE_TOKEN"  # the variable holding the bearer token; set, it is required
-    default_max_tokens: int = Field(default=512, ge=1)  # a request that names no max_tokens
-    max_tokens: int = Field(default=4096, ge=1)  # the most a request may ask for
-    max_request_kb: int = Field(default=1024, ge=1)  # a larger request body is refused (413)
-    accept_traces: bool = True  # POST /v1/traces: agents elsewhere send their EGO traces (JSONL) to this home
-    max_traces_mb: int = Field(default=64, ge=1)  # a larger POST of traces is refused (413)
-    max_trace_lines: int = Field(default=20000, ge=1)  # a POST of more lines is refused (413): send it in parts
-    traces_mb_per_hour: float = Field(default=512.0, gt=0)  # each client's POSTed traces; past it, 429
-    min_free_disk_mb: int = Field(default=1024, ge=0)  # a POST of traces is refused (507) with less free in the home
-    # names this server answers to besides loopback and its bound address (a request for another Host is
-    # refused: DNS rebinding), and the web origins it answers (a request from any other page is refused)
-    allowed_hosts: list[str] = Field(default_factory=list)
-    allowed_origins: list[str] = Field(default_factory=list)
-    max_connections: int = Field(default=256, ge=1, le=65536)  # open at once; one more closes the slowest waiting
-    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # for a request's headers, once connected
-    body_timeout_s: float = Field(default=120.0, gt=0, le=86400)  # for a request's whole body
+    host: str = Field(default="127.0.0.1", description="another host needs the bearer token")
+    port: int = Field(default=8321, ge=1, le=65535, description="the port conch serve listens on")
+    token_env: str = Field(default="CONCH_SERVE_TOKEN",
+                           description="the variable holding the bearer token; set, it is required")
+    default_max_tokens: int = Field(default=512, ge=1, description="a request that names no max_tokens")
+    max_tokens: int = Field(default=4096, ge=1, description="the most a request may ask for")
+    max_request_kb: int = Field(default=1024, ge=1, description="a larger request body is refused (413)")
+    accept_traces: bool = Field(default=True,
+                                description="POST /v1/traces: agents elsewhere send their EGO traces (JSONL) to this "
+                                            "home")
+    max_traces_mb: int = Field(default=64, ge=1, description="a larger POST of traces is refused (413)")
+    max_trace_lines: int = Field(default=20000, ge=1,
+                                 description="a POST of more lines is refused (413): send it in parts")
+    traces_mb_per_hour: float = Field(default=512.0, gt=0, description="each client's POSTed traces; past it, 429")
+    min_free_disk_mb: int = Field(default=1024, ge=0,
+                                  description="a POST of traces is refused (507) with less free in the home")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names this server answers to besides loopback and its bound address (a request for any other Host "
+                    "is refused: DNS rebinding)")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="web origins whose pages may call this server (a request with any other Origin is refused)")
+    max_connections: int = Field(default=256, ge=1, le=65536,
+                                 description="open at once; one more closes the slowest waiting")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="for a request's headers, once connected")
+    body_timeout_s: float = Field(default=120.0, gt=0, le=86400, description="for a request's whole body")
 
 
 class DistributedSettings(BaseModel):
@@ -101,10 +115,13 @@ class DistributedSettings(BaseModel):
     launched by mlx.launch; with neither `hostfile` nor `local_ranks` a retrain runs in one process."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["ring", "mpi", "jaccl", "jaccl-ring"] = "ring"
-    hostfile: str | None = None  # mlx.launch's host file (JSON: [{"ssh": "mac2.local", "ips": ["10.0.0.2"]}, ...])
-    local_ranks: int = Field(default=0, ge=0, le=64)  # or this many processes on this machine (to try it out)
-    timeout_s: float = Field(default=300.0, gt=0)  # a collective slower than this fails the run
+    backend: Literal["ring", "mpi", "jaccl", "jaccl-ring"] = Field(default="ring", description="mlx.launch's backend")
+    hostfile: str | None = Field(default=None,
+                                 description="mlx.launch's host file (JSON: [{\"ssh\": \"mac2.local\", \"ips\": "
+                                             "[\"10.0.0.2\"]}, ...])")
+    local_ranks: int = Field(default=0, ge=0, le=64,
+                             description="or this many processes on this machine (to try it out)")
+    timeout_s: float = Field(default=300.0, gt=0, description="a collective slower than this fails the run")
 
     @property
     def enabled(self) -> bool:
@@ -116,13 +133,17 @@ class EgoSettings(BaseModel):
     OpenAI-compatible server, or (no upstream_url) the config's teacher in the server's process."""
 
     model_config = ConfigDict(extra="forbid")
-    upstream_url: str | None = None  # e.g. mlx_lm.server's "http://127.0.0.1:8080/v1"
-    upstream_model: str | None = None  # the name the upstream knows the teacher by; default: teacher
-    api_key_env: str | None = None  # the variable holding the upstream's API key, if it wants one
-    top_logprobs: int = Field(default=10, ge=0, le=20)  # asked of the upstream for the trace's top-k
-    timeout_s: float = Field(default=600.0, gt=0)
-    aliases: dict[str, str] = Field(default_factory=dict)  # other model names that mean "ego/<domain>"
-    max_answer_kb: int = Field(default=4096, ge=1)  # an upstream answer longer than this is cut off, not recorded
+    upstream_url: str | None = Field(default=None, description="e.g. mlx_lm.server's \"http://127.0.0.1:8080/v1\"")
+    upstream_model: str | None = Field(
+        default=None,
+        description="the name the upstream knows the teacher by; default: teacher")
+    api_key_env: str | None = Field(default=None,
+                                    description="the variable holding the upstream's API key, if it wants one")
+    top_logprobs: int = Field(default=10, ge=0, le=20, description="asked of the upstream for the trace's top-k")
+    timeout_s: float = Field(default=600.0, gt=0, description="how long an upstream answer may take")
+    aliases: dict[str, str] = Field(default_factory=dict, description="other model names that mean \"ego/<domain>\"")
+    max_answer_kb: int = Field(default=4096, ge=1,
+                               description="an upstream answer longer than this is cut off, not recorded")
 
     @field_validator("upstream_url")
     @classmethod
@@ -134,40 +155,60 @@ class EgoSettings(BaseModel):
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    teacher: str = DEFAULT_TEACHER
-    student: str = DEFAULT_STUDENT
-    domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
-    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    check_minutes: float = Field(default=10.0, gt=0)
-    retrain_threshold: int = Field(default=32, ge=1)
-    replay_count: int = Field(default=32, ge=0)  # older train traces mixed into each retrain
-    # the quarantine (bad lines from the inbox, record() and POST /v1/traces) keeps this much, oldest forgotten first
-    max_quarantine_mb: float = Field(default=64.0, gt=0)
-    # a backlog (a long pause, a bulk import) is trained in runs of at most this many new traces
-    max_traces_per_run: int = Field(default=2000, ge=1)
-    max_heldout_per_run: int = Field(default=1000, ge=1)  # more held-out traces: each run measures a sample
-    promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0)  # relative held-out KL gain
-    gate_metric: GateMetric = GateMetric.TEACHER_FORCED  # the held-out KL the gate compares
-    # the on-policy held-out KL costs teacher passes over each version's answers: false on a machine
-    # that trains on imported teacher targets without the teacher
-    measure_on_policy: bool = True
-    max_agreement_drop: float = Field(default=0.01, ge=0.0, le=1.0)
-    # how far the share of held-out tool calls whose answer parses may fall (1: not checked)
-    max_tool_parse_drop: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_heldout: int = Field(default=8, ge=0)
-    train_on_battery: bool = False
-    keep_versions: int = Field(default=5, ge=1)  # per domain, besides the current and pinned ones
-    teacher_cache_max_mb: float = Field(default=4096, gt=0)  # least recently used targets go first
-    # a domain whose runs fail is retried after check_minutes, then twice as long each time, up to this
-    max_backoff_minutes: float = Field(default=24 * 60, gt=0)
-    failure_limit: int = Field(default=3, ge=1)  # failed runs in a row on one batch before it is set aside
-    neurons: NeuronSettings = Field(default_factory=NeuronSettings)
-    serve: bool = False  # the daemon runs `conch serve` too
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    ego: EgoSettings = Field(default_factory=EgoSettings)
-    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
-    kd: KDConfig = Field(default_factory=KDConfig)  # validated by pydantic, ranges by KDConfig itself
-    domain: dict[str, DomainSettings] = Field(default_factory=dict)
+    teacher: str = Field(default=DEFAULT_TEACHER,
+                         description="the teacher: a local mlx-lm folder, a hub id, or an imported GGUF")
+    student: str = Field(default=DEFAULT_STUDENT, description="the student base the LoRA adapters are trained on")
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS),
+                               description="the domains traces may have, each with its own neuron")
+    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0,
+                                    description="share of each domain's traces kept apart for the gate (by a hash of "
+                                                "the prompt)")
+    check_minutes: float = Field(default=10.0, gt=0, description="how often the daemon looks for domains to retrain")
+    retrain_threshold: int = Field(default=32, ge=1, description="new train traces of a domain that start a retrain")
+    replay_count: int = Field(default=32, ge=0, description="older train traces mixed into each retrain")
+    max_quarantine_mb: float = Field(
+        default=64.0, gt=0,
+        description="the quarantine (bad lines from the inbox, record() and POST /v1/traces) keeps this much, oldest "
+                    "forgotten first")
+    max_traces_per_run: int = Field(default=2000, ge=1,
+                                    description="a backlog (a long pause, a bulk import) is trained in runs of at most "
+                                                "this many new traces")
+    max_heldout_per_run: int = Field(default=1000, ge=1, description="more held-out traces: each run measures a sample")
+    promote_margin: float = Field(default=0.02, ge=0.0, lt=1.0, description="relative held-out KL gain")
+    gate_metric: GateMetric = Field(default=GateMetric.TEACHER_FORCED, description="the held-out KL the gate compares")
+    measure_on_policy: bool = Field(default=True,
+                                    description="the on-policy held-out KL costs teacher passes over each version's "
+                                                "answers: false on a machine that trains on imported teacher targets "
+                                                "without the teacher")
+    max_agreement_drop: float = Field(
+        default=0.01, ge=0.0, le=1.0,
+        description="how far the held-out top-1 agreement with the teacher may fall for a promotion")
+    max_tool_parse_drop: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="how far the share of held-out tool calls whose answer parses may fall (1: not checked)")
+    min_heldout: int = Field(default=8, ge=0,
+                             description="held-out traces a run needs before its candidate may be promoted (fewer: "
+                                         "--force)")
+    train_on_battery: bool = Field(default=False,
+                                   description="retrain on battery power too (else the daemon waits for AC)")
+    keep_versions: int = Field(default=5, ge=1, description="per domain, besides the current and pinned ones")
+    teacher_cache_max_mb: float = Field(default=4096, gt=0, description="least recently used targets go first")
+    max_backoff_minutes: float = Field(
+        default=24 * 60, gt=0,
+        description="a domain whose runs fail is retried after check_minutes, then twice as long each time, up to this")
+    failure_limit: int = Field(default=3, ge=1, description="failed runs in a row on one batch before it is set aside")
+    neurons: NeuronSettings = Field(default_factory=NeuronSettings,
+                                    description="[neurons]: how the registry batches calls")
+    serve: bool = Field(default=False, description="the daemon runs `conch serve` too")
+    server: ServerSettings = Field(default_factory=ServerSettings, description="[server]: conch serve")
+    ego: EgoSettings = Field(default_factory=EgoSettings, description="[ego]: where ego/<domain> calls go")
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings,
+        description="[distributed]: data-parallel retrains")
+    kd: KDConfig = Field(default_factory=KDConfig,
+                         description="[kd]: the settings of every run (KDConfig, below); validated by pydantic, ranges "
+                                     "by KDConfig")
+    domain: dict[str, DomainSettings] = Field(default_factory=dict, description="[domain.<name>]: per-domain overrides")
 
     @model_validator(mode="after")
     def _measures_need_the_teacher(self) -> Config:

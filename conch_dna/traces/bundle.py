@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.system.fsutil import atomic_write, atomic_write_json, private_dir
-from conch_dna.training.teacher import HIDDEN_SUFFIX, LEGACY_SUFFIX, TARGET_SUFFIX, TeacherCache
-from conch_dna.training.topk_codec import decode_topk, encode_topk
+from conch_dna.training.targets.teacher import HIDDEN_SUFFIX, LEGACY_SUFFIX, TARGET_SUFFIX, TeacherCache
+from conch_dna.training.targets.topk_codec import decode_topk, encode_topk
 
 import numpy as np
 from safetensors.numpy import load

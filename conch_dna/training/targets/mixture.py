@@ -15,7 +15,7 @@ from dataclasses import replace
 from conch_dna.models.chat import Chat
 from conch_dna.training.data import KDExample
 from conch_dna.training.losses import PAD_LOGPROB
-from conch_dna.training.teacher import TeacherScorer
+from conch_dna.training.targets.teacher import TeacherScorer
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Teacher targets: the teacher's top-k log-probs for every answer token, cached on disk.
 
 A target costs one teacher forward pass over prompt + answer; the result is stored as a small
-packed file (conch_dna.training.topk_codec) keyed by a hash of the teacher id, k and the token ids,
+packed file (conch_dna.training.targets.topk_codec) keyed by a hash of the teacher id, k and the token ids,
 so the same trace never costs a teacher pass twice. When a prompt has no answer yet, the teacher
 writes one first (greedy), and that answer is cached too.
 """
@@ -19,7 +19,7 @@ from conch_dna.system.fsutil import atomic_write, atomic_write_json, private_dir
 from conch_dna.training.data import KDExample, window_cut
 from conch_dna.training.hidden import hidden_states
 from conch_dna.training.losses import PAD_LOGPROB
-from conch_dna.training.topk_codec import decode_topk, encode_topk
+from conch_dna.training.targets.topk_codec import decode_topk, encode_topk
 
 import mlx.core as mx
 import numpy as np
