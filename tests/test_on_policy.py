@@ -9,12 +9,12 @@ from conch_dna.models.versions import current_adapter_path
 from conch_dna.settings.config import Config, GateMetric, parse_config
 from conch_dna.traces.store import TraceStore
 from conch_dna.training import distiller as distiller_module
-from conch_dna.training.targets import teacher as teacher_module
 from conch_dna.training import true_kd
 from conch_dna.training.data import KDExample, collate
 from conch_dna.training.evaluation import heldout_metrics
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.on_policy import answer_tokens, pick_on_policy, prompt_part, round_groups
+from conch_dna.training.targets import teacher as teacher_module
 from conch_dna.training.targets.teacher import TeacherCache, TeacherScorer
 
 import numpy as np
