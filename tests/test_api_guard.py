@@ -124,6 +124,18 @@ def test_posted_traces_are_bounded_in_lines_rate_and_free_disk(tmp_path):
         assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
     finally:
         server.stop()
+    # a flood of blank lines, as many as a request may carry: one summary row, and the home barely grows
+    flood_home = home_with(tmp_path / "flood")
+    server = Server(flood_home, port=0).start()
+    try:
+        before = sum(f.stat().st_size for f in flood_home.rglob("*") if f.is_file())
+        r = httpx.post(f"{server.url}/traces", content=b"\n" * 20_000, headers=NDJSON, timeout=120)
+        assert r.status_code == 200 and r.json()["quarantined"] == 20_000 and len(r.content) < 400_000
+        store = TraceStore.for_home(flood_home, load_config(flood_home))
+        assert store.quarantine_count() == 1 and "20000 alike, kept once" in store.quarantined(1)[0]["reason"]
+        assert sum(f.stat().st_size for f in flood_home.rglob("*") if f.is_file()) - before < 2 * 2**20
+    finally:
+        server.stop()
     home2 = home_with(tmp_path / "full", "min_free_disk_mb = 1000000000\n")
     server = Server(home2, port=0).start()
     try:
