@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,5 +100,9 @@ def test_a_version_name_taken_by_a_file_is_stepped_over(tmp_path):
         (tmp_path / name / "adapters.safetensors").write_bytes(b"x")
     assert write_version(home, "task", tmp_path / "a") == "v0001"
     (folder / "v0002").write_text("not a version")
-    assert write_version(home, "task", tmp_path / "b") == "v0003"
+    named = []  # on a thread with a deadline: the old code looped for ever here
+    worker = threading.Thread(target=lambda: named.append(write_version(home, "task", tmp_path / "b")), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert named == ["v0003"]
     assert list_versions(home, "task") == ["v0001", "v0003"] and (folder / "v0002").read_text() == "not a version"
