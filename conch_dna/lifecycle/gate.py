@@ -54,6 +54,8 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
             return True, f"forced: only {n_heldout} held-out traces (gate needs {minimum})"
         return False, f"only {n_heldout} held-out traces, the gate needs {minimum} (--force to promote anyway)"
     promoted, words = _decide_kl(current, candidate, config, force, established)
+    if promoted and (why := degeneration((current or {}).get("answers"), (candidate or {}).get("answers"), config)):
+        return False, f"{words}; but its answers degenerate against the current version's: {why}"
     tools = [(m or {}).get("tool_calls") for m in (current, candidate)]
     if not all(tools):
         return promoted, words
@@ -66,6 +68,22 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
         return False, (f"{words}; but the share of held-out tool calls that parse fell "
                        f"{old['parsed']:.0%} -> {new['parsed']:.0%}")
     return promoted, words
+
+
+def degeneration(current: dict | None, candidate: dict | None, config: Config) -> str | None:
+    """Why the candidate's greedy held-out answers are worse in kind than the current version's (a loop,
+    fewer distinct words, answers that no longer end), or None. The teacher scores a loop well once it
+    reads one, so no KL can see this; the answers themselves can."""
+    if not current or not candidate or not current.get("answers") or not candidate.get("answers"):
+        return None
+    found = []
+    if candidate["repeated_4grams"] > current["repeated_4grams"] + config.max_repeat_rise:
+        found.append(f"repeated word 4-grams {current['repeated_4grams']:.2f} -> {candidate['repeated_4grams']:.2f}")
+    if candidate["distinct_2"] < config.min_distinct_ratio * current["distinct_2"]:
+        found.append(f"distinct word bigrams {current['distinct_2']:.2f} -> {candidate['distinct_2']:.2f}")
+    if (1.0 - candidate["ended"]) > (1.0 - current["ended"]) + config.max_unended_rise:
+        found.append(f"answers that end {current['ended']:.0%} -> {candidate['ended']:.0%}")
+    return ", ".join(found) or None
 
 
 def _decide_kl(current: dict | None, candidate: dict | None, config: Config, force: bool,

@@ -186,6 +186,18 @@ class Config(BaseModel):
     max_tool_parse_drop: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="how far the share of held-out tool calls whose answer parses may fall (1: not checked)")
+    max_repeat_rise: float = Field(
+        default=0.2, ge=0.0, le=1.0,
+        description="how far the share of repeated word 4-grams in the held-out greedy answers may rise over the "
+                    "current version's (1: not checked)")
+    min_distinct_ratio: float = Field(
+        default=0.7, ge=0.0, le=1.0,
+        description="the candidate's share of distinct word bigrams in those answers must be at least this "
+                    "times the current version's (0: not checked)")
+    max_unended_rise: float = Field(
+        default=0.25, ge=0.0, le=1.0,
+        description="how far the share of those answers that run to their token budget, never ending, may "
+                    "rise (1: not checked)")
     min_heldout: int = Field(default=8, ge=0,
                              description="held-out traces a run needs before its candidate may be promoted (fewer: "
                                          "--force)")

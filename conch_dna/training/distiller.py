@@ -34,7 +34,7 @@ from conch_dna.system.fsutil import atomic_write_json
 from conch_dna.system.home import ADAPTERS_DIR, TEACHER_CACHE_DIR, conch_home
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample
-from conch_dna.training.evaluation import answers_tool_call, heldout_metrics, tool_call_metrics
+from conch_dna.training.evaluation import answer_checks, answers_tool_call, heldout_metrics, tool_call_metrics
 from conch_dna.training.hidden import attach_projection, layer_map
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.loop import TrainingInterrupted, train_kd
@@ -227,12 +227,16 @@ class TrueKnowledgeDistiller:
         out = Path(options.adapter_dir or self.output_dir / ADAPTERS_DIR / domain)
         history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
                                                       options, clock)
+        if "" in held_own and "" in before:
+            before[""]["answers"] = answer_checks(tokenizer, [a for _, a in held_own[""]])
         if options.measure_on_policy or tool_held:
             with clock("evaluate"):
-                measured, tool_after = self._measure_own(domain, out, held_sets if options.measure_on_policy else {},
-                                                         tool_held)
+                measured, tool_after, own_after = self._measure_own(
+                    domain, out, held_sets if options.measure_on_policy else {}, tool_held)
                 for name, metrics in measured.items():
                     after[name]["on_policy"] = metrics
+                if "" in own_after and "" in after:
+                    after[""]["answers"] = answer_checks(tokenizer, [a for _, a in own_after[""]])
         if tool_held:
             before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
             after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
@@ -355,14 +359,15 @@ class TrueKnowledgeDistiller:
                     model, own[name], max_seq_length=self.config.max_seq_length).as_dict()
         return measured
 
-    def _measure_own(self, domain, adapter, held_sets, tool_held=()) -> tuple[dict[str, dict], list]:
+    def _measure_own(self, domain, adapter, held_sets, tool_held=()) -> tuple[dict[str, dict], list, dict]:
         """On-policy held-out metrics of the adapter: it answers, the teacher scores the answers, it is
-        measured on them; one model resident at a time. Also returns its greedy answers to tool_held."""
+        measured on them; one model resident at a time. Also returns its greedy answers to tool_held, and
+        {set name: its (prompt, answer) ids}."""
         if not held_sets and not tool_held:
-            return {}, []
+            return {}, [], {}
         _, _, answered, tool_answers = self._answers(domain, adapter, [], held_sets, tool_held)
         if not held_sets:
-            return {}, tool_answers
+            return {}, tool_answers, {}
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
         own = {name: self._own_examples(answers) for name, answers in answered.items()}
         self.teachers.release()
@@ -371,7 +376,7 @@ class TrueKnowledgeDistiller:
                     for name, examples in own.items()}
         del model
         free_memory()
-        return measured, tool_answers
+        return measured, tool_answers, answered
 
     def _resume(self, domain, model, resume):
         """The resume point if its checkpoint's weights loaded into `model`, else None (start over).

@@ -70,3 +70,33 @@ def tool_call_metrics(tokenizer, traces: list[dict], answers: list[list[int]]) -
         parsed, names, arguments = parsed + got.parsed, names + same_name, arguments + same_arguments
     n = len(traces)
     return {"traces": n, "parsed": parsed / n, "name": names / n, "arguments": arguments / n}
+
+
+def _repeated_share(words: list[str], n: int) -> float:
+    """The share of an answer's word n-grams that repeat an n-gram earlier in the same answer."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def _distinct_share(words: list[str], n: int) -> float:
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def answer_checks(tokenizer, answers: list[list[int]]) -> dict:
+    """What a version's greedy answers to the held-out prompts look like, whatever their KL: the share of word
+    4-grams that repeat one earlier in the same answer, the share of distinct word bigrams, the share of
+    answers that ended (an end-of-turn token) rather than running to their token budget, and their mean
+    length in tokens; each averaged over the answers. A student that has found text the teacher finds easy to
+    predict (a loop) scores well on the on-policy KL and badly here."""
+    eos = set(tokenizer.eos_token_ids)
+    repeated, distinct, ended, tokens = [], [], [], []
+    for answer in answers:
+        words = tokenizer.decode([t for t in answer if t not in eos]).split()
+        repeated.append(_repeated_share(words, 4))
+        distinct.append(_distinct_share(words, 2))
+        ended.append(bool(answer) and answer[-1] in eos)
+        tokens.append(len(answer))
+    n = max(len(answers), 1)
+    return {"answers": len(answers), "repeated_4grams": sum(repeated) / n, "distinct_2": sum(distinct) / n,
+            "ended": sum(ended) / n, "tokens": sum(tokens) / n}
