@@ -3,7 +3,8 @@
 Each variant trains a fresh LoRA on the same student for --iters steps on the same prompts, batches
 and teacher targets, and is measured on the same held-out prompts (KL to the teacher at T = 1 over
 its top-k + tail, and top-1 agreement). The hidden-state variants add --weights × the loss at the
-default layer map (4 student layers evenly spaced, each with the teacher's at the same depth).
+default layer map (4 student layers evenly spaced, each with the teacher's at the same depth; with
+--layer-maps depth,origin also with the teacher block each was cut from, for a student that records its cut).
 Prints the teacher cache's bytes per answer token of the hidden states next to the top-k's.
 
     python bench/hidden_kd.py                                        # the tiny kit
@@ -18,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from conch_dna.kit.seeds import DOMAIN_PROMPTS
-from conch_dna.training.hidden import HIDDEN_LOSSES
+from conch_dna.training.hidden import HIDDEN_LAYER_MAPS, HIDDEN_LOSSES
 from conch_dna.training.targets.teacher import HIDDEN_SUFFIX, TARGET_SUFFIX
 from conch_dna.training.targets.topk_codec import decode_topk
 from conch_dna.training.true_kd import DistillOptions, KDConfig, TrueKnowledgeDistiller, split_prompts
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--weights", default="0.1,1.0", help="hidden-state loss weights to compare with 0")
     p.add_argument("--hidden-loss", default="mse", choices=HIDDEN_LOSSES)
+    p.add_argument("--layer-maps", default="depth",
+                   help=f"default layer maps to compare: {', '.join(HIDDEN_LAYER_MAPS)}")
     p.add_argument("--seeds", type=int, default=1, help="train each variant with seeds 0..N-1 (LoRA init, batch "
                    "order); KL is compared seed by seed")
     p.add_argument("--cache-dir", help="teacher cache to reuse between runs (default: a temporary one)")
@@ -54,8 +57,11 @@ def main() -> None:
     base = KDConfig(learning_rate=args.learning_rate, lora_rank=8, lora_layers=1024, num_iters=args.iters,
                     max_answer_tokens=args.max_answer_tokens, steps_per_report=args.iters,
                     hidden_weight=0.0, hidden_loss=args.hidden_loss, on_policy=0.0)  # off-policy, as measured
-    variants = {"logits only": base} | {f"+ hidden {args.hidden_loss}, weight {w:g}": replace(base, hidden_weight=w)
-                                        for w in (float(x) for x in args.weights.split(","))}
+    maps = args.layer_maps.split(",")
+    variants = {"logits only": base} | {
+        f"+ hidden {args.hidden_loss}, weight {w:g}" + (f", {m} map" if len(maps) > 1 else ""):
+            replace(base, hidden_weight=w, hidden_layer_map=m)
+        for w in (float(x) for x in args.weights.split(",")) for m in maps}
     runs = {}  # (variant, seed) -> (metrics, metrics before, tokens)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir or Path(tmp) / "teacher_cache")

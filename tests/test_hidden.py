@@ -134,3 +134,20 @@ def test_train_kd_uses_hidden_states_where_examples_have_them_and_logits_alone_w
     with pytest.raises(ValueError, match=r"hidden states differ in shape \(layers, width\): \[\(1, 96\), \(2, 96\)\]"):
         train_kd(model, [with_hidden, replace(with_hidden, hidden=with_hidden.hidden[:, :1])], with_loss,
                  adapter_config)
+
+
+def test_the_origin_map_pairs_each_student_block_with_the_teacher_block_it_was_cut_from(tmp_path):
+    from conch_dna.models.realpair import STUDENT_ORIGIN_FILE, kept_layers, student_origin
+    from conch_dna.training.hidden import layer_map
+
+    kept = kept_layers(30, 15)  # the real pair's cut: 15 of the teacher's 30 blocks
+    assert layer_map({}, 15, 30, kept) == [(s, kept[s]) for s in (2, 6, 10, 14)] != layer_map({}, 15, 30)
+    assert layer_map({}, 15, 30, kept)[-1] == (14, 29)  # the last block is the teacher's last
+    assert layer_map({"3": 7}, 15, 30, kept) == [(3, 7)]  # an explicit map rules
+    assert layer_map({}, 15, 30, kept[:-1]) == layer_map({}, 15, 30)  # an origin that does not fit: by depth
+    (tmp_path / STUDENT_ORIGIN_FILE).write_text(json.dumps({"teacher": "t", "kept_layers": kept}))
+    assert student_origin(tmp_path) == kept
+    for broken in ('{"kept_layers": [3, 1]}', '{"kept_layers": [1, "2"]}', "not json", '{"teacher": "t"}'):
+        (tmp_path / STUDENT_ORIGIN_FILE).write_text(broken)
+        assert student_origin(tmp_path) is None, broken
+    assert student_origin(tmp_path / "elsewhere") is None

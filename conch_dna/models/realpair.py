@@ -57,6 +57,21 @@ def fetch_gguf(cache_dir: Path) -> Path:
     return gguf
 
 
+STUDENT_ORIGIN_FILE = "conch_student.json"  # a cut student's teacher and the teacher blocks it kept
+
+
+def student_origin(student: str | Path) -> list[int] | None:
+    """The teacher block each block of a student came from, where the student records its cut (a student
+    `conch models pair` made); None for any other model."""
+    path = Path(str(student)).expanduser() / STUDENT_ORIGIN_FILE
+    try:
+        kept = json.loads(path.read_text())["kept_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(kept, list) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in kept)
+    return kept if ok and kept == sorted(set(kept)) else None
+
+
 def kept_layers(total: int, keep: int) -> list[int]:
     """`keep` block indices out of `total`, evenly spaced, the first and the last among them."""
     if not 1 <= keep <= total:
@@ -86,7 +101,7 @@ def cut_layers(teacher_dir: Path, out_dir: Path, keep: int) -> Path:
     atomic_write_json(tmp / "config.json", {**config, "num_hidden_layers": len(layers)})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(teacher_dir / name, tmp / name)
-    atomic_write_json(tmp / "conch_student.json", {"teacher": str(teacher_dir), "kept_layers": layers})
+    atomic_write_json(tmp / STUDENT_ORIGIN_FILE, {"teacher": str(teacher_dir), "kept_layers": layers})
     tmp.rename(out_dir)
     return out_dir
 

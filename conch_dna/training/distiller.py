@@ -27,6 +27,7 @@ from conch_dna.models.loading import (
     output_vocab_size,
     tokenizer_fingerprint,
 )
+from conch_dna.models.realpair import student_origin
 from conch_dna.models.versions import current_adapter_path
 from conch_dna.system import distributed
 from conch_dna.system.domains import DOMAINS, validate_domain_name
@@ -143,7 +144,8 @@ class TrueKnowledgeDistiller:
         self.hidden_widths = None  # (student, teacher) widths when the hidden-state loss is on
         if self.config.hidden_weight > 0:
             (s_depth, s_width), (t_depth, t_width) = model_dims(student_model_id), model_dims(self.teacher_model_id)
-            pairs = layer_map(self.config.hidden_layers, s_depth, t_depth)
+            origin = student_origin(student_model_id) if self.config.hidden_layer_map == "origin" else None
+            pairs = layer_map(self.config.hidden_layers, s_depth, t_depth, origin)
             self.teachers.scorers[0].hidden_layers = [t for _, t in pairs]
             self.hidden_widths = (s_width, t_width)
         self.callbacks = callbacks or KDCallback()

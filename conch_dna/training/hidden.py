@@ -18,14 +18,17 @@ from conch_dna.training.losses import answer_token_losses, masked_mean
 import mlx.core as mx
 import mlx.nn as nn
 
+HIDDEN_LAYER_MAPS = ("depth", "origin")
 HIDDEN_LOSSES = ("mse", "cosine")
 DEFAULT_MAPPED = 4  # layers mapped by default
 
 
-def layer_map(explicit: dict[str, int], student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+def layer_map(explicit: dict[str, int], student_layers: int, teacher_layers: int,
+              origin: list[int] | None = None) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs: `explicit` ({"3": 7, ...}) checked against both depths, or
-    DEFAULT_MAPPED student layers evenly spaced up to the last, each with the teacher layer at the
-    same relative depth."""
+    DEFAULT_MAPPED student layers evenly spaced up to the last, each with the teacher layer at the same
+    relative depth, or, given the student's `origin` (the teacher block each of its blocks was cut from),
+    with the teacher block it came from."""
     if explicit:
         pairs = sorted((int(s), t) for s, t in explicit.items())
         for s, t in pairs:
@@ -35,6 +38,8 @@ def layer_map(explicit: dict[str, int], student_layers: int, teacher_layers: int
         return pairs
     count = min(DEFAULT_MAPPED, student_layers)
     student = sorted({(j + 1) * student_layers // count - 1 for j in range(count)})
+    if origin is not None and len(origin) == student_layers and max(origin) < teacher_layers:
+        return [(s, origin[s]) for s in student]
     return [(s, (s + 1) * teacher_layers // student_layers - 1) for s in student]
 
 

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from conch_dna.training.hidden import HIDDEN_LOSSES
+from conch_dna.training.hidden import HIDDEN_LAYER_MAPS, HIDDEN_LOSSES
 from conch_dna.training.losses import DIVERGENCES
 
 from pydantic import ConfigDict, with_config
@@ -114,6 +114,10 @@ class KDConfig:
     hidden_layers: dict[str, int] = _setting(
         {}, "student layer -> teacher layer of the hidden-state loss, e.g. {\"3\": 7} (empty: 4 student "
             "layers evenly spaced up to the last, each with the teacher's at the same depth)")
+    hidden_layer_map: str = _setting(
+        "depth", "the default hidden-state layer map pairs each student block with the teacher's at the same "
+                 "relative depth (depth) or with the teacher block it was cut from, where the student records its "
+                 "cut (origin; conch models pair's students do); hidden_layers, when set, rules")
     lr_multipliers: dict[str, float] = _setting(
         {}, "learning-rate multiplier by trainable parameter name pattern (fnmatch, e.g. "
             "'model.layers.0.*'; the last matching pattern wins; 0 freezes)")
@@ -150,6 +154,9 @@ class KDConfig:
         self.lr_multipliers = _multipliers(self.lr_multipliers, "KDConfig.lr_multipliers")
         self.stages = _stages(self.stages)
         self.teachers = _teachers(self.teachers)
+        if self.hidden_layer_map not in HIDDEN_LAYER_MAPS:
+            raise ValueError(f"KDConfig.hidden_layer_map must be one of {', '.join(HIDDEN_LAYER_MAPS)}, "
+                             f"got {self.hidden_layer_map!r}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"KDConfig.hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, "
                              f"got {self.hidden_loss!r}")
@@ -182,8 +189,8 @@ def add_kd_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distillation settings (config.toml [kd])")
     types = {"int": int, "float": float, "str": str}
     for f in fields(KDConfig):
-        extra = {"choices": {"divergence": DIVERGENCES, "hidden_loss": HIDDEN_LOSSES}[f.name]} \
-            if f.name in ("divergence", "hidden_loss") else {}
+        choices = {"divergence": DIVERGENCES, "hidden_loss": HIDDEN_LOSSES, "hidden_layer_map": HIDDEN_LAYER_MAPS}
+        extra = {"choices": choices[f.name]} if f.name in choices else {}
         is_json = f.metadata.get("json", False)
         group.add_argument(kd_flag(f.name), dest=f.name, type=_json_flag if is_json else types[f.type],
                            default=setting_default(f),
