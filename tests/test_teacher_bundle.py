@@ -138,5 +138,5 @@ def test_the_on_policy_gate_needs_the_on_policy_measure():
     with pytest.raises(ConfigError, match='gate_metric = "on_policy" needs measure_on_policy = true'):
         parse_config('gate_metric = "on_policy"\nmeasure_on_policy = false')
     with pytest.raises(ConfigError, match=r"\[kd\] on_policy = 0.5 needs measure_on_policy = true"):
-        parse_config("measure_on_policy = false")  # on-policy training is on by default, and needs the teacher
-    assert parse_config("measure_on_policy = false\n[kd]\non_policy = 0").measure_on_policy is False
+        parse_config("measure_on_policy = false\n[kd]\non_policy = 0.5")  # on-policy training needs the teacher
+    assert parse_config("measure_on_policy = false").measure_on_policy is False  # the default trains off-policy

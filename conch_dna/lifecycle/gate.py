@@ -40,7 +40,8 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
     """The promotion gate: (promote?, the reason in words).
 
     Metrics are held-out metrics as distill_domain measures them; config.gate_metric picks the
-    teacher-forced ones, those under "on_policy" (each version's own answers), or "tool_calls":
+    teacher-forced ones, those under "on_policy" (each version's own answers), "both" (the teacher-forced KL
+    must fall by the margin and the on-policy KL may not rise by more than it), or "tool_calls":
     the share of held-out tool calls the version answers with the teacher's call, the
     teacher-forced KL deciding a tie. Whatever the metric, a candidate whose tool calls parse less
     often than the current version's (by more than max_tool_parse_drop) is not promoted.
@@ -72,24 +73,59 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
 
 def degeneration(current: dict | None, candidate: dict | None, config: Config) -> str | None:
     """Why the candidate's greedy held-out answers are worse in kind than the current version's (a loop,
-    fewer distinct words, answers that no longer end), or None. The teacher scores a loop well once it
+    fewer distinct bigrams, answers that no longer end), or None. The teacher scores a loop well once it
     reads one, so no KL can see this; the answers themselves can."""
     if not current or not candidate or not current.get("answers") or not candidate.get("answers"):
         return None
     found = []
     if candidate["repeated_4grams"] > current["repeated_4grams"] + config.max_repeat_rise:
-        found.append(f"repeated word 4-grams {current['repeated_4grams']:.2f} -> {candidate['repeated_4grams']:.2f}")
+        found.append(f"repeated token 4-grams {current['repeated_4grams']:.2f} -> {candidate['repeated_4grams']:.2f}")
     if candidate["distinct_2"] < config.min_distinct_ratio * current["distinct_2"]:
-        found.append(f"distinct word bigrams {current['distinct_2']:.2f} -> {candidate['distinct_2']:.2f}")
+        found.append(f"distinct token bigrams {current['distinct_2']:.2f} -> {candidate['distinct_2']:.2f}")
     if (1.0 - candidate["ended"]) > (1.0 - current["ended"]) + config.max_unended_rise:
         found.append(f"answers that end {current['ended']:.0%} -> {candidate['ended']:.0%}")
+    old, new = (_against_teacher(m, "entropy", "teacher_entropy") for m in (current, candidate))
+    if new is not None and new < config.min_entropy_ratio and (old is None or new < old):
+        found.append(f"token entropy against the teacher's {_ratio(old)} -> {new:.2f} "
+                     f"(under {config.min_entropy_ratio:g})")
+    old, new = (_against_teacher(m, "tokens", "teacher_tokens") for m in (current, candidate))
+    bound = config.max_length_ratio
+    if new is not None and not 1 / bound <= new <= bound and (old is None or abs(math.log(new)) > abs(math.log(old))):
+        found.append(f"answer length against the teacher's {_ratio(old)} -> {new:.2f} "
+                     f"(outside 1/{bound:g} to {bound:g})")
     return ", ".join(found) or None
+
+
+def _against_teacher(answers: dict, key: str, teacher_key: str) -> float | None:
+    """answers[key] / answers[teacher_key], where both were measured (older runs have neither) and positive."""
+    mine, theirs = answers.get(key), answers.get(teacher_key)
+    ok = all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (mine, theirs))
+    return mine / theirs if ok else None
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _decide_kl(current: dict | None, candidate: dict | None, config: Config, force: bool,
                established: dict | None) -> tuple[bool, str]:
+    if config.gate_metric is not GateMetric.BOTH:
+        return _decide_one(current, candidate, config, force, established, config.gate_metric is GateMetric.ON_POLICY)
+    promoted, words = _decide_one(current, candidate, config, force, established, False)
+    old, new = _on_policy(current), _on_policy(candidate)
+    if not promoted or not old or not new or not _finite(old):  # measured without the teacher: the first alone
+        return promoted, words
+    rose = not _finite(new) or new["kl"] > old["kl"] * (1.0 + config.promote_margin)
+    words = f"{words}; on-policy KL {old['kl']:.4f} -> {new['kl']:.4f}"
+    if rose:
+        return False, f"{words}: it may not rise by more than {config.promote_margin:.0%}"
+    return True, words
+
+
+def _decide_one(current: dict | None, candidate: dict | None, config: Config, force: bool,
+                established: dict | None, on_policy: bool) -> tuple[bool, str]:
     held = "held-out"
-    if config.gate_metric is GateMetric.ON_POLICY:
+    if on_policy:
         held = "on-policy held-out"
         current, candidate = _on_policy(current), _on_policy(candidate)
         if established:

@@ -230,7 +230,7 @@ class TrueKnowledgeDistiller:
         history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
                                                       options, clock)
         if "" in held_own and "" in before:
-            before[""]["answers"] = answer_checks(tokenizer, [a for _, a in held_own[""]])
+            before[""]["answers"] = _answer_report(tokenizer, held_own[""], before[""], held[""])
         if options.measure_on_policy or tool_held:
             with clock("evaluate"):
                 measured, tool_after, own_after = self._measure_own(
@@ -238,7 +238,7 @@ class TrueKnowledgeDistiller:
                 for name, metrics in measured.items():
                     after[name]["on_policy"] = metrics
                 if "" in own_after and "" in after:
-                    after[""]["answers"] = answer_checks(tokenizer, [a for _, a in own_after[""]])
+                    after[""]["answers"] = _answer_report(tokenizer, own_after[""], after[""], held[""])
         if tool_held:
             before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
             after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
@@ -412,6 +412,17 @@ class TrueKnowledgeDistiller:
             results.append(self.distill_domain(domain, train, held))
         atomic_write_json(self.output_dir / ADAPTERS_DIR / "kd_summary.json", [r.as_dict() for r in results])
         return results
+
+
+def _answer_report(tokenizer, answered, metrics: dict, teacher_examples: list[KDExample]) -> dict:
+    """answer_checks of a version's greedy held-out answers, with what to read them against: the teacher's
+    answers' mean length, the version's token entropy over its own answers and the teacher's over its own."""
+    report = answer_checks(tokenizer, [a for _, a in answered])
+    teacher = [len(e.answer_tokens) for e in teacher_examples]
+    report["teacher_tokens"] = sum(teacher) / max(len(teacher), 1)
+    report["entropy"] = (metrics.get("on_policy") or {}).get("entropy", float("nan"))
+    report["teacher_entropy"] = metrics.get("teacher_entropy", float("nan"))
+    return report
 
 
 def _answered(model, tokenizer, chats, max_tokens: int, temperature: float, seed: int):

@@ -19,6 +19,10 @@ class HeldoutMetrics:
     ce: float  # mean cross-entropy of the teacher's answer tokens under the student
     agreement: float  # share of answer tokens where the student's argmax is the teacher's top-1
     tokens: int
+    # mean token entropy in nats over the top-k + the rest as one bucket (k: the teacher's top-k width), so
+    # the two read alike: the student's at the answer positions, and the teacher's there from its targets
+    entropy: float = float("nan")
+    teacher_entropy: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -34,7 +38,7 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
     """
     if not examples:
         raise ValueError("no held-out examples to evaluate on")
-    kl_sum = ce_sum = agree_sum = count = 0.0
+    sums_total = [0.0] * 6  # kl, ce, top-1 agreement, the student's entropy, the teacher's, answer tokens
     examples = distributed.shard(examples)  # data-parallel: each rank its share, the sums added up below
     for i in range(0, len(examples), batch_size):
         inputs, targets, mask, ids, logprobs, *_ = collate(examples[i : i + batch_size], max_seq_length)
@@ -42,14 +46,25 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
         # the held-out metric is KL(teacher ‖ student) at T = 1, whatever divergence training used
         kl, ce = answer_token_losses(logits, ids, logprobs, targets, 1.0, "forward_kl", 0.5)
         agree = (mx.argmax(logits, axis=-1) == ids[..., 0]).astype(mx.float32)
-        sums = [(x * mask).sum() for x in (kl, ce, agree)] + [mask.sum()]
+        logp = logits.astype(mx.float32)
+        own = topk_entropy(mx.topk(logp - mx.logsumexp(logp, axis=-1, keepdims=True), logprobs.shape[-1], axis=-1))
+        sums = [(x * mask).sum() for x in (kl, ce, agree, own, topk_entropy(logprobs))] + [mask.sum()]
         mx.eval(sums)
-        kl_sum, ce_sum, agree_sum, count = (a + b.item() for a, b in
-                                            zip((kl_sum, ce_sum, agree_sum, count), sums))
-    kl_sum, ce_sum, agree_sum, count = distributed.all_sum([kl_sum, ce_sum, agree_sum, count], "held-out metrics")
+        sums_total = [a + b.item() for a, b in zip(sums_total, sums)]
+    kl_sum, ce_sum, agree_sum, own_sum, teacher_sum, count = distributed.all_sum(sums_total, "held-out metrics")
     if count == 0:
         raise ValueError("the held-out examples hold no answer token inside the window")
-    return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count))
+    return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count), own_sum / count,
+                          teacher_sum / count)
+
+
+def topk_entropy(logprobs: mx.array) -> mx.array:
+    """Entropy in nats of distributions given by their top-k log-probs [..., k], the mass outside the top-k
+    counted as one more outcome: the same measure for a student's full distribution cut to k and for the
+    teacher's cached top-k. A padded entry (PAD_LOGPROB) weighs nothing."""
+    p = mx.exp(logprobs.astype(mx.float32))
+    tail = mx.maximum(1.0 - p.sum(axis=-1), 0.0)
+    return -(p * logprobs).sum(axis=-1) - tail * mx.log(mx.maximum(tail, 1e-12))
 
 
 def answers_tool_call(trace) -> bool:
@@ -72,29 +87,30 @@ def tool_call_metrics(tokenizer, traces: list[dict], answers: list[list[int]]) -
     return {"traces": n, "parsed": parsed / n, "name": names / n, "arguments": arguments / n}
 
 
-def _repeated_share(words: list[str], n: int) -> float:
-    """The share of an answer's word n-grams that repeat an n-gram earlier in the same answer."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def _repeated_share(ids: list[int], n: int) -> float:
+    """The share of an answer's n-grams that repeat an n-gram earlier in the same answer."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
-def _distinct_share(words: list[str], n: int) -> float:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def _distinct_share(ids: list[int], n: int) -> float:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def answer_checks(tokenizer, answers: list[list[int]]) -> dict:
-    """What a version's greedy answers to the held-out prompts look like, whatever their KL: the share of word
-    4-grams that repeat one earlier in the same answer, the share of distinct word bigrams, the share of
+    """What a version's greedy answers to the held-out prompts look like, whatever their KL: the share of token
+    4-grams that repeat one earlier in the same answer, the share of distinct token bigrams, the share of
     answers that ended (an end-of-turn token) rather than running to their token budget, and their mean
     length in tokens; each averaged over the answers. A student that has found text the teacher finds easy to
-    predict (a loop) scores well on the on-policy KL and badly here."""
+    predict (a loop) scores well on the on-policy KL and badly here. Tokens, not words: a cut student's
+    sub-word loop ("ortunateortunate...") is one long word, and some languages write no spaces."""
     eos = set(tokenizer.eos_token_ids)
     repeated, distinct, ended, tokens = [], [], [], []
     for answer in answers:
-        words = tokenizer.decode([t for t in answer if t not in eos]).split()
-        repeated.append(_repeated_share(words, 4))
-        distinct.append(_distinct_share(words, 2))
+        ids = [t for t in answer if t not in eos]
+        repeated.append(_repeated_share(ids, 4))
+        distinct.append(_distinct_share(ids, 2))
         ended.append(bool(answer) and answer[-1] in eos)
         tokens.append(len(answer))
     n = max(len(answers), 1)

@@ -95,8 +95,9 @@ class KDConfig:
     top_k: int = _setting(64, "teacher log-probs kept per answer token", 1, 1024)
     max_seq_length: int = _setting(2048, "training and evaluation window in tokens", 16, 1_048_576)
     max_answer_tokens: int = _setting(256, "longest answer the teacher writes for a bare prompt", 1, 32768)
-    # λ 0.5 in 8 rounds of greedy answers: bench/on_policy.py on the real pair (README, "On-policy distillation")
-    on_policy: float = _setting(0.5, "GKD lambda: share of train prompts the current student answers itself, "
+    # 0: on prompts kept apart from tuning, on-policy training made the real pair's student loop and raised its
+    # teacher-forced KL 18% (bench/defaults.py, docs/measurements/defaults.md)
+    on_policy: float = _setting(0.0, "GKD lambda: share of train prompts the current student answers itself, "
                                      "scored by the teacher (0: the teacher's answers only)", 0.0, 1.0)
     on_policy_rounds: int = _setting(8, "rounds the on-policy prompts are shared out over: the student answers "
                                         "each round's share as it stands when the round starts (1: all before "
@@ -108,7 +109,8 @@ class KDConfig:
     divergence: str = _setting("forward_kl", f"KD divergence: {', '.join(DIVERGENCES)}")
     jsd_beta: float = _setting(0.5, "mixture weight of the jsd divergence", 0.0, 1.0, lo_open=True)
     seed: int = _setting(0, "seed of LoRA's initialisation and the batch order")
-    # 0.1 from bench/hidden_kd.py on the real pair (README, "Layer-wise distillation")
+    # 0.1 with the layer map by depth: the lowest teacher-forced KL and repetition of the kept-apart table
+    # (docs/measurements/defaults.md)
     hidden_weight: float = _setting(0.1, "weight of the hidden-state (layer-wise) loss; 0: logits only", 0.0, 100.0)
     hidden_loss: str = _setting("mse", f"hidden-state loss: {', '.join(HIDDEN_LOSSES)} (mse relative to the teacher's)")
     hidden_layers: dict[str, int] = _setting(
