@@ -6,7 +6,8 @@ One step of `BatchEngine.step()`:
   2. prefill waiting calls, at most `prefill_step_size` prompt tokens a step, so a long prompt
      cannot stall the rows that are decoding; a call whose prompt is in joins the batch's cache;
   3. one decode step for every row: one forward pass, each row through its own adapter
-     (neurons.multi_lora), then each row samples, checks its stops and streams its text.
+     (neurons.multi_lora), then each row samples (a row held to a response_format only among the tokens its
+     grammar allows, masked while the pass runs), checks its stops and streams its text.
 This is mlx-lm's BatchGenerator (its batch KV caches are used as they are) with per-row LoRA.
 """
 
@@ -22,10 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+from conch_dna.models.structured import StructureError, allowed_tokens
 from conch_dna.models.tools import ParsedAnswer, ToolUse, parse_answer
 from conch_dna.settings.config import NeuronSettings
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from neurons.multi_lora import Adapter, RowAdapters
@@ -66,7 +69,8 @@ class Call:
 
     def __init__(self, prompt: list[int], adapter: Adapter, max_tokens: int,
                  sampler: Callable | None = None, logits_processors: list | None = None,
-                 stop: tuple[str, ...] = (), logprobs: int | None = None, tools: ToolUse | None = None):
+                 stop: tuple[str, ...] = (), logprobs: int | None = None, tools: ToolUse | None = None,
+                 grammar=None):
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if max_tokens < 1:
@@ -89,6 +93,7 @@ class Call:
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.tools = tools  # the tools offered, how calls are read, the text the answer was forced to begin with
+        self.grammar = grammar  # an llguidance matcher the answer is held to (models.structured), or None
         self._parts: list[str] = []
         self._chunks: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
@@ -298,9 +303,15 @@ class BatchEngine:
         inputs = mx.array([[r.next_input] for r in self.rows])
         logits = self.model(inputs, cache=self.cache)[:, -1, :]
         failed: dict[int, Exception] = {}
+        held = [i for i, r in enumerate(self.rows) if r.call.grammar is not None]
+        if held:  # the masks are computed on the CPU while the forward pass runs
+            mx.async_eval(logits)
+            allowed = self._allowed(held, logits.shape[-1], failed)
         if any(r.call.logits_processors for r in self.rows):
             logits = mx.concatenate([self._own(i, failed, self._processed, r, logits[i:i + 1])
                                      for i, r in enumerate(self.rows)])
+        if held:  # after the caller's processors, which cannot lift it
+            logits = mx.where(mx.array(allowed), logits, -mx.inf)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(r.call.sampler is None for r in self.rows):
             sampled = mx.argmax(logprobs, axis=-1)
@@ -312,6 +323,10 @@ class BatchEngine:
         logprob_of = self._logprobs(logprobs, tokens, asked) if asked else {}
         self._count(len(tokens) - len(failed))
         done = []
+        for i in held:
+            grammar = self.rows[i].call.grammar
+            if i not in failed and not grammar.consume_token(tokens[i]):
+                failed[i] = StructureError(f"the answer left its response_format: {grammar.get_error()}")
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             if i in failed:
                 row.call._end(failed[i])
@@ -334,6 +349,18 @@ class BatchEngine:
             best = sorted(zip(top[j], top_lp[j]), key=lambda t: -t[1])[: self.rows[i].call.logprobs]
             out[i] = TokenLogprob(tokens[i], chosen[j], tuple(best))
         return out
+
+    def _allowed(self, held: list[int], vocab_size: int, failed: dict) -> np.ndarray:
+        """bool [rows, vocab]: every token for a free row, its grammar's next tokens for a held one."""
+        allowed = np.ones((len(self.rows), vocab_size), bool)
+        grammars = [self.rows[i].call.grammar for i in held]
+        allowed[held] = allowed_tokens(grammars, vocab_size)
+        for i, grammar in zip(held, grammars):
+            if grammar.is_error() or not allowed[i].any():
+                failed[i] = StructureError(f"the answer cannot go on in its response_format: "
+                                           f"{grammar.get_error() or 'no token is allowed'}")
+                allowed[i] = True
+        return allowed
 
     @staticmethod
     def _own(i: int, failed: dict, fn, row: _Row, values: mx.array) -> mx.array:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from conch_dna.models.adapters import apply_lora
 from conch_dna.models.chat import prompt_tokens, to_chat
-from conch_dna.models.loading import load_model
+from conch_dna.models.loading import load_model, output_vocab_size
+from conch_dna.models.structured import Grammars, StructureError
 from conch_dna.models.tools import Answer, tool_use
 from conch_dna.models.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
 from conch_dna.settings.config import load_config
@@ -71,7 +72,7 @@ class Neuron:
         return self._pin.version if self._pin else self.registry.next_version(self.domain)
 
     def generate(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
-                 tool_choice=None, **sampling) -> Answer:
+                 tool_choice=None, response_format=None, **sampling) -> Answer:
         """The student's answer (a str; its `tool_calls` and `content` read out of it). A string
         prompt gets the domain's system prompt, as in training (conch_dna.models.chat.to_messages); a list
         of chat messages (tool calls and results included) is used as it is. `tools`: OpenAI function
@@ -79,26 +80,29 @@ class Neuron:
         "none", "required" or {"type": "function", "function": {"name": ...}}. `sampling`:
         temperature (or temp), top_p, top_k, min_p, stop (strings), or mlx-lm's sampler and
         logits_processors; none of them means greedy decoding. logprobs=N (0 to 20) gives the
-        call's token_logprobs with N alternatives (submit() returns the call)."""
+        call's token_logprobs with N alternatives (submit() returns the call). `response_format`: OpenAI's
+        ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) or a pydantic
+        model class: the answer is held to it token by token (conch_dna.models.structured), so it parses
+        unless it ran out of max_tokens (finish_reason "length")."""
         call = self.submit(prompt_or_messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
-                           **sampling)
+                           response_format=response_format, **sampling)
         for _ in call:
             pass
         return Answer.read(call.text, call.parsed())
 
     def stream(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
-               tool_choice=None, **sampling) -> Iterator[str]:
+               tool_choice=None, response_format=None, **sampling) -> Iterator[str]:
         """The answer's text in chunks as it decodes (tool-call markup included; submit() gives
         the call, whose parsed() reads it); closing (or dropping) the stream cancels the call."""
         yield from self.submit(prompt_or_messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
-                               **sampling)
+                               response_format=response_format, **sampling)
 
     def submit(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
-               tool_choice=None, **sampling) -> Call:
+               tool_choice=None, response_format=None, **sampling) -> Call:
         """Start a call and return it: iterate it for text; its finish_reason and token counts
         are set when it ends, call.parsed() reads its tool calls; call.cancel() frees its row."""
         call = self.registry.submit(self.domain, prompt_or_messages, max_tokens, self._pin, tools=tools,
-                                    tool_choice=tool_choice, **sampling)
+                                    tool_choice=tool_choice, response_format=response_format, **sampling)
         self.served_version = call.version
         return call
 
@@ -140,6 +144,8 @@ class NeuronRegistry:
         self.mlx = MLXThread("conch-neurons")
         self._state_lock = threading.Lock()
         self._closed = False
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         try:
             self.mlx.call(self._load, student or self.config.student)
         except BaseException:
@@ -175,10 +181,11 @@ class NeuronRegistry:
     # -- calls ---------------------------------------------------------------------------------
 
     def submit(self, domain: str, prompt_or_messages, max_tokens: int = 128, pin: Adapter | None = None,
-               tools: list[dict] | None = None, tool_choice=None, **sampling) -> Call:
+               tools: list[dict] | None = None, tool_choice=None, response_format=None, **sampling) -> Call:
         """Queue a call of `domain` (on `pin`, or the version serving it now) and return it.
         `tools` default to those of a trace-like prompt ({"messages", "tools"}); ToolError (a
-        ValueError) for tools or a tool_choice that cannot be honoured."""
+        ValueError) for tools or a tool_choice that cannot be honoured, StructureError (a ValueError) for
+        a response_format that cannot."""
         check_domain(domain, self.domains)
         if self._closed:
             raise EngineClosed("the neuron registry is closed")
@@ -188,9 +195,19 @@ class NeuronRegistry:
         tokens = prompt_tokens(self.tokenizer, chat.messages, use.tools if use else None)
         if use and use.prefix:
             tokens += self.tokenizer.encode(use.prefix, add_special_tokens=False)
-        call = Call(tokens, pin or self._current(domain), max_tokens, **settings, tools=use)
+        grammar = self.grammars().matcher(response_format) if response_format is not None else None
+        if grammar is not None and use and use.prefix:
+            raise StructureError("a response_format and a forced tool call cannot both hold the answer")
+        call = Call(tokens, pin or self._current(domain), max_tokens, **settings, tools=use, grammar=grammar)
         self.mlx.submit(self.engine.add, call)
         return call
+
+    def grammars(self) -> Grammars:
+        """The compiled response formats of this student's tokenizer (built at the first that asks)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, output_vocab_size(self.model))
+            return self._grammars
 
     def stats(self) -> dict:
         """The batch, the queue, tokens/s and time to first token of this registry, now."""

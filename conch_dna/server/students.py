@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 
 import conch_dna.server.wire as wire
+from conch_dna.models.structured import StructureError
 from conch_dna.models.tools import ToolError
 
 from starlette.requests import Request
@@ -57,9 +58,12 @@ class StudentAnswers:
         neuron = await asyncio.to_thread(self.neuron, domain, version)
         try:
             call = await asyncio.to_thread(neuron.submit, req.chat(), max_tokens, tools=req.tools,
-                                           tool_choice=req.tool_choice, **sampling)
+                                           tool_choice=req.tool_choice, response_format=req.response_format,
+                                           **sampling)
         except EngineClosed as exc:
             raise wire.APIError(503, str(exc), type="server_error", code="shutting_down") from None
+        except StructureError as exc:
+            raise wire.APIError(400, str(exc), code="invalid_response_format", param="response_format") from None
         except ToolError as exc:
             raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
         except (ValueError, TypeError) as exc:

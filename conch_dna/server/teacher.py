@@ -43,6 +43,10 @@ class TeacherAnswers:
 
     async def local(self, req: wire.ChatRequest, domain: str, max_tokens: int) -> Response:
         """The config's teacher in this process (greedy, as the EGO answers agent code)."""
+        if req.response_format and req.response_format["type"] != "text":
+            raise wire.APIError(400, "the in-process teacher does not take a response_format yet: set [ego] "
+                                "upstream_url to a teacher that does, or ask a neuron", code="invalid_response_format",
+                                param="response_format")
         with self._lock:
             if self._local_ego is None:
                 self._local_ego = Ego(home=self.home, store=self.store)

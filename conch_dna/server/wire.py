@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Literal
 
+from conch_dna.models.structured import StructureError, response_format_of
 from conch_dna.models.tools import check_tools
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,6 +97,15 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    response_format: dict | None = None  # text, json_object or json_schema: a neuron's answer is held to it
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        try:
+            return response_format_of(v)
+        except StructureError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("tools")
     @classmethod

@@ -1,0 +1,144 @@
+"""Answers held to a response_format: through `conch serve` with the `openai` client's own structured-output
+helper, streamed and not; in the batch beside free rows, each row as it answers alone; hostile forms refused
+with their reason. The kit's bare student writes nonsense, so whatever parses, parses because it was held."""
+
+import json
+from typing import Literal
+
+from conch_dna.models.structured import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, StructureError, response_format_of
+from conch_dna.server.app import Server
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+from test_neurons import make_home
+
+from neurons import NeuronRegistry
+
+CHAT = [{"role": "user", "content": "Pick a fruit for the basket."}]
+
+
+class Pick(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fruit: Literal["apple", "pear", "plum"]
+    count: int = Field(ge=0, le=9)
+    note: str = Field(max_length=12)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(make_home(tmp_path_factory.mktemp("structured")), port=0).start()
+    yield server
+    server.stop()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def test_the_openai_clients_parse_gets_an_object_from_a_neuron_streamed_or_not(server):
+    whole = client(server).chat.completions.parse(model="task", messages=CHAT, response_format=Pick, max_tokens=64)
+    assert isinstance(whole.choices[0].message.parsed, Pick), whole.choices[0].message.content
+    with client(server).chat.completions.stream(model="task", messages=CHAT, response_format=Pick,
+                                                max_tokens=64) as stream:
+        chunks = [event for event in stream if event.type == "content.delta"]
+        streamed = stream.get_final_completion()
+    assert len(chunks) > 1 and streamed.choices[0].message.parsed == whole.choices[0].message.parsed
+    free = client(server).chat.completions.create(model="task", messages=CHAT, max_tokens=64)
+    with pytest.raises(ValueError):  # the same student, unheld, writes no such object
+        Pick.model_validate_json(free.choices[0].message.content)
+
+
+@pytest.mark.parametrize("fmt", [  # bounded strings: a free one lets the bare student write a key for ever
+    {"type": "json_schema", "json_schema": {"name": "level", "schema": {
+        "type": "object", "properties": {"level": {"enum": ["low", "high"]}, "n": {"type": "integer", "minimum": 0,
+                                                                                    "maximum": 99}},
+        "required": ["level", "n"], "additionalProperties": False}}},
+    {"type": "json_schema", "json_schema": {"name": "steps", "strict": True, "schema": {
+        "type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string", "maxLength": 6},
+                                                   "minItems": 1, "maxItems": 3}}, "required": ["steps"]}}},
+])
+def test_every_answer_validates_against_its_schema_checked_by_jsonschema(server, fmt):
+    schema = fmt.get("json_schema", {}).get("schema", {"type": "object"})
+    for prompt in ("Plan the week.", "Name three tools.", "What went wrong?"):
+        answer = client(server).chat.completions.create(
+            model="debug", messages=[{"role": "user", "content": prompt}], response_format=fmt, max_tokens=96)
+        assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+
+
+def test_held_and_free_rows_in_one_batch_answer_as_each_does_alone(tmp_path):
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    try:
+        asks = [("task", "Pick a fruit.", Pick), ("debug", "Why did it fail?", None),
+                ("task", "Name a tool.", {"type": "json_object"}), ("memory", "What was said?", None),
+                ("debug", "Pick one.", Pick)]
+        alone = [str(registry.get(d).generate(p, max_tokens=40, response_format=f)) for d, p, f in asks]
+        calls = [registry.get(d).submit(p, max_tokens=40, response_format=f) for d, p, f in asks]
+        for call in calls:
+            list(call)
+        assert [c.text for c in calls] == alone
+        assert registry.engine.peak_running >= 3  # they did decode together
+        Pick.model_validate_json(alone[0])
+        assert registry.grammars().matcher(Pick) is not registry.grammars().matcher(Pick)  # a state per call
+    finally:
+        registry.close()
+
+
+def test_an_answer_cut_by_max_tokens_inside_the_json_says_length(server):
+    answer = client(server).chat.completions.create(model="task", messages=CHAT, max_tokens=3,
+                                                    response_format={"type": "json_object"})
+    assert answer.choices[0].finish_reason == "length"
+    with pytest.raises(openai.LengthFinishReasonError):
+        client(server).chat.completions.parse(model="task", messages=CHAT, response_format=Pick, max_tokens=3)
+
+
+def deep(n: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(n):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("fmt, words", [
+    ({"type": "xml"}, "response_format.type must be one of text, json_object, json_schema, got 'xml'"),
+    ({"type": "json_schema"}, "must be an object with a `schema` object"),
+    ({"type": "json_schema", "json_schema": {"schema": "yes"}}, "must be an object with a `schema` object"),
+    ({"type": "json_schema", "json_schema": {"schema": deep(MAX_SCHEMA_DEPTH)}}, "over the limit of 32"),
+    ({"type": "json_schema", "json_schema": {"schema": {"description": "x" * MAX_SCHEMA_BYTES}}},
+     f"over the limit of {MAX_SCHEMA_BYTES}"),
+    ({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/nowhere"}}}, "cannot be compiled"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(?<=a)b"}}},
+     "cannot be compiled"),
+])
+def test_a_form_that_cannot_be_held_is_a_400_naming_why(server, fmt, words):
+    response = httpx.post(f"{server.url}/chat/completions", timeout=30,
+                          json={"model": "task", "messages": CHAT, "response_format": fmt, "max_tokens": 8})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert words in error["message"], error
+    ok = client(server).chat.completions.create(model="task", messages=CHAT, max_tokens=4)  # nothing else broke
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_the_python_api_takes_a_pydantic_class_and_refuses_a_forced_call_beside_it(tmp_path):
+    assert response_format_of(Pick)["json_schema"]["name"] == "Pick"
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    try:
+        answer = registry.get("task").generate("Pick a fruit.", max_tokens=40, response_format=Pick)
+        assert Pick.model_validate_json(str(answer)).fruit in ("apple", "pear", "plum")
+        tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+        with pytest.raises(StructureError, match="cannot both hold the answer"):
+            registry.get("task").submit("Read it.", tools=tools, tool_choice="required", response_format=Pick)
+        with pytest.raises(StructureError, match="pydantic model class"):
+            registry.get("task").submit("Pick.", response_format="json")
+    finally:
+        registry.close()
+
+
+def test_the_in_process_teacher_says_it_cannot_hold_a_form_yet(server):
+    response = httpx.post(f"{server.url}/chat/completions", timeout=30, json={
+        "model": "ego/task", "messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 8})
+    assert response.status_code == 400 and "in-process teacher does not take a response_format" in response.text
