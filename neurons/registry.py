@@ -33,7 +33,7 @@ from conch_dna.models.adapters import apply_lora
 from conch_dna.models.chat import prompt_tokens, to_chat
 from conch_dna.models.loading import load_model, output_vocab_size
 from conch_dna.models.structured import Grammars, StructureError
-from conch_dna.models.tools import Answer, tool_use
+from conch_dna.models.tools import Answer, ToolError, tool_use
 from conch_dna.models.versions import MANIFEST, ManifestError, current_version, domain_dir, is_version_name
 from conch_dna.settings.config import load_config
 from conch_dna.system.domains import check_domain
@@ -195,9 +195,16 @@ class NeuronRegistry:
         tokens = prompt_tokens(self.tokenizer, chat.messages, use.tools if use else None)
         if use and use.prefix:
             tokens += self.tokenizer.encode(use.prefix, add_special_tokens=False)
-        grammar = self.grammars().matcher(response_format) if response_format is not None else None
-        if grammar is not None and use and use.prefix:
-            raise StructureError("a response_format and a forced tool call cannot both hold the answer")
+        forced = bool(use and use.prefix)
+        if response_format is not None:
+            grammar = self.grammars().matcher(response_format)
+            if grammar is not None and forced:
+                raise StructureError("a response_format and a forced tool call cannot both hold the answer")
+        else:  # a forced call is held to the offered tools' schemas, where its form is JSON
+            try:
+                grammar = self.grammars().tool_call(use) if forced else None
+            except StructureError as exc:
+                raise ToolError(str(exc)) from None
         call = Call(tokens, pin or self._current(domain), max_tokens, **settings, tools=use, grammar=grammar)
         self.mlx.submit(self.engine.add, call)
         return call

@@ -142,3 +142,45 @@ def test_the_in_process_teacher_says_it_cannot_hold_a_form_yet(server):
     response = httpx.post(f"{server.url}/chat/completions", timeout=30, json={
         "model": "ego/task", "messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 8})
     assert response.status_code == 400 and "in-process teacher does not take a response_format" in response.text
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string", "maxLength": 10}}, "required": ["path"],
+        "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_level", "parameters": {
+        "type": "object", "properties": {"level": {"type": "integer", "minimum": 0, "maximum": 5},
+                                         "why": {"enum": ["slow", "broken"]}},
+        "required": ["level", "why"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_level"}}])
+def test_a_forced_call_from_the_bare_student_validates_against_its_tools_schema(server, choice):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for prompt in ("Read the config.", "Turn it up.", "Why is it slow?"):
+        answer = client(server).chat.completions.create(
+            model="action", messages=[{"role": "user", "content": prompt}], tools=TOOLS, tool_choice=choice,
+            max_tokens=96)
+        choice_out = answer.choices[0]
+        assert choice_out.finish_reason == "tool_calls", choice_out.message
+        (call,) = choice_out.message.tool_calls
+        assert call.function.name in schemas and (choice == "required" or call.function.name == "set_level")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_a_forced_call_unheld_does_not_parse_from_the_bare_student(tmp_path):
+    """What the grammar buys: the same calls with the mask lifted (the guard the test above relies on)."""
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    try:
+        held = registry.get("action").submit("Turn it up.", max_tokens=96, tools=TOOLS, tool_choice="required")
+        list(held)
+        assert held.grammar is not None and held.parsed().parsed
+        held_grammar = registry.grammars().tool_call
+        registry.grammars().tool_call = lambda use: None
+        free = registry.get("action").submit("Turn it up.", max_tokens=96, tools=TOOLS, tool_choice="required")
+        list(free)
+        registry.grammars().tool_call = held_grammar
+        assert not free.parsed().parsed, free.text
+    finally:
+        registry.close()

@@ -22,8 +22,9 @@ MAX_SCHEMA_BYTES = 64 * 1024  # a schema's JSON; the request body bound is large
 MAX_SCHEMA_DEPTH = 32  # nested objects and arrays of the schema document itself
 MAX_CACHED = 64  # compiled forms kept per tokenizer
 FORMAT_TYPES = ("text", "json_object", "json_schema")
-# compact JSON: a free-whitespace grammar lets a small model write spaces until max_tokens
-_JSON_OPTIONS = {"whitespace_flexible": False}
+# at most one space where JSON allows whitespace: the model's own `"a": 1` passes, while a free-whitespace
+# grammar would let a small model write spaces until max_tokens
+_JSON_OPTIONS = {"whitespace_pattern": " ?"}
 # bounds on what one grammar may cost to build and to step (llguidance's own limits, tightened)
 _LIMITS = llguidance.LLParserLimits(max_grammar_size=100_000, max_lexer_states=50_000,
                                     initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000)
@@ -60,6 +61,20 @@ def response_format_of(value) -> dict | None:
         raise StructureError(f"response_format's schema nests {depth} deep, over the limit of {MAX_SCHEMA_DEPTH}")
     return {"type": kind, "json_schema": {"name": str(spec.get("name", "answer")), "schema": schema,
                                           "strict": bool(spec.get("strict", False))}}
+
+
+def _parameters(tool: dict) -> dict:
+    """A function tool's arguments schema, bounded as a response_format's is (closed when the tool is strict)."""
+    function = tool.get("function", tool)
+    schema = function.get("parameters") or {"type": "object"}
+    checked = response_format_of({"type": "json_schema", "json_schema": {"schema": schema,
+                                                                         "strict": function.get("strict", False)}})
+    spec = checked["json_schema"]
+    return _closed(spec["schema"]) if spec["strict"] else spec["schema"]
+
+
+def _with_spacing(schema: dict) -> str:
+    return json.dumps({**schema, "x-guidance": _JSON_OPTIONS})
 
 
 def _closed(schema: dict) -> dict:
@@ -119,9 +134,37 @@ class Grammars:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise StructureError(f"response_format's schema cannot be compiled: {exc}") from None
+        return self._matcher(key, grammar, "response_format's schema")
+
+    def tool_call(self, use) -> llguidance.LLMatcher | None:
+        """A matcher for the rest of a forced tool call (tool_choice "required" or a named function, whose
+        ToolUse.prefix the prompt already ends with): the name one of the offered tools, the arguments that
+        tool's `parameters` schema, then the call's closing markup and the end. None where calls are not
+        written as JSON (only mlx-lm's json_tools form and the fallback are), or the choice is "auto"."""
+        from conch_dna.models.tools import fallback_format
+
+        if not use or not use.prefix or use.format is None or use.format.parse is not fallback_format().parse:
+            return None
+        params = {tool["function"]["name"]: _parameters(tool) for tool in use.tools}
+        end = f'"\\n"? {json.dumps(use.format.end)}' if use.format.end else '"\\n"?'
+        if use.prefix == use.format.start:  # "required": any one of the tools
+            call = {"oneOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
+                               "required": ["name", "arguments"], "additionalProperties": False}
+                              for name, schema in params.items()]}
+            lark = f'start: "\\n"? call {end}\ncall: %json {_with_spacing(call)}'
+        else:  # a named function: the prefix ends inside its object, at `"arguments":`
+            name = json.loads(use.prefix[len(use.format.start):] + " null}")["name"]
+            lark = f'start: " "? arguments "}}" {end}\narguments: %json {_with_spacing(params[name])}'
+        return self._matcher(lark, llguidance.LLMatcher.grammar_from_lark(lark), "the tool's parameters schema")
+
+    def _matcher(self, key: str, grammar: str, what: str) -> llguidance.LLMatcher:
+        with self._lock:
+            if (template := self._compiled.get(key)) is not None:
+                self._compiled.move_to_end(key)
+                return template.deep_copy()
         template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_LIMITS)
         if template.is_error():
-            raise StructureError(f"response_format's schema cannot be compiled: {template.get_error()}")
+            raise StructureError(f"{what} cannot be compiled: {template.get_error()}")
         with self._lock:
             self._compiled[key] = template
             while len(self._compiled) > MAX_CACHED:
