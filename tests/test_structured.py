@@ -3,13 +3,18 @@ helper, streamed and not; in the batch beside free rows, each row as it answers 
 with their reason. The kit's bare student writes nonsense, so whatever parses, parses because it was held."""
 
 import json
+import time
 from typing import Literal
 
+from conch_dna.kit import TEACHER_PATH
 from conch_dna.models.structured import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, StructureError, response_format_of
 from conch_dna.server.app import Server
+from conch_dna.settings.config import load_config
+from conch_dna.traces.store import TraceStore
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +23,9 @@ from test_neurons import make_home
 from neurons import NeuronRegistry
 
 CHAT = [{"role": "user", "content": "Pick a fruit for the basket."}]
+LEVEL = {"type": "object", "properties": {"level": {"enum": ["low", "high"]},
+                                          "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+         "required": ["level", "n"], "additionalProperties": False}
 
 
 class Pick(BaseModel):
@@ -29,7 +37,9 @@ class Pick(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(make_home(tmp_path_factory.mktemp("structured")), port=0).start()
+    home = make_home(tmp_path_factory.mktemp("structured"))
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\n' + (home / "config.toml").read_text())
+    server = Server(home, port=0).start()
     yield server
     server.stop()
 
@@ -52,10 +62,7 @@ def test_the_openai_clients_parse_gets_an_object_from_a_neuron_streamed_or_not(s
 
 
 @pytest.mark.parametrize("fmt", [  # bounded strings: a free one lets the bare student write a key for ever
-    {"type": "json_schema", "json_schema": {"name": "level", "schema": {
-        "type": "object", "properties": {"level": {"enum": ["low", "high"]}, "n": {"type": "integer", "minimum": 0,
-                                                                                    "maximum": 99}},
-        "required": ["level", "n"], "additionalProperties": False}}},
+    {"type": "json_schema", "json_schema": {"name": "level", "schema": LEVEL}},
     {"type": "json_schema", "json_schema": {"name": "steps", "strict": True, "schema": {
         "type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string", "maxLength": 6},
                                                    "minItems": 1, "maxItems": 3}}, "required": ["steps"]}}},
@@ -138,10 +145,26 @@ def test_the_python_api_takes_a_pydantic_class_and_refuses_a_forced_call_beside_
         registry.close()
 
 
-def test_the_in_process_teacher_says_it_cannot_hold_a_form_yet(server):
-    response = httpx.post(f"{server.url}/chat/completions", timeout=30, json={
-        "model": "ego/task", "messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 8})
-    assert response.status_code == 400 and "in-process teacher does not take a response_format" in response.text
+def test_the_teachers_answer_is_held_too_and_its_trace_keeps_the_form(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "level", "schema": LEVEL}}
+    answer = client(server).chat.completions.create(model="ego/task", messages=CHAT, response_format=fmt,
+                                                    max_tokens=48)
+    jsonschema.validate(json.loads(answer.choices[0].message.content), LEVEL)
+    store = TraceStore.for_home(server.home, load_config(server.home))
+    try:
+        def kept():
+            rows = store.traces_of("task", "train") + store.traces_of("task", "heldout")
+            return [r for r in rows if r["response_format"]]
+
+        deadline = time.monotonic() + 60
+        while not kept() and time.monotonic() < deadline:  # recorded after the answer was sent
+            time.sleep(0.05)
+        (row,) = kept()
+        assert row["response_format"]["json_schema"]["schema"] == LEVEL
+        assert row["messages"][-1]["content"] == answer.choices[0].message.content
+        assert row["topk"] is not None and np.isfinite(row["topk"]["logprobs"].astype(np.float32)).all()
+    finally:
+        store.close()
 
 
 TOOLS = [

@@ -151,8 +151,8 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
     db.conn.commit()
     db.conn.close()
     store = TraceStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 7 and {"settings", "set_aside"} <= set(store.db.table_names())
-    assert "tools" in store.db["traces"].columns_dict
+    assert store.schema_version() == SCHEMA_VERSION == 8 and {"settings", "set_aside"} <= set(store.db.table_names())
+    assert {"tools", "response_format"} <= set(store.db["traces"].columns_dict)
     assert store.runs() == [] and {"samples_generated", "phase_seconds"} <= set(store.db["runs"].columns_dict)
     path2 = tmp_path / "future.db"
     sqlite_utils.Database(path2).execute("PRAGMA user_version = 99")
@@ -175,3 +175,33 @@ def test_record_uses_the_homes_configured_domains_and_heldout_fraction(conch_hom
     store = ingest.home_store()
     held = {t["messages"][0]["content"] for t in store.traces_of("legal", "heldout")}
     assert held == {p for p in prompts if is_heldout(f"user: {p}", 0.5)} and 10 < len(held) < 30
+
+
+def test_a_version_7_store_keeps_its_traces_as_they_were_and_takes_their_response_format(tmp_path):
+    import sqlite_utils
+
+    def every_chat(store):
+        return store.chats("thinking") + store.chats("thinking", "heldout")
+
+    path = tmp_path / "conch.db"
+    old = TraceStore(path)  # made at the current version, then taken back to 7: the column dropped
+    old.add([parse_trace_line(line(trace()))], "old.jsonl")
+    before = every_chat(old)
+    old.close()
+    db = sqlite_utils.Database(path)
+    db["traces"].transform(drop={"response_format"})
+    db.execute("PRAGMA user_version = 7")
+    db.conn.commit()
+    db.conn.close()
+    store = TraceStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 8 and every_chat(store) == before and len(before) == 1
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}
+    held = parse_trace_line(line(trace(response_format=fmt)))
+    assert held.trace_id() != parse_trace_line(line(trace())).trace_id()  # another form, another trace
+    assert store.add([held], "new.jsonl") == [True]
+    assert [c.get("response_format") for c in every_chat(store)] == [None, fmt]
+    rows = store.traces_of("thinking", held.split(store.heldout_fraction))
+    assert rows[-1]["response_format"] == fmt
+    with pytest.raises(TraceError, match="response_format.type must be one of"):
+        parse_trace_line(line(trace(response_format={"type": "xml"})))
+    store.close()

@@ -172,6 +172,26 @@ class Grammars:
         return template.deep_copy()
 
 
+def held_to(matcher: llguidance.LLMatcher, vocab_size: int):
+    """An mlx-lm logits processor (generate's `logits_processors`) that holds one generation to `matcher`:
+    each call takes the tokens sampled since the last, then masks what the grammar does not allow next."""
+    import mlx.core as mx
+
+    seen: list[int] = []
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if not seen:
+            seen.append(tokens.size)  # the first call sees the prompt alone
+        else:
+            for token in tokens[seen[0]:].tolist():
+                if not matcher.consume_token(token):
+                    raise StructureError(f"the answer left its response_format: {matcher.get_error()}")
+            seen[0] = tokens.size
+        return mx.where(mx.array(allowed_tokens([matcher], vocab_size)), logits, -mx.inf)
+
+    return process
+
+
 def allowed_tokens(matchers: list[llguidance.LLMatcher], vocab_size: int) -> np.ndarray:
     """bool [len(matchers), vocab_size]: the tokens each matcher allows next."""
     bits = allocate_token_bitmask(len(matchers), vocab_size)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import conch_dna.server.wire as wire
 from conch_dna.models.loading import load_tokenizer_only, tokenizer_fingerprint
+from conch_dna.models.structured import StructureError
 from conch_dna.models.tools import ToolError
 from conch_dna.settings.config import Config
 from conch_dna.traces.ego import Ego
@@ -43,19 +44,19 @@ class TeacherAnswers:
 
     async def local(self, req: wire.ChatRequest, domain: str, max_tokens: int) -> Response:
         """The config's teacher in this process (greedy, as the EGO answers agent code)."""
-        if req.response_format and req.response_format["type"] != "text":
-            raise wire.APIError(400, "the in-process teacher does not take a response_format yet: set [ego] "
-                                "upstream_url to a teacher that does, or ask a neuron", code="invalid_response_format",
-                                param="response_format")
         with self._lock:
             if self._local_ego is None:
                 self._local_ego = Ego(home=self.home, store=self.store)
         messages = trace_messages(req.chat(), "")[:-1]
         try:
-            answer = await asyncio.to_thread(self._local_ego.answer, messages, max_tokens, req.tools, req.tool_choice)
+            answer = await asyncio.to_thread(self._local_ego.answer, messages, max_tokens, req.tools, req.tool_choice,
+                                             req.response_format)
         except ToolError as exc:
             raise wire.APIError(400, f"cannot answer with tools: {exc}", param="tools") from None
-        keep = BackgroundTask(self._local_ego.record, domain, messages, answer, {"via": "conch serve"}, req.tools)
+        except StructureError as exc:
+            raise wire.APIError(400, str(exc), code="invalid_response_format", param="response_format") from None
+        keep = BackgroundTask(self._local_ego.record, domain, messages, answer, {"via": "conch serve"}, req.tools,
+                              req.response_format)
         cid, counts = wire.completion_id(), wire.usage(answer.prompt_tokens, answer.completion_tokens)
         message = answer.message()
         if not req.stream:
@@ -111,7 +112,8 @@ class TeacherAnswers:
                                     type="upstream_error", code="upstream_error") from None
             data["model"] = req.model
             _as_asked(choice, req)
-            keep = BackgroundTask(self.record_upstream, domain, messages, answer, content, req.tools)
+            keep = BackgroundTask(self.record_upstream, domain, messages, answer, content, req.tools,
+                                  req.response_format)
             return JSONResponse(data, background=keep)
 
         answer = {"parts": [], "content": [], "calls": wire.StreamedCalls(), "complete": False}
@@ -152,13 +154,13 @@ class TeacherAnswers:
             if answer["complete"]:  # an answer cut off by a caller who left is not the teacher's answer
                 message = {"role": "assistant", "content": "".join(answer["parts"]) or None,
                            "tool_calls": answer["calls"].calls() or None}
-                self.record_upstream(domain, messages, message, answer["content"], req.tools)
+                self.record_upstream(domain, messages, message, answer["content"], req.tools, req.response_format)
 
         return StreamingResponse(wire.guarded(events()), media_type="text/event-stream",
                                  background=BackgroundTask(keep))
 
     def record_upstream(self, domain: str, messages: list[dict], answer: dict, content,
-                        tools: list[dict] | None = None) -> None:
+                        tools: list[dict] | None = None, response_format: dict | None = None) -> None:
         """The trace of an upstream answer (text or tool calls); top-k when its logprobs map to the
         teacher's token ids."""
         topk = None
@@ -169,7 +171,8 @@ class TeacherAnswers:
             except Exception:  # noqa: BLE001 - without top-k the retrain's teacher pass makes it
                 log.exception("cannot map the upstream's logprobs to %s's tokens", self.config.teacher)
         trace_id = record(domain, trace_messages(messages, answer), teacher=self.teacher_name, topk=topk,
-                          meta={"via": "conch serve"}, store=self.store, tools=tools)
+                          meta={"via": "conch serve"}, store=self.store, tools=tools,
+                          response_format=response_format)
         log.info("recorded an EGO answer of %s (%s top-k)", domain, "with" if topk else "without")
         return trace_id
 

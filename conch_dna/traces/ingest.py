@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from conch_dna.models.structured import StructureError, response_format_of
 from conch_dna.settings.config import load_config
 from conch_dna.system.home import DB_FILE, conch_home
 from conch_dna.traces.store import TraceStore
@@ -212,11 +213,13 @@ def home_store() -> TraceStore:
 
 
 def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = None,
-           meta: dict | None = None, store: TraceStore | None = None, tools: list[dict] | None = None) -> str | None:
+           meta: dict | None = None, store: TraceStore | None = None, tools: list[dict] | None = None,
+           response_format: dict | None = None) -> str | None:
     """Keep one teacher answer as a trace; agent code calls this after each EGO call.
 
     `messages`: the OpenAI-style chat, the teacher's assistant answer last (text, or tool_calls
-    with content None). `tools`: the OpenAI function tools the request offered. `topk`: optional
+    with content None). `tools`: the OpenAI function tools the request offered; `response_format`: the
+    form the answer was asked in (OpenAI's, or a pydantic model class). `topk`: optional
     {"token_ids": [[int] * k] * n, "logprobs": [[float] * k] * n, "tokenizer": fingerprint}, one
     row per answer token. `store` defaults to $CONCH_HOME's (home_store()).
     Returns the trace id, or None when the trace is invalid: then it is quarantined with the
@@ -226,6 +229,13 @@ def record(domain: str, messages: list[dict], teacher: str, topk: dict | None = 
     data = {"domain": domain, "messages": messages, "teacher": teacher, "topk": topk, "meta": meta or {}}
     if tools:
         data["tools"] = tools
+    if isinstance(response_format, type):  # a pydantic model class: its schema (a dict is checked with the trace)
+        try:
+            response_format = response_format_of(response_format)
+        except StructureError as exc:
+            response_format = {"refused": str(exc)}  # the trace is then quarantined, with that reason in it
+    if response_format is not None:
+        data["response_format"] = response_format
     try:
         raw = json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
     except (Exception, RecursionError) as exc:  # noqa: BLE001 - e.g. a circular meta: kept as text, with why

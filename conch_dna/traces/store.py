@@ -25,7 +25,7 @@ import numpy as np
 import sqlite_utils
 
 log = logging.getLogger("conch.store")
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
@@ -77,9 +77,13 @@ def _add_trace_tools_v7(db: sqlite_utils.Database) -> None:
     db["traces"].add_column("tools", str)  # the tools a chat offered, as JSON; NULL for a text chat
 
 
+def _add_trace_response_format_v8(db: sqlite_utils.Database) -> None:
+    db["traces"].add_column("response_format", str)  # the form the answer was asked in, as JSON; NULL: free text
+
+
 # version -> the function that brings version - 1 up to it
 MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4, 5: _add_run_phases_v5,
-              6: _add_run_settings_v6, 7: _add_trace_tools_v7}
+              6: _add_run_settings_v6, 7: _add_trace_tools_v7, 8: _add_trace_response_format_v8}
 
 
 @dataclass
@@ -211,7 +215,7 @@ class TraceStore:
         """The row a trace is stored as, id first; raises for a trace that cannot be stored, so a
         caller can quarantine that one trace instead of failing a whole batch."""
         return (trace.trace_id(), trace.domain, trace.split(self.heldout_fraction), trace.teacher,
-                trace.chat_json, trace.tools_json, *_encode_topk(trace),
+                trace.chat_json, trace.tools_json, trace.response_format_json, *_encode_topk(trace),
                 trace.created_at.isoformat() if trace.created_at else None,
                 json.dumps(trace.meta, ensure_ascii=False) if trace.meta else "{}")
 
@@ -241,8 +245,9 @@ class TraceStore:
                 known.add(row[0])
                 new_rows.append((*row[:-1], now, source, row[-1]))
         conn.executemany(
-            "INSERT INTO traces (id, domain, split, teacher, messages, tools, topk_ids, topk_logprobs, topk_k,"
-            " tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", new_rows)
+            "INSERT INTO traces (id, domain, split, teacher, messages, tools, response_format, topk_ids, topk_logprobs,"
+            " topk_k, tokenizer, created_at, ingested_at, source, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            new_rows)
         return fresh
 
     def quarantine(self, items: Iterable[tuple[int, str, bytes]], source: str, source_hash: str,
@@ -328,11 +333,12 @@ class TraceStore:
     def chats(self, domain: str, split: str = "train", since_rowid: int = 0,
               limit: int | None = None) -> list[dict]:
         """{"messages": [...]} of each trace, oldest first, with "tools" where the chat offered some
-        (mlx-lm's chat data format)."""
-        sql = ("SELECT messages, tools FROM traces WHERE domain = ? AND split = ? AND rowid > ? ORDER BY rowid"
-               + (f" LIMIT {int(limit)}" if limit else ""))
-        return [{"messages": json.loads(m), **({"tools": json.loads(t)} if t else {})}
-                for m, t in self.db.conn.execute(sql, (domain, split, since_rowid))]
+        (mlx-lm's chat data format) and "response_format" where the answer was asked in one."""
+        sql = ("SELECT messages, tools, response_format FROM traces WHERE domain = ? AND split = ? AND rowid > ? "
+               "ORDER BY rowid" + (f" LIMIT {int(limit)}" if limit else ""))
+        return [{"messages": json.loads(m), **({"tools": json.loads(t)} if t else {}),
+                 **({"response_format": json.loads(f)} if f else {})}
+                for m, t, f in self.db.conn.execute(sql, (domain, split, since_rowid))]
 
     def quarantined(self, limit: int = 100) -> list[dict]:
         rows = self.db.conn.execute(
@@ -403,8 +409,8 @@ class TraceStore:
                   sample: int | None = None, limit: int | None = None) -> list[dict]:
         """Trace rows (chat, tools + top-k) of a domain's split, oldest first; `sample` draws that many at
         random instead; `limit` keeps the first that many."""
-        sql = "SELECT rowid, messages, tools, topk_ids, topk_logprobs, topk_k, tokenizer FROM traces " \
-              "WHERE domain = ? AND split = ? AND rowid > ?"
+        sql = "SELECT rowid, messages, tools, response_format, topk_ids, topk_logprobs, topk_k, tokenizer " \
+              "FROM traces WHERE domain = ? AND split = ? AND rowid > ?"
         args: list = [domain, split, since_rowid]
         if upto_rowid is not None:
             sql += " AND rowid <= ?"
@@ -412,13 +418,13 @@ class TraceStore:
         sql += " ORDER BY random() LIMIT ?" if sample is not None else " ORDER BY rowid LIMIT ?"
         args.append(sample if sample is not None else (limit if limit is not None else -1))
         out = []
-        for rowid, messages, tools, ids, lps, k, tok in self.db.conn.execute(sql, args):
+        for rowid, messages, tools, form, ids, lps, k, tok in self.db.conn.execute(sql, args):
             topk = None
             if ids is not None:
                 topk = {"token_ids": np.frombuffer(ids, np.int32).reshape(-1, k),
                         "logprobs": np.frombuffer(lps, np.float16).reshape(-1, k), "tokenizer": tok}
             out.append({"rowid": rowid, "messages": json.loads(messages), "tools": json.loads(tools) if tools else None,
-                        "topk": topk})
+                        "response_format": json.loads(form) if form else None, "topk": topk})
         return out
 
     def checkpoint(self) -> None:

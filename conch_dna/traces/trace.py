@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Literal
 
 from conch_dna.models.chat import prompt_text
+from conch_dna.models.structured import StructureError, response_format_of
 from conch_dna.models.tools import ToolError, check_tool_calls, check_tools, tool_names
 from conch_dna.system.domains import DOMAINS, is_heldout, validate_domain_name
 
@@ -88,6 +89,8 @@ class Trace(BaseModel):
     messages: list[Message]
     teacher: str
     tools: list[dict] | None = None  # the OpenAI function tools the chat offered (conch_dna.models.tools)
+    # the response_format the answer was asked in (conch_dna.models.structured); None for free text
+    response_format: dict | None = None
     topk: TopK | None = None
     created_at: datetime | None = None
     meta: dict = Field(default_factory=dict)
@@ -108,6 +111,15 @@ class Trace(BaseModel):
     @classmethod
     def _tools(cls, v: list[dict] | None) -> list[dict] | None:
         return check_tools(v) if v is not None else None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: dict | None) -> dict | None:
+        try:
+            form = response_format_of(v)
+        except StructureError as exc:
+            raise ValueError(str(exc)) from None
+        return None if form is None or form["type"] == "text" else form
 
     @field_validator("messages")
     @classmethod
@@ -159,6 +171,10 @@ class Trace(BaseModel):
         return json.dumps(self.tools, ensure_ascii=False, separators=(",", ":")) if self.tools else None
 
     @cached_property
+    def response_format_json(self) -> str | None:
+        return json.dumps(self.response_format, sort_keys=True, separators=(",", ":")) if self.response_format else None
+
+    @cached_property
     def chat_json(self) -> str:
         """The chat as canonical JSON: what is stored, and what the id is a hash of."""
         return json.dumps(self.messages, ensure_ascii=False, separators=(",", ":"))
@@ -173,6 +189,8 @@ class Trace(BaseModel):
         h.update(self.chat_json.encode("utf-8"))
         if self.tools_json:  # the same chat offered other tools is another trace; a text trace's id is as ever
             h.update(f"\0tools\0{self.tools_json}".encode())
+        if self.response_format_json:  # asked in another form, another trace
+            h.update(f"\0response_format\0{self.response_format_json}".encode())
         return h.hexdigest()
 
     def split(self, heldout_fraction: float = 0.1) -> str:
