@@ -207,3 +207,48 @@ def test_a_forced_call_unheld_does_not_parse_from_the_bare_student(tmp_path):
         assert not free.parsed().parsed, free.text
     finally:
         registry.close()
+
+
+def test_every_run_records_how_the_held_out_answers_asked_in_a_form_validate(tmp_path, monkeypatch):
+    from conch_dna.cli.main import app
+    from conch_dna.lifecycle.gate import decide
+    from conch_dna.lifecycle.report import build_report
+    from conch_dna.settings.config import Config
+    from conch_dna.traces.ingest import ingest_file
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import retrain
+    from tests.test_daemon import drop, teacher_traces, write_config
+
+    home = tmp_path / "home"
+    write_config(home, domains=["debug"], min_heldout=2)
+    fmt = {"type": "json_schema", "json_schema": {"name": "level", "schema": LEVEL}}
+    asked = [json.dumps({**json.loads(t), "response_format": fmt}) for t in teacher_traces("debug", 24, seed=3)]
+    drop(home, "d.jsonl", teacher_traces("debug", 24, seed=7) + asked)
+    store = TraceStore.for_home(home, load_config(home))
+    ingest_file(store, home / "inbox" / "d.jsonl")
+    n_asked = sum(bool(t["response_format"]) for t in store.traces_of("debug", "heldout"))
+    assert n_asked > 0
+    result = retrain(home, "debug", iters=4, force=True)
+    for side in (result.current_metrics, result.candidate_metrics):
+        forms = side["formats"]  # each version's greedy answers to those traces, free and held
+        assert forms["traces"] == n_asked and forms["valid_held"] == 1.0 and forms["valid"] < 1.0, forms
+    monkeypatch.setenv("CONCH_HOME", str(home))
+    (run,) = json.loads(CliRunner().invoke(app, ["kd", "history", "--domain", "debug", "--json"]).output)
+    assert run["candidate_metrics"]["formats"] == result.candidate_metrics["formats"]
+    (record,) = store.runs("debug")  # the cell `conch kd history` shows
+    assert record.format_change() == " -> ".join(f"{m['formats']['valid']:.0%} (100%)" for m in
+                                                 (result.current_metrics, result.candidate_metrics))
+    page = (build_report(home, load_config(home), tmp_path / "report")).read_text()
+    assert "answers in form, free (held)" in page and "(100%) -&gt; " in page
+    # the gate reads the free share: a candidate that keeps to the form less often is not promoted
+    current, candidate = dict(result.current_metrics), dict(result.candidate_metrics)
+    current["formats"] = {**current["formats"], "valid": 0.5}
+    candidate["formats"] = {**candidate["formats"], "valid": 0.25}
+    config = Config(min_heldout=2, max_repeat_rise=1.0, min_distinct_ratio=0.0, max_unended_rise=1.0,
+                    min_entropy_ratio=0.0, max_length_ratio=float("inf"), promote_margin=0.0, max_agreement_drop=1.0)
+    candidate["kl"] = current["kl"] * 0.5
+    ok, why = decide(current, candidate, 10, config, "debug", False)
+    assert not ok and "validate against their response_format fell 50% -> 25%" in why
+    assert decide(current, candidate, 10, config.model_copy(update={"max_format_drop": 1.0}), "debug", False)[0]

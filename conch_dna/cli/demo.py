@@ -321,7 +321,7 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
     data = kd_status_data(home, config)
     table = Table(title="conch kd status")
     for col in ("domain", "version", "held-out KL", "on-policy KL", "top-1", "tool calls right (parse)",
-                "runs, oldest first"):
+                "in form free (held)", "runs, oldest first"):
         table.add_column(col)
     store = TraceStore.for_home(home, config)
     promoted = rejected = 0

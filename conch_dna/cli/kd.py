@@ -25,7 +25,7 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
         return
     table = Table(title=f"conch kd status ({home})")
     for col in ("domain", "train", "held-out", "new / threshold", "version", "held-out KL", "on-policy KL", "top-1",
-                "tool calls right (parse)", "last run"):
+                "tool calls right (parse)", "in form free (held)", "last run"):
         table.add_column(col, no_wrap=col in ("domain", "version"))
     for d in data["domains"]:
         last = d["last_run"]
@@ -120,11 +120,12 @@ def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(Fal
         return
     table = Table(title=f"{domain}: training runs")
     for col in ("run", "started", "status", "version", "KL current -> candidate", "on-policy KL",
-                "tool calls right (parse)", "samples", "reason"):
+                "tool calls right (parse)", "in form free (held)", "samples", "reason"):
         table.add_column(col, no_wrap=col in ("run", "status", "version"))
     for r in runs:
         table.add_row(str(r.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at)),
                       str(r.status), r.version or "-", r.kl_change(), r.kl_change(on_policy=True), r.tool_change(),
+                      r.format_change(),
                       str(r.samples_generated) if r.samples_generated is not None else "-", r.reason or "")
     console.print(table)
 

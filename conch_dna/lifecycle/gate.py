@@ -57,6 +57,10 @@ def decide(current: dict | None, candidate: dict | None, n_heldout: int, config:
     promoted, words = _decide_kl(current, candidate, config, force, established)
     if promoted and (why := degeneration((current or {}).get("answers"), (candidate or {}).get("answers"), config)):
         return False, f"{words}; but its answers degenerate against the current version's: {why}"
+    forms = [(m or {}).get("formats") for m in (current, candidate)]
+    if promoted and all(forms) and forms[1]["valid"] < forms[0]["valid"] - config.max_format_drop:
+        return False, (f"{words}; but the share of held-out answers that validate against their response_format "
+                       f"fell {forms[0]['valid']:.0%} -> {forms[1]['valid']:.0%} (answered free)")
     tools = [(m or {}).get("tool_calls") for m in (current, candidate)]
     if not all(tools):
         return promoted, words

@@ -121,12 +121,12 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
             f"<tr><td>{r.id}</td><td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.started_at))}</td>"
             f"<td class='{r.status}'>{r.status}</td><td>{r.version or '-'}</td>"
             f"<td>{html.escape(r.kl_change())}</td><td>{html.escape(r.kl_change(on_policy=True))}</td>"
-            f"<td>{html.escape(r.tool_change())}</td>"
+            f"<td>{html.escape(r.tool_change())}</td><td>{html.escape(r.format_change())}</td>"
             f"<td>{r.samples_generated if r.samples_generated is not None else '-'}</td><td>{_phases(r)}</td>"
             f"<td>{html.escape(_settings(r))}</td><td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
         sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
                         "<th>version</th><th>held-out KL</th><th>on-policy KL</th>"
-                        "<th>tool calls right (parse)</th><th>student samples</th>"
+                        "<th>tool calls right (parse)</th><th>answers in form, free (held)</th><th>student samples</th>"
                         f"<th>seconds: sample / teacher / train / evaluate</th><th>settings</th><th>reason</th></tr>"
                         f"{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>

@@ -11,7 +11,7 @@ from pathlib import Path
 from conch_dna.lifecycle.failures import retry_at
 from conch_dna.models.adapters import KD_METRICS_FILE
 from conch_dna.models.versions import domain_dir, version_label
-from conch_dna.traces.runs import tool_words
+from conch_dna.traces.runs import format_words, tool_words
 from conch_dna.traces.store import TraceStore
 
 STATE_FILE = "daemon.json"
@@ -55,12 +55,14 @@ def read_state(home: str | Path) -> dict | None:
     return state if pid_alive(state.get("pid")) and daemon_holds_lock(home) else None
 
 
-def metric_cells(metrics: dict | None) -> tuple[str, str, str, str]:
-    """A version's held-out KL, on-policy KL, top-1 and tool calls (the share right, the share that
-    parse) as table cells; "-" where unmeasured."""
+def metric_cells(metrics: dict | None) -> tuple[str, str, str, str, str]:
+    """A version's held-out KL, on-policy KL, top-1, tool calls (the share right, the share that parse) and
+    answers asked in a response_format (the share that validate, free and held) as table cells; "-" where
+    unmeasured."""
     own = (metrics or {}).get("on_policy")
     return (f"{metrics['kl']:.4f}" if metrics else "-", f"{own['kl']:.4f}" if own else "-",
-            f"{metrics['agreement']:.1%}" if metrics else "-", tool_words((metrics or {}).get("tool_calls")))
+            f"{metrics['agreement']:.1%}" if metrics else "-", tool_words((metrics or {}).get("tool_calls")),
+            format_words((metrics or {}).get("formats")))
 
 
 def kd_status_data(home, config) -> dict:

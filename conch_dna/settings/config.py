@@ -191,6 +191,10 @@ class Config(BaseModel):
     max_tool_parse_drop: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="how far the share of held-out tool calls whose answer parses may fall (1: not checked)")
+    max_format_drop: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="how far the share of held-out answers asked in a response_format that validate against it, "
+                    "answered free, may fall (1: not checked)")
     max_repeat_rise: float = Field(
         default=0.2, ge=0.0, le=1.0,
         description="how far the share of repeated token 4-grams in the held-out greedy answers may rise over the "

@@ -70,6 +70,12 @@ class RunRecord:
         current, candidate = ((m or {}).get("tool_calls") for m in (self.current_metrics, self.candidate_metrics))
         return tool_cells(current, candidate)
 
+    def format_change(self) -> str:
+        """Held-out answers asked in a response_format that validate, current version -> candidate, answered
+        free (and held); "-" where none were measured."""
+        current, candidate = ((m or {}).get("formats") for m in (self.current_metrics, self.candidate_metrics))
+        return f"{format_words(current)} -> {format_words(candidate)}" if current and candidate else "-"
+
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status.value}
 
@@ -77,6 +83,11 @@ class RunRecord:
 def tool_words(metrics: dict | None) -> str:
     """A version's held-out tool calls in a few characters: right (parse)."""
     return f"{metrics['arguments']:.0%} ({metrics['parsed']:.0%})" if metrics else "-"
+
+
+def format_words(metrics: dict | None) -> str:
+    """A version's held-out answers asked in a form that validate: free (held)."""
+    return f"{metrics['valid']:.0%} ({metrics['valid_held']:.0%})" if metrics else "-"
 
 
 def tool_cells(current: dict | None, candidate: dict | None) -> str:

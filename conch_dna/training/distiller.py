@@ -14,7 +14,7 @@ from conch_dna.models.adapters import (
     load_adapter_weights,
     save_inference_adapter,
 )
-from conch_dna.models.chat import split_prompts, to_chat
+from conch_dna.models.chat import prompt_tokens, split_prompts, to_chat
 from conch_dna.models.loading import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
@@ -28,6 +28,7 @@ from conch_dna.models.loading import (
     tokenizer_fingerprint,
 )
 from conch_dna.models.realpair import student_origin
+from conch_dna.models.structured import Grammars, held_to
 from conch_dna.models.versions import current_adapter_path
 from conch_dna.system import distributed
 from conch_dna.system.domains import DOMAINS, validate_domain_name
@@ -35,7 +36,14 @@ from conch_dna.system.fsutil import atomic_write_json
 from conch_dna.system.home import ADAPTERS_DIR, TEACHER_CACHE_DIR, conch_home
 from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample
-from conch_dna.training.evaluation import answer_checks, answers_tool_call, heldout_metrics, tool_call_metrics
+from conch_dna.training.evaluation import (
+    answer_checks,
+    answers_format,
+    answers_tool_call,
+    format_metrics,
+    heldout_metrics,
+    tool_call_metrics,
+)
 from conch_dna.training.hidden import attach_projection, layer_map
 from conch_dna.training.kd_config import KDConfig
 from conch_dna.training.loop import TrainingInterrupted, train_kd
@@ -220,9 +228,11 @@ class TrueKnowledgeDistiller:
                  for group in round_groups(picked, self.config.on_policy_rounds)]
         passes_before, own_before = self.teachers.forward_passes, self.own_answer_passes
         tool_held = [p for p in heldout or [] if answers_tool_call(p)]
+        form_held = [p for p in heldout or [] if answers_format(p)]
         with clock("sample"):
-            tokenizer, sampled, held_own, tool_own = self._answers(
-                domain, options.warm_start, chats[0], held_sets if options.measure_on_policy else {}, tool_held)
+            tokenizer, sampled, held_own, tool_own, form_own = self._answers(
+                domain, options.warm_start, chats[0], held_sets if options.measure_on_policy else {}, tool_held,
+                form_held)
         with clock("teacher"):
             kept = [p for i, p in enumerate(prompts) if i not in frozenset(picked)]
             train, held, own = self._targets(domain, tokenizer, kept, sampled, held_sets, held_own)
@@ -231,10 +241,10 @@ class TrueKnowledgeDistiller:
                                                       options, clock)
         if "" in held_own and "" in before:
             before[""]["answers"] = _answer_report(tokenizer, held_own[""], before[""], held[""])
-        if options.measure_on_policy or tool_held:
+        if options.measure_on_policy or tool_held or form_held:
             with clock("evaluate"):
-                measured, tool_after, own_after = self._measure_own(
-                    domain, out, held_sets if options.measure_on_policy else {}, tool_held)
+                measured, tool_after, own_after, form_after = self._measure_own(
+                    domain, out, held_sets if options.measure_on_policy else {}, tool_held, form_held)
                 for name, metrics in measured.items():
                     after[name]["on_policy"] = metrics
                 if "" in own_after and "" in after:
@@ -242,6 +252,9 @@ class TrueKnowledgeDistiller:
         if tool_held:
             before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
             after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
+        if form_held:
+            before[""]["formats"] = format_metrics(tokenizer, form_held, *form_own)
+            after[""]["formats"] = format_metrics(tokenizer, form_held, *form_after)
         # every rank's passes: with a data-parallel run each trace was scored by one of them
         all_passes, own_passes = (int(x) for x in distributed.all_sum(
             [self.teachers.forward_passes - passes_before, self.own_answer_passes - own_before], "the teacher passes"))
@@ -307,11 +320,12 @@ class TrueKnowledgeDistiller:
             free_memory()
         return history, elapsed, before, after
 
-    def _answers(self, domain, adapter, train_chats, held_sets, tool_held=()):
+    def _answers(self, domain, adapter, train_chats, held_sets, tool_held=(), form_held=()):
         """The student with `adapter` answers: train chats sampled at sample_temperature, every held-out
-        prompt and every tool-call trace of `tool_held` greedily. Returns (tokenizer, [(prompt ids,
-        answer ids)] of the train chats, {set name: the same of its held-out prompts}, [answer ids] of
-        tool_held); the student is released before it returns."""
+        prompt and every tool-call trace of `tool_held` greedily, and each trace of `form_held` greedily
+        twice, free and held to its response_format. Returns (tokenizer, [(prompt ids, answer ids)] of the
+        train chats, {set name: the same of its held-out prompts}, [answer ids] of tool_held, ([answer
+        ids] free, [answer ids] held) of form_held); the student is released before it returns."""
         c = self.config
         model, tokenizer, _ = self.load_student(adapter)
         self.teachers.set_vocab_limit(output_vocab_size(model))
@@ -320,14 +334,17 @@ class TrueKnowledgeDistiller:
             self.callbacks.on_stage(domain, f"the student answers {len(train_chats)} train prompts (on-policy) "
                                             f"and {n_held} held-out")
         sampled = _answered(model, tokenizer, train_chats, c.sample_max_tokens, c.sample_temperature, c.seed)
-        flat = [to_chat(domain, p) for items in [*held_sets.values(), tool_held] for p in items]
+        flat = [to_chat(domain, p) for items in [*held_sets.values(), tool_held, form_held] for p in items]
         # a prompt in both is answered once (answer_tokens): the tool metric reads the on-policy answers
         answered = iter(_answered(model, tokenizer, flat, c.sample_max_tokens, 0.0, c.seed))
         held = {name: [next(answered) for _ in items] for name, items in held_sets.items()}
         tool_answers = [next(answered)[1] for _ in tool_held]
+        form_answers = ([next(answered)[1] for _ in form_held],
+                        _held_answers(model, tokenizer, [to_chat(domain, p) for p in form_held],
+                                      [p["response_format"] for p in form_held], c.sample_max_tokens))
         del model
         free_memory()
-        return tokenizer, sampled, held, tool_answers
+        return tokenizer, sampled, held, tool_answers, form_answers
 
     def _own_examples(self, answers: list[tuple[list[int], list[int]]]) -> list[KDExample]:
         """KD examples of the student's own answers, every token scored by the teacher(s)."""
@@ -361,15 +378,16 @@ class TrueKnowledgeDistiller:
                     model, own[name], max_seq_length=self.config.max_seq_length).as_dict()
         return measured
 
-    def _measure_own(self, domain, adapter, held_sets, tool_held=()) -> tuple[dict[str, dict], list, dict]:
+    def _measure_own(self, domain, adapter, held_sets, tool_held=(), form_held=()):
         """On-policy held-out metrics of the adapter: it answers, the teacher scores the answers, it is
-        measured on them; one model resident at a time. Also returns its greedy answers to tool_held, and
-        {set name: its (prompt, answer) ids}."""
-        if not held_sets and not tool_held:
-            return {}, [], {}
-        _, _, answered, tool_answers = self._answers(domain, adapter, [], held_sets, tool_held)
+        measured on them; one model resident at a time. Also returns its greedy answers to tool_held,
+        {set name: its (prompt, answer) ids}, and its answers to form_held, free and held."""
+        if not held_sets and not tool_held and not form_held:
+            return {}, [], {}, ([], [])
+        _, _, answered, tool_answers, form_answers = self._answers(domain, adapter, [], held_sets, tool_held,
+                                                                   form_held)
         if not held_sets:
-            return {}, tool_answers, {}
+            return {}, tool_answers, {}, form_answers
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
         own = {name: self._own_examples(answers) for name, answers in answered.items()}
         self.teachers.release()
@@ -378,7 +396,7 @@ class TrueKnowledgeDistiller:
                     for name, examples in own.items()}
         del model
         free_memory()
-        return measured, tool_answers, answered
+        return measured, tool_answers, answered, form_answers
 
     def _resume(self, domain, model, resume):
         """The resume point if its checkpoint's weights loaded into `model`, else None (start over).
@@ -423,6 +441,23 @@ def _answer_report(tokenizer, answered, metrics: dict, teacher_examples: list[KD
     report["entropy"] = (metrics.get("on_policy") or {}).get("entropy", float("nan"))
     report["teacher_entropy"] = metrics.get("teacher_entropy", float("nan"))
     return report
+
+
+def _held_answers(model, tokenizer, chats, forms: list[dict], max_tokens: int) -> list[list[int]]:
+    """Greedy answer ids to each chat, held to its response_format (ended with an end-of-turn token when it
+    ended, as answer_tokens' are)."""
+    if not chats:
+        return []
+    from mlx_lm import stream_generate
+
+    grammars = Grammars(tokenizer, output_vocab_size(model))
+    out = []
+    for chat, form in zip(chats, forms):
+        held = held_to(grammars.matcher(form), grammars.vocab_size)
+        ids = [r.token for r in stream_generate(model, tokenizer, prompt_tokens(tokenizer, chat.messages, chat.tools),
+                                                max_tokens=max_tokens, logits_processors=[held])]
+        out.append(ids)
+    return out
 
 
 def _answered(model, tokenizer, chats, max_tokens: int, temperature: float, seed: int):

@@ -3,6 +3,7 @@ is a tool call, its own greedy calls against the teacher's."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from conch_dna.models.tools import parse_answer, same_calls, tool_call_format
@@ -96,6 +97,34 @@ def _repeated_share(ids: list[int], n: int) -> float:
 def _distinct_share(ids: list[int], n: int) -> float:
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def answers_format(trace) -> bool:
+    """Whether a held-out trace's answer was asked in a response_format (json_object or json_schema)."""
+    return isinstance(trace, dict) and bool(trace.get("response_format"))
+
+
+def format_metrics(tokenizer, traces: list[dict], free: list[list[int]], held: list[list[int]]) -> dict:
+    """How a version's greedy answers to held-out traces asked in a response_format hold to it: the share
+    that validate against their schema (jsonschema, independent of the grammar engine), answered free and
+    answered held to the form. An answer that never ended (ran to its token budget) is not valid."""
+    import jsonschema
+
+    eos = set(tokenizer.eos_token_ids)
+
+    def valid(trace: dict, answer: list[int]) -> bool:
+        if not answer or answer[-1] not in eos:
+            return False
+        form = trace["response_format"]
+        schema = form["json_schema"]["schema"] if form["type"] == "json_schema" else {"type": "object"}
+        try:
+            jsonschema.validate(json.loads(tokenizer.decode([t for t in answer if t not in eos])), schema)
+        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+            return False
+        return True
+
+    n = len(traces)
+    return {"traces": n, "valid": sum(map(valid, traces, free)) / n, "valid_held": sum(map(valid, traces, held)) / n}
 
 
 def answer_checks(tokenizer, answers: list[list[int]]) -> dict:
