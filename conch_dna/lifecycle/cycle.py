@@ -9,6 +9,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from conch_dna.lifecycle.acceptance import fit_acceptance, write_acceptance
 from conch_dna.lifecycle.failures import set_aside_if_stuck
 from conch_dna.lifecycle.gate import decide
 from conch_dna.lifecycle.plan import decode_plan, encode_plan
@@ -171,6 +172,10 @@ class _Cycle:
         try:
             measured_against = current_version(self.home, self.domain)
             result = self.train(picked, candidate)
+            scores = (result.heldout_after or {}).pop("answer_scores", None)  # too many to keep in the run's row
+            if scores:  # what auto/<domain> will accept from this version, fitted on its own held-out answers
+                result.heldout_after["acceptance"] = rule = fit_acceptance(scores, self.config)
+                write_acceptance(candidate, rule)
             promoted, reason = self.gate(picked, result)
             version, reason = self.publish(candidate, measured_against, reason) if promoted else (None, reason)
             if version is None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import conch_dna.server.wire as wire
 from conch_dna.models.versions import list_versions
+from conch_dna.server.cascade import AUTO_PREFIX, CascadeAnswers
 from conch_dna.server.connections import Waiting, connection_cap, guarded_protocol, rate_limit_server_logs
 from conch_dna.server.guard import RequestGuard, is_loopback_name
 from conch_dna.server.intake import TraceIntake
@@ -79,15 +80,18 @@ class ConchAPI:
         self.ego = config.ego
         self.students = StudentAnswers(registry)
         self.teacher = TeacherAnswers(home, config, self.store)
+        self.cascade = CascadeAnswers(home, self.students, self.teacher)
         self.intake = TraceIntake(home, config, self.store)
 
     # -- routing a model name -----------------------------------------------------------------
 
     def route(self, model: str) -> tuple[str, str, str | None]:
-        """("neuron" | "ego", domain, version or None) for a request's `model`; 404 if unknown."""
+        """("neuron" | "ego" | "auto", domain, version or None) for a request's `model`; 404 if unknown."""
         domains = self.registry.domains
         if model.startswith(EGO_PREFIX) and model[len(EGO_PREFIX):] in domains:
             return "ego", model[len(EGO_PREFIX):], None
+        if model.startswith(AUTO_PREFIX) and model[len(AUTO_PREFIX):] in domains:
+            return "auto", model[len(AUTO_PREFIX):], None
         if model in self.ego.aliases:
             return "ego", self.ego.aliases[model], None
         domain, _, version = model.partition("@")
@@ -100,7 +104,7 @@ class ConchAPI:
             raise wire.APIError(404, f"model {model!r} does not exist: {domain} has no version {version!r} "
                                 f"(kept: {kept})", code="model_not_found", param="model")
         raise wire.APIError(404, f"model {model!r} does not exist; known: {', '.join(domains)}, a domain@version "
-                            f"(see /v1/models), or ego/<domain>", code="model_not_found", param="model")
+                            f"(see /v1/models), ego/<domain> or auto/<domain>", code="model_not_found", param="model")
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -126,6 +130,7 @@ class ConchAPI:
             out += [entry(f"{d}@{v}", "conch") for v in list_versions(self.home, d)]
         teacher = self.teacher.teacher_name
         out += [entry(f"{EGO_PREFIX}{d}", "conch-ego", teacher=teacher) for d in self.registry.domains]
+        out += [entry(f"{AUTO_PREFIX}{d}", "conch-auto") for d in self.registry.domains]
         out += [entry(name, "conch-ego", teacher=teacher, domain=d) for name, d in self.ego.aliases.items()]
         return out
 
@@ -135,7 +140,13 @@ class ConchAPI:
         max_tokens = req.wanted_max_tokens(self.config.server.default_max_tokens, self.config.server.max_tokens)
         if kind == "neuron":
             return await self.students.answer(req, domain, version, max_tokens, request)
+        if kind == "auto":
+            return await self.cascade.answer(req, raw, domain, max_tokens, request)
         return await self.teacher.answer(req, raw, domain, max_tokens)
+
+    async def stats(self, request: Request) -> JSONResponse:
+        """The batch of the neurons, and per domain and version what auto/ served and deferred."""
+        return JSONResponse({"neurons": self.registry.stats(), "auto": self.cascade.stats()})
 
     async def traces(self, request: Request) -> JSONResponse:
         return await self.intake.post(request, self._body)
@@ -193,6 +204,7 @@ def create_app(api: ConchAPI, host: str | None = None):
         routes=[Route("/v1/chat/completions", api.chat, methods=["POST"]),
                 Route("/v1/traces", api.traces, methods=["POST"]),
                 Route("/v1/models", api.models, methods=["GET"]),
+                Route("/v1/stats", api.stats, methods=["GET"]),
                 Route("/v1/models/{model:path}", api.model, methods=["GET"])],
         exception_handlers={Exception: _error_response, HTTPException: _error_response, wire.APIError: _error_response},
         lifespan=lifespan)

@@ -195,6 +195,14 @@ class Config(BaseModel):
         default=0.0, ge=0.0, le=1.0,
         description="how far the share of held-out answers asked in a response_format that validate against it, "
                     "answered free, may fall (1: not checked)")
+    # auto/<domain>: a version's own answer is served where its confidence clears the threshold fitted at its
+    # gate, so that the held-out answers it would accept stay within this teacher-scored KL per token
+    auto_max_kl: float = Field(default=1.0, gt=0.0,
+                               description="auto/<domain>: the mean teacher-scored KL per token (nats) the answers "
+                                           "a version accepts may have on its held-out prompts")
+    auto_max_repeat: float = Field(default=0.3, ge=0.0, le=1.0,
+                                   description="auto/<domain>: an answer whose share of repeated token 4-grams is "
+                                               "over this is never accepted (the teacher scores a loop well)")
     max_repeat_rise: float = Field(
         default=0.2, ge=0.0, le=1.0,
         description="how far the share of repeated token 4-grams in the held-out greedy answers may rise over the "

@@ -38,6 +38,7 @@ from conch_dna.training.callbacks import KDCallback
 from conch_dna.training.data import KDExample
 from conch_dna.training.evaluation import (
     answer_checks,
+    answer_scores,
     answers_format,
     answers_tool_call,
     format_metrics,
@@ -246,6 +247,8 @@ class TrueKnowledgeDistiller:
                 measured, tool_after, own_after, form_after = self._measure_own(
                     domain, out, held_sets if options.measure_on_policy else {}, tool_held, form_held)
                 for name, metrics in measured.items():
+                    if (scores := metrics.pop("answer_scores", None)) is not None:
+                        after[name]["answer_scores"] = scores
                     after[name]["on_policy"] = metrics
                 if "" in own_after and "" in after:
                     after[""]["answers"] = _answer_report(tokenizer, own_after[""], after[""], held[""])
@@ -391,9 +394,17 @@ class TrueKnowledgeDistiller:
         self.callbacks.on_stage(domain, "teacher targets for the candidate's held-out answers")
         own = {name: self._own_examples(answers) for name, answers in answered.items()}
         self.teachers.release()
-        model, _, _ = self.load_student(adapter)
+        model, tokenizer, _ = self.load_student(adapter)
         measured = {name: heldout_metrics(model, examples, max_seq_length=self.config.max_seq_length).as_dict()
                     for name, examples in own.items()}
+        if "" in own:  # each answer's own confidence and teacher-scored KL: what serving's acceptance is fitted on
+            scores = answer_scores(model, own[""], max_seq_length=self.config.max_seq_length)
+            eos = set(tokenizer.eos_token_ids)
+            for score, example in zip(scores, own[""], strict=True):
+                tokens = example.answer_tokens.tolist()
+                score["repeated_4grams"] = answer_checks(tokenizer, [tokens])["repeated_4grams"]
+                score["ended"] = bool(tokens) and tokens[-1] in eos
+            measured[""]["answer_scores"] = scores
         del model
         free_memory()
         return measured, tool_answers, answered, form_answers

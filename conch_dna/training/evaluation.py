@@ -4,7 +4,7 @@ is a tool call, its own greedy calls against the teacher's."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from conch_dna.models.tools import parse_answer, same_calls, tool_call_format
 from conch_dna.system import distributed
@@ -57,6 +57,22 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
         raise ValueError("the held-out examples hold no answer token inside the window")
     return HeldoutMetrics(kl_sum / count, ce_sum / count, agree_sum / count, int(count), own_sum / count,
                           teacher_sum / count)
+
+
+def answer_scores(model, examples: list[KDExample], batch_size: int = 8, max_seq_length: int = 2048) -> list[dict]:
+    """Per example (a version's own answer, scored by the teacher): the version's confidence in its answer
+    (the mean log-probability of the answer's tokens under itself, what serving reads off a call's token
+    log-probs) and the teacher-scored KL per token. What an acceptance rule is fitted on."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = [replace(e, on_policy=False) for e in examples[i : i + batch_size]]  # targets: its own tokens
+        inputs, targets, mask, ids, logprobs, *_ = collate(batch, max_seq_length)
+        kl, ce = answer_token_losses(model(inputs), ids, logprobs, targets, 1.0, "forward_kl", 0.5)
+        count = mx.maximum(mask.sum(axis=-1), 1.0)
+        confidence, per_kl = -(ce * mask).sum(axis=-1) / count, (kl * mask).sum(axis=-1) / count
+        mx.eval(confidence, per_kl)
+        out += [{"confidence": c, "kl": k} for c, k in zip(confidence.tolist(), per_kl.tolist())]
+    return out
 
 
 def topk_entropy(logprobs: mx.array) -> mx.array:

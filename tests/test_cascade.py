@@ -1,0 +1,179 @@
+"""`auto/<domain>`: the student answers when its version's acceptance rule takes the answer, else the in-process
+teacher does and its answer becomes a trace; the rule is fitted at the gate, checked here against a brute-force
+reference; every answer says who wrote it."""
+
+import json
+import logging
+import math
+import random
+import time
+
+from conch_dna.kit import STUDENT_PATH, TEACHER_PATH
+from conch_dna.lifecycle.acceptance import ACCEPTANCE_FILE, fit_acceptance, read_acceptance, write_acceptance
+from conch_dna.models.versions import domain_dir
+from conch_dna.server.app import Server
+from conch_dna.settings.config import Config, load_config
+from conch_dna.traces.store import TraceStore
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from test_neurons import make_home
+
+CHAT = [{"role": "user", "content": "Plan how to send the email."}]
+
+
+def reference_fit(scores, bound, max_repeat):
+    """Every threshold tried: the one that serves the most answers within the bound (the lowest on a tie)."""
+    ok = [s for s in scores if s["ended"] and s["repeated_4grams"] <= max_repeat]
+    best = (0, math.inf)
+    for t in sorted({s["confidence"] for s in ok}):
+        taken = [s for s in ok if s["confidence"] >= t]
+        if sum(s["kl"] for s in taken) / len(taken) <= bound and len(taken) > best[0]:
+            best = (len(taken), t)
+    return best[1], best[0] / len(scores)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_fitted_threshold_is_the_one_a_search_of_every_threshold_finds(seed):
+    rng = random.Random(seed)
+    scores = [{"confidence": round(rng.uniform(-3, 0), 1), "kl": rng.uniform(0, 3),  # rounded: ties happen
+               "repeated_4grams": rng.choice([0.0, 0.1, 0.8]), "ended": rng.random() < 0.8} for _ in range(40)]
+    config = Config(auto_max_kl=rng.choice([0.5, 1.0, 1.5]))
+    rule = fit_acceptance(scores, config)
+    threshold, share = reference_fit(scores, config.auto_max_kl, config.auto_max_repeat)
+    assert (rule["threshold"], rule["expected_share"]) == (threshold, share)
+    if rule["accepted_kl"] is not None:
+        assert rule["accepted_kl"] <= config.auto_max_kl
+
+
+def test_a_loop_is_never_accepted_however_sure_and_however_well_the_teacher_scores_it():
+    loop = {"confidence": -0.01, "kl": 0.01, "repeated_4grams": 0.9, "ended": True}
+    unended = {"confidence": -0.02, "kl": 0.02, "repeated_4grams": 0.0, "ended": False}
+    rule = fit_acceptance([loop, unended, {"confidence": -2.0, "kl": 5.0, "repeated_4grams": 0.0, "ended": True}],
+                          Config())
+    assert rule["threshold"] == math.inf and rule["expected_share"] == 0.0  # defers everything: not an error
+
+
+def promote_quiet_version(home) -> None:
+    """task@v0001: LoRA whose B is zero (the bare student's answers, which end), as a retrain would write it."""
+    from conch_dna.models.adapters import adapter_weights, apply_lora, save_adapter
+    from conch_dna.models.loading import load_model
+    from conch_dna.models.versions import promote
+
+    model, _ = load_model(STUDENT_PATH)
+    config = {"model": STUDENT_PATH, **apply_lora(model, 16, 8, 20.0, 0.0)}
+    weights = {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in adapter_weights(model).items()}
+    promote(home, "task", save_adapter(home.parent / "cand-task", weights, config), "quiet")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = make_home(tmp_path_factory.mktemp("cascade"))
+    (home / "config.toml").write_text(f'teacher = "{TEACHER_PATH}"\n' + (home / "config.toml").read_text())
+    promote_quiet_version(home)
+    server = Server(home, port=0).start()
+    yield server
+    server.stop()
+
+
+def own_signal(home, prompt_chat, max_tokens=64) -> tuple[str, float, bool]:
+    """The version's greedy answer and its mean token log-probability, by mlx_lm alone (the reference)."""
+    model, tokenizer = load(STUDENT_PATH, adapter_path=str(domain_dir(home, "task") / "v0001"))
+    from conch_dna.models.chat import prompt_tokens, to_chat
+
+    chat = to_chat("task", prompt_chat)
+    prompt = mx.array(prompt_tokens(tokenizer, chat.messages))
+    tokens, logprobs, ended = [], [], False
+    for (token, lp), _ in zip(generate_step(prompt, model, max_tokens=max_tokens), range(max_tokens)):
+        token = int(token)
+        if token in tokenizer.eos_token_ids:
+            ended = True
+            break
+        tokens.append(token)
+        logprobs.append(float(lp[token]))
+    return tokenizer.decode(tokens), sum(logprobs) / len(logprobs), ended
+
+
+def ask(server, **extra):
+    return httpx.post(f"{server.url}/chat/completions", timeout=120,
+                      json={"model": "auto/task", "messages": CHAT, "max_tokens": 64, **extra})
+
+
+def test_a_sure_answer_is_the_students_and_an_unsure_one_is_the_teachers_recorded_as_a_trace(server):
+    home = server.home
+    text, signal, ended = own_signal(home, CHAT)
+    assert ended, "the kit's v0001 must end this answer within 64 tokens for the test to mean anything"
+    folder = domain_dir(home, "task") / "v0001"
+    write_acceptance(folder, {"threshold": signal - 0.01, "max_repeat": 1.0, "bound_kl": 1.0})
+    server.api.cascade._rules.clear()
+    sure = ask(server)
+    assert sure.status_code == 200, sure.text
+    assert sure.headers["x-conch-answered-by"] == "task@v0001" and sure.headers["x-conch-deferred"] == "false"
+    assert float(sure.headers["x-conch-signal"]) == pytest.approx(signal, abs=2e-3)
+    assert sure.json()["choices"][0]["message"]["content"] == text
+    assert sure.json()["system_fingerprint"] == "task@v0001"
+
+    store = TraceStore.for_home(home, load_config(home))
+    before = store.counts("task").total
+    write_acceptance(folder, {"threshold": signal + 0.01, "max_repeat": 1.0, "bound_kl": 1.0})
+    server.api.cascade._rules.clear()
+    unsure = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0).chat.completions.with_raw_response \
+        .create(model="auto/task", messages=CHAT, max_tokens=32)
+    assert unsure.headers["x-conch-answered-by"] == "ego" and unsure.headers["x-conch-deferred"] == "true"
+    answer = unsure.parse().choices[0].message.content
+    assert answer and answer != text
+    deadline = time.monotonic() + 60  # recorded after the answer was sent
+    while store.counts("task").total == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.counts("task").total == before + 1, store.quarantined()  # what the next retrain learns
+    stats = httpx.get(f"{server.url}/stats").json()["auto"]["task"]["v0001"]
+    assert stats["served"] == 1 and stats["deferred"] == 1 and stats["teacher_seconds"] > 0
+    store.close()
+
+
+def test_a_stream_starts_once_the_answer_is_known_to_be_the_students(server):
+    text, signal, _ = own_signal(server.home, CHAT)
+    write_acceptance(domain_dir(server.home, "task") / "v0001", {"threshold": signal - 0.01, "max_repeat": 1.0})
+    server.api.cascade._rules.clear()
+    with httpx.stream("POST", f"{server.url}/chat/completions", timeout=120,
+                      json={"model": "auto/task", "messages": CHAT, "max_tokens": 64, "stream": True}) as r:
+        assert r.headers["x-conch-answered-by"] == "task@v0001"
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == text
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"threshold": "high", "max_repeat": 1}'])
+def test_a_missing_or_broken_rule_defers_every_call_and_says_why(server, content, caplog):
+    caplog.set_level(logging.INFO, logger="conch.acceptance")
+    folder = domain_dir(server.home, "task") / "v0001"
+    (folder / ACCEPTANCE_FILE).unlink(missing_ok=True)
+    if content is not None:
+        (folder / ACCEPTANCE_FILE).write_text(content)
+    assert read_acceptance(folder) is None
+    assert ("no acceptance rule" if content is None else "cannot be read") in caplog.text
+    server.api.cascade._rules.clear()
+    assert ask(server, max_tokens=8).headers["x-conch-answered-by"] == "ego"
+
+
+def test_a_promoted_retrain_writes_the_rule_it_was_fitted_to(tmp_path):
+    from conch_dna.traces.ingest import ingest_file
+
+    from tests.conftest import retrain
+    from tests.test_daemon import drop, teacher_traces, write_config
+
+    home = tmp_path / "home"
+    write_config(home, domains=["debug"], min_heldout=2)
+    drop(home, "d.jsonl", teacher_traces("debug", 32, seed=7))
+    store = TraceStore.for_home(home, load_config(home))
+    ingest_file(store, home / "inbox" / "d.jsonl")
+    result = retrain(home, "debug", force=True)
+    assert result.version, result.reason
+    rule = read_acceptance(domain_dir(home, "debug") / result.version)
+    assert rule is not None and rule["answers"] == store.counts("debug").heldout
+    assert rule == {**result.candidate_metrics["acceptance"], "threshold": rule["threshold"]}
+    assert "answer_scores" not in result.candidate_metrics  # fitted on, not kept in the run's row
+    store.close()
