@@ -115,6 +115,7 @@ def test_a_pinned_version_answers_as_that_version(server):
     answer = raw.parse()
     assert answer.choices[0].message.content == expected_old
     assert raw.headers["x-conch-version"] == "v0001" and answer.system_fingerprint == "task@v0001"
+    assert raw.headers["x-conch-answered-by"] == "task@v0001"  # who wrote it, on every answer
     newest = client(server).chat.completions.create(model="task", messages=CHAT, max_tokens=10)
     assert newest.choices[0].message.content == expected_new and newest.system_fingerprint == "task@v0002"
 

@@ -147,8 +147,10 @@ def test_the_python_api_takes_a_pydantic_class_and_refuses_a_forced_call_beside_
 
 def test_the_teachers_answer_is_held_too_and_its_trace_keeps_the_form(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "level", "schema": LEVEL}}
-    answer = client(server).chat.completions.create(model="ego/task", messages=CHAT, response_format=fmt,
-                                                    max_tokens=48)
+    raw = client(server).chat.completions.with_raw_response.create(model="ego/task", messages=CHAT,
+                                                                   response_format=fmt, max_tokens=48)
+    answer = raw.parse()
+    assert raw.headers["x-conch-answered-by"] == "ego"
     jsonschema.validate(json.loads(answer.choices[0].message.content), LEVEL)
     store = TraceStore.for_home(server.home, load_config(server.home))
     try:

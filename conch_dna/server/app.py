@@ -142,7 +142,9 @@ class ConchAPI:
             return await self.students.answer(req, domain, version, max_tokens, request)
         if kind == "auto":
             return await self.cascade.answer(req, raw, domain, max_tokens, request)
-        return await self.teacher.answer(req, raw, domain, max_tokens)
+        response = await self.teacher.answer(req, raw, domain, max_tokens)
+        response.headers["x-conch-answered-by"] = "ego"
+        return response
 
     async def stats(self, request: Request) -> JSONResponse:
         """The batch of the neurons, and per domain and version what auto/ served and deferred."""

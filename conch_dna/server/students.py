@@ -69,7 +69,7 @@ class StudentAnswers:
         except (ValueError, TypeError) as exc:
             raise wire.APIError(400, f"cannot answer this chat: {exc}") from None
         cid, fingerprint = wire.completion_id(), f"{domain}@{call.version}"
-        headers = {"x-conch-version": call.version}
+        headers = {"x-conch-version": call.version, "x-conch-answered-by": fingerprint}
         decode = self.registry.tokenizer.decode
 
         def logprobs_of(start: int, end: int | None = None) -> list[dict] | None:
