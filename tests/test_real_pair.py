@@ -26,11 +26,12 @@ def test_ego_traces_retrain_promote_and_serve_on_the_real_pair(real_pair, conch_
     conch_home.mkdir(mode=0o700)
     (conch_home / "config.toml").write_text(
         f'teacher = "{real_pair.teacher}"\nstudent = "{real_pair.student}"\nheldout_fraction = 0.3\n'
+        # the path from EGO traces to a served version is what this tests: 4 steps on these 7 one-sentence answers
+        # leave a student that has not learnt to stop and repeats its sentence, which the gate's answer checks
+        # rightly refuse (measured: repeated token 4-grams 0.10 -> 0.38); test_degeneration.py tests those
+        "max_repeat_rise = 1.0\nmin_distinct_ratio = 0.0\nmax_unended_rise = 1.0\n"
         "min_heldout = 2\n[kd]\nnum_iters = 4\nbatch_size = 4\nlearning_rate = 5e-4\nlora_layers = 15\n"
-        "lora_rank = 8\nmax_answer_tokens = 32\nsample_max_tokens = 32\nsteps_per_report = 1\n"
-        # the real pair's on-policy path, in one round (each round reloads both models); off-policy, 4 to 12 steps
-        # on these 7 short answers leave a student that loops, which the gate refuses (tests/test_degeneration.py)
-        "on_policy = 0.5\non_policy_rounds = 1\n")
+        "lora_rank = 8\nmax_answer_tokens = 32\nsample_max_tokens = 32\nsteps_per_report = 1\n")
     config = load_config(conch_home)
     ego = Ego(home=conch_home, max_tokens=32)
     try:
