@@ -200,9 +200,9 @@ class NeuronRegistry:
             grammar = self.grammars().matcher(response_format)
             if grammar is not None and forced:
                 raise StructureError("a response_format and a forced tool call cannot both hold the answer")
-        else:  # a forced call is held to the offered tools' schemas, where its form is JSON
+        else:  # tool calls are held to the offered tools' schemas, where their form is JSON
             try:
-                grammar = self.grammars().tool_call(use) if forced else None
+                grammar = self.grammars().tool_call(use) if use else None
             except StructureError as exc:
                 raise ToolError(str(exc)) from None
         call = Call(tokens, pin or self._current(domain), max_tokens, **settings, tools=use, grammar=grammar)

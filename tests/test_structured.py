@@ -211,6 +211,69 @@ def test_a_forced_call_unheld_does_not_parse_from_the_bare_student(tmp_path):
         registry.close()
 
 
+def opening_first(tokenizer, text: str):
+    """A logits processor that makes a row write `text` first, then leaves it free: the bare kit student,
+    left alone, rarely opens a call under tool_choice "auto"."""
+    import mlx.core as mx
+
+    forced, start = tokenizer.encode(text, add_special_tokens=False), []
+
+    def process(tokens, logits):
+        start or start.append(tokens.size)
+        step = tokens.size - start[0]
+        if step >= len(forced):
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == forced[step], 0.0, -mx.inf)[None]
+
+    return process
+
+
+def test_with_tool_choice_auto_a_call_that_opens_is_held_to_the_tools_schemas_and_plain_text_stays_free(tmp_path):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    prompts = ("Read the config.", "Turn it up.", "Why is it slow?", "Open the log file.")
+    try:
+        neuron, grammars = registry.get("action"), registry.grammars()
+
+        def answers(lazy: bool, opening: str | None):
+            held = grammars.tool_call
+            if not lazy:
+                grammars.tool_call = lambda use: None
+            try:
+                calls = [neuron.submit(p, max_tokens=96, tools=TOOLS, logits_processors=[
+                    opening_first(registry.tokenizer, opening)] if opening else None) for p in prompts]
+            finally:
+                grammars.tool_call = held
+            for c in calls:
+                list(c)
+            return calls
+
+        opened = answers(True, "Sure. <tool_call>")
+        for c in opened:
+            assert c.grammar is not None and c.finish_reason.value == "stop", c.text
+            parsed = c.parsed()
+            assert parsed.parsed and parsed.content.startswith("Sure."), c.text
+            for made in parsed.tool_calls:
+                jsonschema.validate(json.loads(made["function"]["arguments"]), schemas[made["function"]["name"]])
+        assert not any(c.parsed().tool_calls for c in answers(False, "Sure. <tool_call>"))  # unheld: no call
+        plain, unheld = answers(True, None), answers(False, None)
+        assert all("<tool_call>" not in c.text for c in plain)
+        assert [c.text for c in plain] == [c.text for c in unheld]  # no call opened: the grammar changed nothing
+    finally:
+        registry.close()
+
+
+def test_a_call_opening_that_is_one_special_token_follows_the_text_as_that_token(tmp_path):
+    registry = NeuronRegistry(make_home(tmp_path), watch=False)
+    try:
+        grammars = registry.grammars()
+        eos = registry.tokenizer.decode([sorted(registry.tokenizer.eos_token_ids)[0]])
+        assert grammars._opening(eos) == f"opening: TEXT {eos}"
+        assert grammars._opening("<tool_call>") == 'opening[lazy]: TEXT "<tool_call>"'
+    finally:
+        registry.close()
+
+
 def test_every_run_records_how_the_held_out_answers_asked_in_a_form_validate(tmp_path, monkeypatch):
     from conch_dna.cli.main import app
     from conch_dna.lifecycle.gate import decide

@@ -137,25 +137,39 @@ class Grammars:
         return self._matcher(key, grammar, "response_format's schema")
 
     def tool_call(self, use) -> llguidance.LLMatcher | None:
-        """A matcher for the rest of a forced tool call (tool_choice "required" or a named function, whose
-        ToolUse.prefix the prompt already ends with): the name one of the offered tools, the arguments that
-        tool's `parameters` schema, then the call's closing markup and the end. None where calls are not
-        written as JSON (only mlx-lm's json_tools form and the fallback are), or the choice is "auto"."""
+        """A matcher for the tool calls of an answer, where calls are written as JSON (mlx-lm's json_tools
+        form and the fallback; None for other forms): the name one of the offered tools, the arguments that
+        tool's `parameters` schema, then the call's closing markup. Forced (tool_choice "required" or a named
+        function, whose ToolUse.prefix the prompt already ends with): the call, then the end. "auto": free
+        text until the call's opening markup appears, then the call held to its end, then free again (a lazy
+        rule, llguidance's structural-tag form)."""
         from conch_dna.models.tools import fallback_format
 
-        if not use or not use.prefix or use.format is None or use.format.parse is not fallback_format().parse:
+        if not use or use.format is None or use.format.parse is not fallback_format().parse:
             return None
         params = {tool["function"]["name"]: _parameters(tool) for tool in use.tools}
         end = f'"\\n"? {json.dumps(use.format.end)}' if use.format.end else '"\\n"?'
-        if use.prefix == use.format.start:  # "required": any one of the tools
-            call = {"oneOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
-                               "required": ["name", "arguments"], "additionalProperties": False}
-                              for name, schema in params.items()]}
+        call = {"oneOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
+                           "required": ["name", "arguments"], "additionalProperties": False}
+                          for name, schema in params.items()]}
+        if not use.prefix:  # "auto": a call may open anywhere in free text; TEXT matches no special token
+            lark = (f'%llguidance {{}}\nstart: call* TEXT\nTEXT: /(.|\\n)*/\n{self._opening(use.format.start)}\n'
+                    f'call: opening "\\n"? %json {_with_spacing(call)} {end}')
+        elif use.prefix == use.format.start:  # "required": any one of the tools
             lark = f'start: "\\n"? call {end}\ncall: %json {_with_spacing(call)}'
         else:  # a named function: the prefix ends inside its object, at `"arguments":`
             name = json.loads(use.prefix[len(use.format.start):] + " null}")["name"]
             lark = f'start: " "? arguments "}}" {end}\narguments: %json {_with_spacing(params[name])}'
         return self._matcher(lark, llguidance.LLMatcher.grammar_from_lark(lark), "the tool's parameters schema")
+
+    def _opening(self, start: str) -> str:
+        """The rule `opening`: free text, then the call's opening markup. Text ends lazily at the markup's
+        first appearance; where the markup is a special token of the tokenizer (Qwen's `<tool_call>`), which
+        no text matches, the token itself follows the text."""
+        ids = self._tokenizer.tokenize_str(start)
+        if len(ids) == 1 and self._tokenizer.is_special_token(ids[0]) and start.startswith("<"):
+            return f"opening: TEXT {start}"
+        return f"opening[lazy]: TEXT {json.dumps(start)}"
 
     def _matcher(self, key: str, grammar: str, what: str) -> llguidance.LLMatcher:
         with self._lock:
