@@ -72,7 +72,8 @@ def validity(registry: NeuronRegistry, prompts: list[dict], max_tokens: int) -> 
             grammars.tool_call, grammars.matcher = (lambda use: None), (lambda form: None)
         calls = [neuron.submit(p["messages"], max_tokens, tools=p["tools"], tool_choice="required") for p in prompts]
         forms = [neuron.submit(p["messages"][1:], max_tokens, response_format=FORMAT) for p in prompts]
-        for c in calls + forms:
+        autos = [neuron.submit(p["messages"], max_tokens, tools=p["tools"]) for p in prompts]
+        for c in calls + forms + autos:
             list(c)
         grammars.tool_call, grammars.matcher = held_call, held_format
         name = "held" if held else "free"
@@ -82,6 +83,13 @@ def validity(registry: NeuronRegistry, prompts: list[dict], max_tokens: int) -> 
         ended = [(c, p) for c, p in zip(calls, prompts) if c.finish_reason.value != "length"]
         shares[f"forced calls that validate, of those that ended, {name}"] = (
             statistics.fmean(valid_call(c, p["tools"]) for c, p in ended) if ended else float("nan"))
+        opened = [(c, p) for c, p in zip(autos, prompts) if c.tools.format.start in c.text]
+        shares[f"tool_choice auto: answers that open a call, {name}"] = len(opened) / len(autos)
+        shares[f"tool_choice auto: of the calls opened, those that validate, {name}"] = (
+            statistics.fmean(valid_call(c, p["tools"]) for c, p in opened) if opened else float("nan"))
+        opened_ended = [(c, p) for c, p in opened if c.finish_reason.value != "length"]
+        shares[f"tool_choice auto: of the calls opened in answers that ended, those that validate, {name}"] = (
+            statistics.fmean(valid_call(c, p["tools"]) for c, p in opened_ended) if opened_ended else float("nan"))
         shares[f"answers cut by max_tokens, {name}"] = statistics.fmean(
             c.finish_reason.value == "length" for c in calls + forms)
     return shares
@@ -115,6 +123,31 @@ def throughput(registry: NeuronRegistry, prompts: list[dict], tokens: int, held:
         seconds = time.perf_counter() - tic
     finally:
         grammars.matcher = matcher
+    assert all(c.completion_tokens == tokens for c in calls), [c.completion_tokens for c in calls]
+    return sum(c.completion_tokens for c in calls) / seconds
+
+
+def auto_throughput(registry: NeuronRegistry, prompts: list[dict], tokens: int, held: int) -> float:
+    """Completion tokens/s of 8 tool-use calls at once (tool_choice "auto"), `held` of them under the lazy call
+    grammar and the rest with it lifted; every answer runs to `tokens`."""
+    neuron, grammars = registry.get("action"), registry.grammars()
+    eos = list(registry.tokenizer.eos_token_ids)
+    lazy, lifted = grammars.tool_call, (lambda use: None)
+
+    def no_eos(_context, logits):
+        return logits.at[:, eos].add(-1e9)
+
+    tic = time.perf_counter()
+    calls = []
+    try:
+        for i, p in enumerate(prompts[:8]):
+            grammars.tool_call = lazy if i < held else lifted
+            calls.append(neuron.submit(p["messages"], tokens, tools=p["tools"], logits_processors=[no_eos]))
+    finally:
+        grammars.tool_call = lazy
+    for c in calls:
+        list(c)
+    seconds = time.perf_counter() - tic
     assert all(c.completion_tokens == tokens for c in calls), [c.completion_tokens for c in calls]
     return sum(c.completion_tokens for c in calls) / seconds
 
@@ -155,6 +188,14 @@ def main() -> None:
             print(f"8 calls at once, {args.tokens} tokens each: 8 free {statistics.fmean(free):.1f} tokens/s, "
                   f"4 held + 4 free {statistics.fmean(mixed):.1f} tokens/s: ratio {ratio:.3f} "
                   f"({args.repeats} runs each, alternated)")
+            free, mixed = [], []
+            for _ in range(args.repeats):
+                free.append(auto_throughput(registry, prompts, args.tokens, 0))
+                mixed.append(auto_throughput(registry, prompts, args.tokens, 4))
+            ratio = statistics.fmean(m / f for m, f in zip(mixed, free))
+            print(f"8 tool_choice auto calls at once, {args.tokens} tokens each: 8 free "
+                  f"{statistics.fmean(free):.1f} tokens/s, 4 held (lazy) + 4 free {statistics.fmean(mixed):.1f} "
+                  f"tokens/s: ratio {ratio:.3f}")
             fresh, cached = [], []
             for i in range(args.repeats):
                 schema = {**SCHEMA, "properties": {**SCHEMA["properties"], f"extra{i}": {"type": "integer"}}}

@@ -45,6 +45,7 @@ from conch_dna.system.watching import stop_watching, watch
 import numpy as np
 
 from neurons.batching import BatchEngine, Call, EngineClosed
+from neurons.deferral import Deferral
 from neurons.multi_lora import Adapter, RowAdapters, lora_shapes
 
 log = logging.getLogger("conch.neurons")
@@ -72,7 +73,7 @@ class Neuron:
         return self._pin.version if self._pin else self.registry.next_version(self.domain)
 
     def generate(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
-                 tool_choice=None, response_format=None, **sampling) -> Answer:
+                 tool_choice=None, response_format=None, defer: str | None = None, **sampling) -> Answer:
         """The student's answer (a str; its `tool_calls` and `content` read out of it). A string
         prompt gets the domain's system prompt, as in training (conch_dna.models.chat.to_messages); a list
         of chat messages (tool calls and results included) is used as it is. `tools`: OpenAI function
@@ -83,12 +84,23 @@ class Neuron:
         call's token_logprobs with N alternatives (submit() returns the call). `response_format`: OpenAI's
         ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) or a pydantic
         model class: the answer is held to it token by token (conch_dna.models.structured), so it parses
-        unless it ran out of max_tokens (finish_reason "length")."""
+        unless it ran out of max_tokens (finish_reason "length"). `defer="auto"`: the answer is the student's
+        where its version's acceptance rule takes it, else the home's EGO answers and its answer is recorded
+        (neurons.deferral); `answer.answered_by` says who wrote it ("domain@vNNNN" or "ego")."""
+        if defer not in (None, "auto"):
+            raise ValueError(f'defer must be None or "auto", got {defer!r}')
+        if defer:
+            sampling["logprobs"] = sampling.get("logprobs") or 0
         call = self.submit(prompt_or_messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
                            response_format=response_format, **sampling)
         for _ in call:
             pass
-        return Answer.read(call.text, call.parsed())
+        if defer:
+            return self.registry.deferral.answer(call, self.domain, prompt_or_messages, max_tokens, tools,
+                                                 tool_choice, response_format)
+        answer = Answer.read(call.text, call.parsed())
+        answer.answered_by = f"{self.domain}@{call.version}"
+        return answer
 
     def stream(self, prompt_or_messages, max_tokens: int = 128, tools: list[dict] | None = None,
                tool_choice=None, response_format=None, **sampling) -> Iterator[str]:
@@ -177,6 +189,7 @@ class NeuronRegistry:
         self.engine = BatchEngine(self.model, self.tokenizer, RowAdapters(self.model), self.config.neurons)
         self.mlx.step = self.engine.step
         self.mlx.on_close = self.engine.close
+        self.deferral = Deferral(self.home, self.config, self.tokenizer)
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -371,6 +384,7 @@ class NeuronRegistry:
         self._stop.set()
         stop_watching(self._observer, self._poller)
         self.mlx.close()
+        self.deferral.close()
         self.stats_path.unlink(missing_ok=True)
 
     def __enter__(self) -> NeuronRegistry:

@@ -59,7 +59,11 @@ def test_the_installed_wheel_runs_the_demo_from_another_folder(tmp_path):
     assert promoted and all(answer.startswith("tool call ") for _, answer in promoted), proc.stdout[-3000:]
     assert "action on base, through the OpenAI client:" in proc.stdout
     page = (home / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "rejected" in page
+    assert page.count("data:image/png;base64,") == 6 and "rejected" in page  # per domain: loss, versions, auto/
+    # each domain once more, student first: answered by its promoted version or, deferred, by the EGO
+    auto = re.findall(r'(\w+), defer="auto": answered by (\S+) \(the student\'s confidence (-?[\d.]+|-inf)\)',
+                      proc.stdout)
+    assert len(auto) == 2 and all(by == "ego" or re.fullmatch(rf"{d}@v\d{{4}}", by) for d, by, _ in auto), auto
     assert "validated on, KL rose" in page  # the noise batch was stopped by the established held-out set
     # Traces are private: every file the demo, the daemon and its workers wrote is the user's alone.
     loose = [f"{p} {stat.S_IMODE(p.stat().st_mode):o}" for p in [home, *home.rglob("*")] if not p.is_symlink()

@@ -34,6 +34,8 @@ def report_dir(tmp_path_factory) -> Path:
     store = TraceStore.for_home(home, load_config(home))
     ingest_bytes(store, "\n".join(teacher_traces("memory", 24, seed=2)).encode(), "a")
     assert retrain(home, "memory", 10, force=True).status == "promoted"
+    for outcome in ("served", "deferred", "deferred"):  # as auto/memory counts its calls
+        store.count_auto_answer("memory", "v0001", outcome, teacher_seconds=2.0, agreed=False)
     assert retrain(home, "memory", 10).status == "skipped"  # nothing new: no run
     ingest_bytes(store, "\n".join(teacher_traces("memory", 24, seed=3)).encode(), "b")
     assert retrain(home, "memory", 10).status == "rejected"  # too few held-out, no --force
@@ -46,9 +48,10 @@ def report_dir(tmp_path_factory) -> Path:
 def test_report_has_plots_and_every_decision(report_dir):
     page = (report_dir / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2  # memory: loss curves + metrics per version; debug has no run
+    assert len(images) == 3  # memory: loss curves, metrics per version, auto/'s share; debug has no run
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert (report_dir / "memory-loss.png").read_bytes().startswith(b"\x89PNG")
+    assert (report_dir / "memory-auto.png").read_bytes().startswith(b"\x89PNG")
     assert "promoted" in page and "rejected" in page and "the gate needs 1000" in page
     assert "no training run yet" in page  # debug
     home = report_dir.parent / "home"
@@ -62,6 +65,9 @@ def test_report_has_plots_and_every_decision(report_dir):
         assert r.kd_settings["lora_rank"] == 8 and r.kd_settings["num_iters"] == 10
         assert "temperature" not in r.kd_settings
     assert "lora_rank = 8" in page and "num_iters = 10" in page
+    promoted = next(r for r in runs if r.version == "v0001")
+    expected = promoted.candidate_metrics["acceptance"]["expected_share"]
+    assert f"<td>1 of 3 (33%; expected {expected:.0%})</td>" in page
 
 
 def find_chromium() -> str | None:
@@ -98,7 +104,7 @@ window.addEventListener('load', () => {
     dom = run_chromium(browser, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom",
                        probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-plots="2:memory-loss,memory-versions"' in dom.stdout
+    assert 'data-plots="3:memory-loss,memory-versions,memory-auto"' in dom.stdout
 
     shot = tmp_path / "report.png"
     result = run_chromium(browser, tmp_path / "profile-shot", "--window-size=1200,1400", f"--screenshot={shot}",

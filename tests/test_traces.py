@@ -151,7 +151,8 @@ def test_a_version_1_database_is_migrated_on_open(tmp_path):
     db.conn.commit()
     db.conn.close()
     store = TraceStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 8 and {"settings", "set_aside"} <= set(store.db.table_names())
+    assert store.schema_version() == SCHEMA_VERSION == 9
+    assert {"settings", "set_aside", "auto_answers"} <= set(store.db.table_names())
     assert {"tools", "response_format"} <= set(store.db["traces"].columns_dict)
     assert store.runs() == [] and {"samples_generated", "phase_seconds"} <= set(store.db["runs"].columns_dict)
     path2 = tmp_path / "future.db"
@@ -190,11 +191,12 @@ def test_a_version_7_store_keeps_its_traces_as_they_were_and_takes_their_respons
     old.close()
     db = sqlite_utils.Database(path)
     db["traces"].transform(drop={"response_format"})
+    db["auto_answers"].drop()
     db.execute("PRAGMA user_version = 7")
     db.conn.commit()
     db.conn.close()
     store = TraceStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 8 and every_chat(store) == before and len(before) == 1
+    assert store.schema_version() == SCHEMA_VERSION == 9 and every_chat(store) == before and len(before) == 1
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}
     held = parse_trace_line(line(trace(response_format=fmt)))
     assert held.trace_id() != parse_trace_line(line(trace())).trace_id()  # another form, another trace

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conch_dna.kit import STUDENT_PATH, TEACHER_PATH, corpus
-from conch_dna.lifecycle.status import kd_status_data, metric_cells, read_state
+from conch_dna.lifecycle.status import auto_words, kd_status_data, metric_cells, read_state
 from conch_dna.models.chat import to_chat, to_messages
 from conch_dna.settings.config import load_config
 from conch_dna.system.fsutil import atomic_write_text, open_private, private_dir
@@ -166,10 +166,15 @@ def run_demo(home: Path, console: Console, setup: DemoSetup | None = None) -> in
             demo.ask(TOOL_DOMAIN, demo.prompts[TOOL_DOMAIN][0], setup.neuron_max_tokens)
             if setup.noise_traces:
                 demo.noise_flood("action")
+            demo.show("student first, the EGO when the student is not sure (defer=\"auto\")")
+            auto = demo.auto_round()
             demo.show("done")
         console.print()
         for version, answer in demo.tool_calls_seen():
             console.print(f"{TOOL_DOMAIN} on {version}, through the OpenAI client: {answer}", soft_wrap=True)
+        for domain, answer in auto:
+            console.print(f"{domain}, defer=\"auto\": answered by {answer.answered_by} (the student's confidence "
+                          f"{answer.signal:.3f})", soft_wrap=True)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
@@ -265,6 +270,18 @@ class _Agent:
                 time.sleep(1.0)  # the EGO's work is done: leave the cores to the daemon's training
             i += 1
 
+    def auto_round(self) -> list[tuple[str, object]]:
+        """Each domain once more, student first: its answer where its version's acceptance rule takes it, else
+        the EGO's (recorded as a trace)."""
+        answered = []
+        for d in DOMAINS:
+            answer = self.registry.get(d).generate(self.prompts[d][0], max_tokens=self.setup.neuron_max_tokens,
+                                                   defer="auto")
+            self.view.calls.append((d, answer.answered_by, answer))
+            answered.append((d, answer))
+            self.show()
+        return answered
+
     def noise_flood(self, domain: str) -> None:
         """A broken teacher floods `domain` with noise answers; wait for the daemon's run on them."""
         self.show(f"a broken teacher floods '{domain}' with noise answers")
@@ -321,7 +338,7 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
     data = kd_status_data(home, config)
     table = Table(title="conch kd status")
     for col in ("domain", "version", "held-out KL", "on-policy KL", "top-1", "tool calls right (parse)",
-                "in form free (held)", "runs, oldest first"):
+                "in form free (held)", "auto/ served (expected)", "runs, oldest first"):
         table.add_column(col)
     store = TraceStore.for_home(home, config)
     promoted = rejected = 0
@@ -329,7 +346,7 @@ def _summary(home: Path, console: Console, setup: DemoSetup, elapsed: float) -> 
         runs = store.runs(d["domain"], limit=100)
         promoted += d["version"] != "base"
         rejected += sum(r.status == RunStatus.REJECTED for r in runs)
-        table.add_row(d["domain"], d["version"], *metric_cells(d["metrics"]),
+        table.add_row(d["domain"], d["version"], *metric_cells(d["metrics"]), auto_words(d["auto"]),
                       "\n".join(f"{r.status}: {r.reason}" for r in reversed(runs)))
     console.print(table)
     console.print(f"report: {build_report(home, config, home / 'report')}")

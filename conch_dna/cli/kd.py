@@ -16,7 +16,7 @@ app = typer.Typer(help=GROUPS["kd"][1], no_args_is_help=True)
 @app.command("status")
 def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per domain: traces against the threshold, current version and its metrics, the last run."""
-    from conch_dna.lifecycle.status import kd_status_data, metric_cells
+    from conch_dna.lifecycle.status import auto_words, kd_status_data, metric_cells
 
     home, config = home_and_config()
     data = kd_status_data(home, config)
@@ -25,15 +25,22 @@ def kd_status(as_json: bool = typer.Option(False, "--json", help="machine-readab
         return
     table = Table(title=f"conch kd status ({home})")
     for col in ("domain", "train", "held-out", "new / threshold", "version", "held-out KL", "on-policy KL", "top-1",
-                "tool calls right (parse)", "in form free (held)", "last run"):
+                "tool calls right (parse)", "in form free (held)", "auto/ served", "last run"):
         table.add_column(col, no_wrap=col in ("domain", "version"))
     for d in data["domains"]:
         last = d["last_run"]
         table.add_row(d["domain"], str(d["train"]), str(d["heldout"]), f"{d['new']} / {d['threshold']}",
-                      d["version"], *metric_cells(d["metrics"]),
+                      d["version"], *metric_cells(d["metrics"]), auto_words(d["auto"]),
                       f"{last['status']}: {last['reason'] or ''}"[:60] if last else "-")
     console.print(table)
     for d in data["domains"]:
+        auto = d["auto"]
+        if auto["deferred"] and auto["teacher_seconds_saved"] is not None:
+            right = auto["would_have_been_right"]
+            console.print(f"{d['domain']}@{d['version']}: auto/ saved about {auto['teacher_seconds_saved']:.0f} s "
+                          f"of teacher time; the teacher's {auto['teacher_seconds']:.0f} s on deferred calls"
+                          + (f", where the student had {right:.0%} right" if right is not None else ""),
+                          soft_wrap=True)
         if d["failures_in_a_row"]:
             nxt = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["retry_at"]))
             console.print(f"{d['domain']}: {d['failures_in_a_row']} failed run(s) in a row; the daemon tries "
@@ -113,6 +120,8 @@ def _show_rank_event(event: dict) -> None:
 def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(False, "--json"),
                limit: int = typer.Option(20)) -> None:
     """The domain's training runs, newest first, with their decisions and reasons."""
+    from conch_dna.lifecycle.status import auto_figures, auto_words
+
     home, config = home_and_config()
     runs = open_store().runs(checked_domain(domain, config), limit)
     if as_json:
@@ -120,12 +129,14 @@ def kd_history(domain: str = typer.Option(...), as_json: bool = typer.Option(Fal
         return
     table = Table(title=f"{domain}: training runs")
     for col in ("run", "started", "status", "version", "KL current -> candidate", "on-policy KL",
-                "tool calls right (parse)", "in form free (held)", "samples", "reason"):
+                "tool calls right (parse)", "in form free (held)", "auto/ served (expected)", "samples", "reason"):
         table.add_column(col, no_wrap=col in ("run", "status", "version"))
+    answered = {a["version"]: a for a in open_store().auto_answers(domain)}
     for r in runs:
         table.add_row(str(r.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at)),
                       str(r.status), r.version or "-", r.kl_change(), r.kl_change(on_policy=True), r.tool_change(),
-                      r.format_change(),
+                      r.format_change(), auto_words(auto_figures(answered.get(r.version),
+                                                                 (r.candidate_metrics or {}).get("acceptance"))),
                       str(r.samples_generated) if r.samples_generated is not None else "-", r.reason or "")
     console.print(table)
 

@@ -174,7 +174,8 @@ class _Cycle:
             result = self.train(picked, candidate)
             scores = (result.heldout_after or {}).pop("answer_scores", None)  # too many to keep in the run's row
             if scores:  # what auto/<domain> will accept from this version, fitted on its own held-out answers
-                result.heldout_after["acceptance"] = rule = fit_acceptance(scores, self.config)
+                ended = (result.heldout_after.get("answers") or {}).get("teacher_ended")
+                result.heldout_after["acceptance"] = rule = fit_acceptance(scores, self.config, ended)
                 write_acceptance(candidate, rule)
             promoted, reason = self.gate(picked, result)
             version, reason = self.publish(candidate, measured_against, reason) if promoted else (None, reason)

@@ -4,7 +4,8 @@ Per domain: the loss curves of each run; held-out KL (teacher-forced and on-poli
 version's own answers) / CE / top-1 agreement of the current version and of the candidate at every
 run (a promoted candidate is the next version); and every run's decision, its reason, its student
 samples and the time of each phase. Everything comes from the runs table, so the report
-works on any home the daemon or `conch kd retrain` has written.
+works on any home the daemon or `conch kd retrain` has written. Where versions were promoted with an
+acceptance rule: auto/'s share per version (expected at the gate, served since) and the newest rule's curve.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from conch_dna.lifecycle.status import auto_figures, auto_words
 from conch_dna.models.versions import version_label
 from conch_dna.settings.config import Config
 from conch_dna.system.fsutil import atomic_write, atomic_write_text, private_dir
@@ -24,7 +26,7 @@ from conch_dna.traces.store import TraceStore
 RECENT_RUNS = 8  # more runs on one axis are unreadable; the table below the plots lists every run
 
 
-def _plots(domain: str, runs: list[RunRecord], out: Path) -> list[Path]:
+def _plots(domain: str, runs: list[RunRecord], out: Path, answered: dict[str, dict]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +74,41 @@ def _plots(domain: str, runs: list[RunRecord], out: Path) -> list[Path]:
     paths.append(out / f"{domain}-versions.png")
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+    promoted = [r for r in runs if r.status == RunStatus.PROMOTED and (r.candidate_metrics or {}).get("acceptance")]
+    if promoted:
+        paths.append(out / f"{domain}-auto.png")
+        _auto_plot(plt, domain, promoted[::-1], answered, paths[-1])
     return paths
+
+
+def _auto_plot(plt, domain: str, promoted: list[RunRecord], answered: dict[str, dict], path: Path) -> None:
+    """auto/: the student's share per version (expected at its gate, served since), and the newest version's
+    curve of share served against the mean KL of what it serves, its bound and fitted threshold marked."""
+    fig, (share, curve) = plt.subplots(1, 2, figsize=(12.8, 3.8), dpi=100)
+    xs = list(range(len(promoted)))
+    expected = [r.candidate_metrics["acceptance"]["expected_share"] for r in promoted]
+    counts = [answered.get(r.version) or {} for r in promoted]
+    served = [c["served"] / n if (n := c.get("served", 0) + c.get("deferred", 0) + c.get("unverified", 0))
+              else float("nan") for c in counts]
+    share.plot(xs, expected, "o--", color="#888", label="expected (held-out, at its gate)")
+    share.plot(xs, served, "o-", color="#176317", label="served by auto/ since")
+    share.set(title=f"{domain}: the student's share of auto/ calls", xlabel="version", ylim=(-0.05, 1.05))
+    share.set_xticks(xs, [r.version for r in promoted], fontsize="small")
+    share.legend(fontsize="small")
+    rule = promoted[-1].candidate_metrics["acceptance"]
+    points = rule.get("curve") or []
+    if points:
+        curve.plot([p[1] for p in points], [p[2] for p in points], ".-", color="#1f5fa8", label="each threshold")
+    curve.axhline(rule["bound_kl"], color="#a30000", linestyle=":", label=f"bound {rule['bound_kl']:g} nats")
+    if rule.get("accepted_kl") is not None:
+        curve.scatter([rule["expected_share"]], [rule["accepted_kl"]], color="#a30000", zorder=3,
+                      label="the fitted threshold")
+    curve.set(title=f"{promoted[-1].version}: share served against their KL (held-out)", xlabel="share served",
+              ylabel="mean teacher-scored KL per token", xlim=(-0.02, 1.02))
+    curve.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
 
 
 def _value(metrics: dict, key: str) -> float:
@@ -94,6 +130,12 @@ def _settings(r: RunRecord) -> str:
     return ", ".join(f"{k} = {json.dumps(v)}" for k, v in r.kd_settings.items()) or "defaults"
 
 
+def _auto(r: RunRecord, answered: dict[str, dict]) -> str:
+    if not (r.candidate_metrics or {}).get("acceptance"):
+        return "-"
+    return auto_words(auto_figures(answered.get(r.version) if r.version else None, r.candidate_metrics["acceptance"]))
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -113,7 +155,8 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
         if not runs:
             sections.append(head + "<p>no training run yet</p>")
             continue
-        images = "".join(_img(p) for p in _plots(domain, runs, out)) + (
+        answered = {a["version"]: a for a in store.auto_answers(domain)}
+        images = "".join(_img(p) for p in _plots(domain, runs, out, answered)) + (
             "<p class='note'>Each run measures the current version and its candidate on the held-out traces of "
             "that moment; the held-out set grows, so compare a candidate with the current version of its own "
             "run, not across runs.</p>")
@@ -122,11 +165,13 @@ def build_report(home: str | Path, config: Config, out: str | Path | None = None
             f"<td class='{r.status}'>{r.status}</td><td>{r.version or '-'}</td>"
             f"<td>{html.escape(r.kl_change())}</td><td>{html.escape(r.kl_change(on_policy=True))}</td>"
             f"<td>{html.escape(r.tool_change())}</td><td>{html.escape(r.format_change())}</td>"
+            f"<td>{html.escape(_auto(r, answered))}</td>"
             f"<td>{r.samples_generated if r.samples_generated is not None else '-'}</td><td>{_phases(r)}</td>"
             f"<td>{html.escape(_settings(r))}</td><td>{html.escape(r.reason or '')}</td></tr>" for r in runs)
         sections.append(head + images + "<table><tr><th>run</th><th>started</th><th>decision</th>"
                         "<th>version</th><th>held-out KL</th><th>on-policy KL</th>"
-                        "<th>tool calls right (parse)</th><th>answers in form, free (held)</th><th>student samples</th>"
+                        "<th>tool calls right (parse)</th><th>answers in form, free (held)</th>"
+                        "<th>auto/ served (expected)</th><th>student samples</th>"
                         f"<th>seconds: sample / teacher / train / evaluate</th><th>settings</th><th>reason</th></tr>"
                         f"{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Conch DNA report</title><style>

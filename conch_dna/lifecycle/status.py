@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from conch_dna.lifecycle.acceptance import read_acceptance
 from conch_dna.lifecycle.failures import retry_at
 from conch_dna.models.adapters import KD_METRICS_FILE
 from conch_dna.models.versions import domain_dir, version_label
@@ -70,6 +71,7 @@ def kd_status_data(home, config) -> dict:
     store = TraceStore.for_home(home, config)
     state = read_state(home)
     domains = []
+    answered = {(r["domain"], r["version"]): r for r in store.auto_answers()}
     for c in store.stats():
         version = version_label(home, c.domain)
         metrics_file = domain_dir(home, c.domain) / version / KD_METRICS_FILE
@@ -79,10 +81,12 @@ def kd_status_data(home, config) -> dict:
         runs = store.runs(c.domain, limit=1)
         last = runs[0] if runs else None
         set_aside = store.set_asides(c.domain)
+        rule = read_acceptance(domain_dir(home, c.domain) / version) if version.startswith("v") else None
         domains.append({
             "domain": c.domain, "train": c.train, "heldout": c.heldout, "new": c.new_train,
             "threshold": config.threshold(c.domain), "version": version,
             "metrics": metrics,
+            "auto": auto_figures(answered.get((c.domain, version)), rule),
             "failures_in_a_row": len(store.failure_streak(c.domain)),
             "retry_at": retry_at(store, c.domain, config),
             "set_aside_traces": sum(b["traces"] for b in set_aside),
@@ -94,3 +98,25 @@ def kd_status_data(home, config) -> dict:
                                           "next_check": state and state.get("next_check"),
                                           "training": state and state.get("running")},
             "domains": domains}
+
+
+def auto_figures(counts: dict | None, rule: dict | None) -> dict:
+    """auto/<domain> on one version: calls served by the student, deferred, served unverified; the share the
+    student served and the share its rule expected; the teacher's seconds on deferred calls and, at their mean,
+    the seconds the served calls saved; of the deferred calls compared, the share the student had right."""
+    c = {k: (counts or {}).get(k, 0) for k in ("served", "deferred", "unverified", "compared", "agreed")}
+    teacher_s = (counts or {}).get("teacher_seconds", 0.0)
+    calls = c["served"] + c["deferred"] + c["unverified"]
+    return {**c, "calls": calls, "teacher_seconds": teacher_s,
+            "share_served": c["served"] / calls if calls else None,
+            "expected_share": rule.get("expected_share") if rule else None,
+            "teacher_seconds_saved": c["served"] * teacher_s / c["deferred"] if c["deferred"] else None,
+            "would_have_been_right": c["agreed"] / c["compared"] if c["compared"] else None}
+
+
+def auto_words(auto: dict) -> str:
+    """auto/'s figures of a version in a few characters: served of calls (share; expected share)."""
+    expected = f"expected {auto['expected_share']:.0%}" if auto.get("expected_share") is not None else "no rule"
+    if not auto["calls"]:
+        return f"- ({expected})"
+    return f"{auto['served']} of {auto['calls']} ({auto['share_served']:.0%}; {expected})"

@@ -276,6 +276,12 @@ class Answer(str):
 
     content: str
     tool_calls: list[dict]
+    # who wrote it ("domain@vNNNN" or "ego"); for defer="auto": whether it was deferred, the student's mean
+    # token log-probability, and why it was served unverified (the teacher could not answer)
+    answered_by: str | None = None
+    deferred: bool = False
+    signal: float | None = None
+    unverified: str | None = None
 
     @classmethod
     def read(cls, text: str, parsed: ParsedAnswer) -> Answer:

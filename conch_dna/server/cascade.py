@@ -12,61 +12,47 @@ or is the teacher's stream. Every answer says who wrote it: `x-conch-answered-by
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
+import logging
 import time
-from collections import defaultdict
 
 import conch_dna.server.wire as wire
-from conch_dna.lifecycle.acceptance import accepts, read_acceptance
+from conch_dna.models.loading import ModelLoadError
 from conch_dna.models.structured import StructureError
 from conch_dna.models.tools import ToolError
-from conch_dna.models.versions import domain_dir
 from conch_dna.server.students import StudentAnswers
 from conch_dna.server.teacher import TeacherAnswers
-from conch_dna.training.evaluation import answer_checks
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from neurons.batching import EngineClosed, Finish
+from neurons.deferral import same_answer
 
+log = logging.getLogger("conch.serve")
 AUTO_PREFIX = "auto/"
-RULES_KEPT = 64  # versions whose rules are kept read
 
 
 class CascadeAnswers:
-    """Student first, the teacher when the student's answer is not accepted; counts of each per version."""
+    """Student first, the teacher when the student's answer is not accepted (neurons.deferral judges, and
+    counts each call per version in the store)."""
 
     def __init__(self, home, students: StudentAnswers, teacher: TeacherAnswers):
         self.home, self.students, self.teacher = home, students, teacher
-        self._rules: dict[tuple[str, str], dict | None] = {}
-        self._counts: dict[str, dict[str, dict]] = defaultdict(dict)
-        self._lock = threading.Lock()
-
-    def rule(self, domain: str, version: str) -> dict | None:
-        """The version's acceptance rule (read once; a version's folder never changes); None: defer all."""
-        if version == "base":
-            return None
-        with self._lock:
-            if (domain, version) in self._rules:
-                return self._rules[(domain, version)]
-        rule = read_acceptance(domain_dir(self.home, domain) / version)
-        with self._lock:
-            if len(self._rules) >= RULES_KEPT:
-                self._rules.pop(next(iter(self._rules)))
-            self._rules[(domain, version)] = rule
-        return rule
+        self.config = teacher.config
+        self.deferral = students.registry.deferral
 
     def stats(self) -> dict:
-        """Per domain and version: calls the student served, calls deferred, the teacher's seconds on them."""
-        with self._lock:
-            return {d: {v: dict(c) for v, c in by_version.items()} for d, by_version in self._counts.items()}
+        """Per domain and version: calls the student served, deferred, served unverified, the teacher's seconds
+        on them, and of the deferred calls compared, how many the student had answered as the teacher did."""
+        out: dict[str, dict] = {}
+        for row in self.teacher.store.auto_answers():
+            out.setdefault(row.pop("domain"), {})[row.pop("version")] = row
+        return out
 
-    def _count(self, domain: str, version: str, deferred: bool, teacher_s: float = 0.0) -> None:
-        with self._lock:
-            c = self._counts[domain].setdefault(version, {"served": 0, "deferred": 0, "teacher_seconds": 0.0})
-            c["deferred" if deferred else "served"] += 1
-            c["teacher_seconds"] = round(c["teacher_seconds"] + teacher_s, 3)
+    async def _count(self, domain: str, version: str, outcome: str, teacher_s: float = 0.0,
+                     agreed: bool | None = None) -> None:
+        await asyncio.to_thread(self.deferral.count, domain, version, outcome, teacher_s, agreed)
 
     async def answer(self, req: wire.ChatRequest, raw: dict, domain: str, max_tokens: int,
                      request: Request | None = None) -> Response:
@@ -82,29 +68,32 @@ class CascadeAnswers:
         except StructureError as exc:
             raise wire.APIError(400, str(exc), code="invalid_response_format", param="response_format") from None
         text = "".join(await asyncio.to_thread(list, call))
-        score = self.score(call)
-        rule = self.rule(domain, call.version)
+        accepted, score = await asyncio.to_thread(self.deferral.judge, domain, call)
         signal = f"{score['confidence']:.4f}"
-        if not accepts(rule, score):
-            tic = time.perf_counter()
-            try:
-                response = await self.teacher.answer(req, raw, domain, max_tokens)
-            finally:  # a stream's seconds: until the teacher's answer began
-                self._count(domain, call.version, True, time.perf_counter() - tic)
-            response.headers.update({"x-conch-answered-by": "ego", "x-conch-deferred": "true",
-                                     "x-conch-signal": signal, "x-conch-student-version": call.version})
-            return response
-        self._count(domain, call.version, False)
-        return self.students_answer(req, call, text, domain, {"x-conch-answered-by": f"{domain}@{call.version}",
-                                                              "x-conch-deferred": "false", "x-conch-signal": signal,
-                                                              "x-conch-version": call.version})
-
-    def score(self, call) -> dict:
-        """What the rule reads of an answer: its mean token log-probability, whether it ended, how it repeats."""
-        tokens = [t.token for t in call.token_logprobs]
-        confidence = (sum(t.logprob for t in call.token_logprobs) / len(tokens)) if tokens else float("-inf")
-        repeats = answer_checks(self.students.registry.tokenizer, [tokens])["repeated_4grams"]
-        return {"confidence": confidence, "ended": call.finish_reason is Finish.STOP, "repeated_4grams": repeats}
+        student = {"x-conch-answered-by": f"{domain}@{call.version}", "x-conch-deferred": "false",
+                   "x-conch-signal": signal, "x-conch-version": call.version}
+        if accepted:
+            await self._count(domain, call.version, "served")
+            return self.students_answer(req, call, text, domain, student)
+        tic = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(self.teacher.answer(req, raw, domain, max_tokens),
+                                              self.config.auto_teacher_timeout_s)
+        except (wire.APIError, ModelLoadError, OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, wire.APIError) and exc.status < 500:
+                raise  # the request's own fault: the teacher would refuse it whoever asked
+            reason = _failure(exc, self.config.auto_teacher_timeout_s)
+            log.warning("auto/%s: the teacher could not answer a deferred call (%s)", domain, reason)
+            if self.config.auto_unverified == "refuse":
+                raise wire.APIError(502, f"the student's answer was not accepted and the teacher could not "
+                                         f"answer: {reason}", type="server_error", code="teacher_failed") from None
+            await self._count(domain, call.version, "unverified")  # time lost to a failure, not a teacher's answer
+            return self.students_answer(req, call, text, domain, {**student, "x-conch-unverified": reason[:200]})
+        await self._count(domain, call.version, "deferred", time.perf_counter() - tic,
+                          agrees(call, text, response))  # a stream's seconds: until the teacher's answer began
+        response.headers.update({"x-conch-answered-by": "ego", "x-conch-deferred": "true",
+                                 "x-conch-signal": signal, "x-conch-student-version": call.version})
+        return response
 
     @staticmethod
     def students_answer(req: wire.ChatRequest, call, text: str, domain: str, headers: dict) -> Response:
@@ -131,3 +120,21 @@ class CascadeAnswers:
             yield wire.sse("[DONE]")
 
         return StreamingResponse(wire.guarded(events()), media_type="text/event-stream", headers=headers)
+
+
+def agrees(call, text: str, response: Response) -> bool | None:
+    """Whether the student's answer was the teacher's (neurons.deferral.same_answer); None where the teacher's
+    answer is a stream, not read here."""
+    if isinstance(response, StreamingResponse):
+        return None
+    try:
+        message = json.loads(response.body)["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return same_answer(text, call.parsed().tool_calls, message.get("content"), message.get("tool_calls"))
+
+
+def _failure(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"it took over auto_teacher_timeout_s = {timeout_s:g}"
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__

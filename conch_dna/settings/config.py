@@ -203,6 +203,14 @@ class Config(BaseModel):
     auto_max_repeat: float = Field(default=0.3, ge=0.0, le=1.0,
                                    description="auto/<domain>: an answer whose share of repeated token 4-grams is "
                                                "over this is never accepted (the teacher scores a loop well)")
+    auto_unverified: Literal["serve", "refuse"] = Field(
+        default="serve",
+        description="auto/<domain> when a deferred call's teacher cannot answer (none loads, it fails, or it takes "
+                    "over auto_teacher_timeout_s): serve the student's answer marked x-conch-unverified, or refuse "
+                    "the call with a 502 and the reason")
+    auto_teacher_timeout_s: float = Field(default=120.0, gt=0.0,
+                                          description="auto/<domain>: how long a deferred call waits for the "
+                                                      "teacher's answer to begin")
     max_repeat_rise: float = Field(
         default=0.2, ge=0.0, le=1.0,
         description="how far the share of repeated token 4-grams in the held-out greedy answers may rise over the "

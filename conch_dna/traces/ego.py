@@ -134,8 +134,10 @@ class Ego:
         check_domain(domain, self.config.domains)
         answer = self.answer(messages, max_tokens, tools, tool_choice, response_format)
         self.record(domain, messages, answer, tools=tools, response_format=response_format)
-        return Answer.read(answer.text, ParsedAnswer(answer.content if answer.content is not None else answer.text,
-                                                     answer.tool_calls))
+        out = Answer.read(answer.text, ParsedAnswer(answer.content if answer.content is not None else answer.text,
+                                                    answer.tool_calls))
+        out.answered_by = "ego"
+        return out
 
     def close(self) -> None:
         self.mlx.close()

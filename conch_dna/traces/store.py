@@ -25,7 +25,7 @@ import numpy as np
 import sqlite_utils
 
 log = logging.getLogger("conch.store")
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
 
@@ -81,9 +81,17 @@ def _add_trace_response_format_v8(db: sqlite_utils.Database) -> None:
     db["traces"].add_column("response_format", str)  # the form the answer was asked in, as JSON; NULL: free text
 
 
+def _add_auto_answers_v9(db: sqlite_utils.Database) -> None:
+    # auto/<domain>'s calls per domain and version: who answered, what the teacher's answers cost
+    db["auto_answers"].create({"domain": str, "version": str, "served": int, "deferred": int, "unverified": int,
+                               "compared": int, "agreed": int, "teacher_seconds": float, "updated_at": float},
+                              pk=("domain", "version"))
+
+
 # version -> the function that brings version - 1 up to it
 MIGRATIONS = {1: _create_v1, 2: _add_runs_v2, 3: _add_settings_v3, 4: _add_set_aside_v4, 5: _add_run_phases_v5,
-              6: _add_run_settings_v6, 7: _add_trace_tools_v7, 8: _add_trace_response_format_v8}
+              6: _add_run_settings_v6, 7: _add_trace_tools_v7, 8: _add_trace_response_format_v8,
+              9: _add_auto_answers_v9}
 
 
 @dataclass
@@ -404,6 +412,29 @@ class TraceStore:
                 values[k] = json.loads(values[k]) if values[k] else None
             records.append(RunRecord(**values))
         return records
+
+    # -- auto/<domain>'s answers ----------------------------------------------------------------
+
+    def count_auto_answer(self, domain: str, version: str, outcome: str, teacher_seconds: float = 0.0,
+                          agreed: bool | None = None) -> None:
+        """One more call of `auto/<domain>` answered on `version`: outcome "served" (the student's answer),
+        "deferred" (the teacher's) or "unverified" (the student's, the teacher having failed); `agreed`,
+        for a deferred call whose teacher answer is known, whether the student's answer was the same."""
+        if outcome not in ("served", "deferred", "unverified"):
+            raise ValueError(f"unknown auto/ outcome {outcome!r}")
+        with self.write() as conn:
+            conn.execute("INSERT OR IGNORE INTO auto_answers VALUES (?, ?, 0, 0, 0, 0, 0, 0.0, 0.0)", (domain, version))
+            conn.execute(f"UPDATE auto_answers SET {outcome} = {outcome} + 1, compared = compared + ?, "
+                         "agreed = agreed + ?, teacher_seconds = teacher_seconds + ?, updated_at = ? "
+                         "WHERE domain = ? AND version = ?",
+                         (agreed is not None, bool(agreed), teacher_seconds, time.time(), domain, version))
+
+    def auto_answers(self, domain: str | None = None) -> list[dict]:
+        """auto/'s counts per domain and version, oldest version first."""
+        sql = "SELECT * FROM auto_answers" + (" WHERE domain = ?" if domain else "") + " ORDER BY domain, version"
+        cur = self.db.conn.execute(sql, (domain,) if domain else ())
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
 
     def traces_of(self, domain: str, split: str, since_rowid: int = 0, upto_rowid: int | None = None,
                   sample: int | None = None, limit: int | None = None) -> list[dict]:

@@ -241,7 +241,8 @@ class TrueKnowledgeDistiller:
         history, elapsed, before, after = self._train(domain, tokenizer, train, chats[1:], held, own, out,
                                                       options, clock)
         if "" in held_own and "" in before:
-            before[""]["answers"] = _answer_report(tokenizer, held_own[""], before[""], held[""])
+            before[""]["answers"] = _answer_report(tokenizer, held_own[""], before[""], held[""],
+                                                  self.config.sample_max_tokens)
         if options.measure_on_policy or tool_held or form_held:
             with clock("evaluate"):
                 measured, tool_after, own_after, form_after = self._measure_own(
@@ -251,7 +252,8 @@ class TrueKnowledgeDistiller:
                         after[name]["answer_scores"] = scores
                     after[name]["on_policy"] = metrics
                 if "" in own_after and "" in after:
-                    after[""]["answers"] = _answer_report(tokenizer, own_after[""], after[""], held[""])
+                    after[""]["answers"] = _answer_report(tokenizer, own_after[""], after[""], held[""],
+                                                         self.config.sample_max_tokens)
         if tool_held:
             before[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_own)
             after[""]["tool_calls"] = tool_call_metrics(tokenizer, tool_held, tool_after)
@@ -443,12 +445,14 @@ class TrueKnowledgeDistiller:
         return results
 
 
-def _answer_report(tokenizer, answered, metrics: dict, teacher_examples: list[KDExample]) -> dict:
+def _answer_report(tokenizer, answered, metrics: dict, teacher_examples: list[KDExample], budget: int) -> dict:
     """answer_checks of a version's greedy held-out answers, with what to read them against: the teacher's
-    answers' mean length, the version's token entropy over its own answers and the teacher's over its own."""
+    answers' mean length and the share that end within the version's answer budget, the version's token
+    entropy over its own answers and the teacher's over its own."""
     report = answer_checks(tokenizer, [a for _, a in answered])
-    teacher = [len(e.answer_tokens) for e in teacher_examples]
-    report["teacher_tokens"] = sum(teacher) / max(len(teacher), 1)
+    teacher, eos = [e.answer_tokens.tolist() for e in teacher_examples], set(tokenizer.eos_token_ids)
+    report["teacher_tokens"] = sum(map(len, teacher)) / max(len(teacher), 1)
+    report["teacher_ended"] = sum(0 < len(t) <= budget and t[-1] in eos for t in teacher) / max(len(teacher), 1)
     report["entropy"] = (metrics.get("on_policy") or {}).get("entropy", float("nan"))
     report["teacher_entropy"] = metrics.get("teacher_entropy", float("nan"))
     return report

@@ -62,7 +62,8 @@ def heldout_metrics(model, examples: list[KDExample], batch_size: int = 8,
 def answer_scores(model, examples: list[KDExample], batch_size: int = 8, max_seq_length: int = 2048) -> list[dict]:
     """Per example (a version's own answer, scored by the teacher): the version's confidence in its answer
     (the mean log-probability of the answer's tokens under itself, what serving reads off a call's token
-    log-probs) and the teacher-scored KL per token. What an acceptance rule is fitted on."""
+    log-probs), the teacher-scored KL per token and the share of its tokens that are the teacher's top-1. What
+    an acceptance rule is fitted on."""
     out = []
     for i in range(0, len(examples), batch_size):
         batch = [replace(e, on_policy=False) for e in examples[i : i + batch_size]]  # targets: its own tokens
@@ -70,8 +71,10 @@ def answer_scores(model, examples: list[KDExample], batch_size: int = 8, max_seq
         kl, ce = answer_token_losses(model(inputs), ids, logprobs, targets, 1.0, "forward_kl", 0.5)
         count = mx.maximum(mask.sum(axis=-1), 1.0)
         confidence, per_kl = -(ce * mask).sum(axis=-1) / count, (kl * mask).sum(axis=-1) / count
-        mx.eval(confidence, per_kl)
-        out += [{"confidence": c, "kl": k} for c, k in zip(confidence.tolist(), per_kl.tolist())]
+        top1 = ((ids[..., 0] == targets) * mask).sum(axis=-1) / count  # the teacher's first choice, written
+        mx.eval(confidence, per_kl, top1)
+        out += [{"confidence": c, "kl": k, "agreement": a}
+                for c, k, a in zip(confidence.tolist(), per_kl.tolist(), top1.tolist())]
     return out
 
 
