@@ -180,22 +180,16 @@ def main() -> None:
             for name, share in validity(registry, prompts[: args.prompts], args.max_tokens).items():
                 print(f"  {name}: {share:.1%}")
             throughput(registry, prompts, 8, 4)  # warm both paths
-            free, mixed = [], []
-            for _ in range(args.repeats):
-                free.append(throughput(registry, prompts, args.tokens, 0))
-                mixed.append(throughput(registry, prompts, args.tokens, 4))
-            ratio = statistics.fmean(m / f for m, f in zip(mixed, free))
-            print(f"8 calls at once, {args.tokens} tokens each: 8 free {statistics.fmean(free):.1f} tokens/s, "
-                  f"4 held + 4 free {statistics.fmean(mixed):.1f} tokens/s: ratio {ratio:.3f} "
-                  f"({args.repeats} runs each, alternated)")
-            free, mixed = [], []
-            for _ in range(args.repeats):
-                free.append(auto_throughput(registry, prompts, args.tokens, 0))
-                mixed.append(auto_throughput(registry, prompts, args.tokens, 4))
-            ratio = statistics.fmean(m / f for m, f in zip(mixed, free))
-            print(f"8 tool_choice auto calls at once, {args.tokens} tokens each: 8 free "
-                  f"{statistics.fmean(free):.1f} tokens/s, 4 held (lazy) + 4 free {statistics.fmean(mixed):.1f} "
-                  f"tokens/s: ratio {ratio:.3f}")
+            for what, held, measure in (("calls", "held", throughput), ("tool_choice auto calls", "held (lazy)",
+                                                                          auto_throughput)):
+                free, mixed = [], []
+                for _ in range(args.repeats):
+                    free.append(measure(registry, prompts, args.tokens, 0))
+                    mixed.append(measure(registry, prompts, args.tokens, 4))
+                ratio = statistics.fmean(m / f for m, f in zip(mixed, free))
+                print(f"8 {what} at once, {args.tokens} tokens each: 8 free {statistics.fmean(free):.1f} tokens/s, "
+                      f"4 {held} + 4 free {statistics.fmean(mixed):.1f} tokens/s: ratio {ratio:.3f} "
+                      f"({args.repeats} runs each, alternated)")
             fresh, cached = [], []
             for i in range(args.repeats):
                 schema = {**SCHEMA, "properties": {**SCHEMA["properties"], f"extra{i}": {"type": "integer"}}}

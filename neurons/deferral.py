@@ -90,9 +90,10 @@ class Deferral:
         """The home's EGO (the config's teacher, in this process), loaded on the first deferral."""
         from conch_dna.traces.ego import Ego
 
+        store = self.store  # one store for the counts and the EGO's traces
         with self._lock:
             if self._ego is None:
-                self._ego = Ego(home=self.home, store=None)
+                self._ego = Ego(home=self.home, store=store)
             return self._ego
 
     def answer(self, call: Call, domain: str, prompt, max_tokens: int, tools, tool_choice,

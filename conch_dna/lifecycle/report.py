@@ -87,9 +87,8 @@ def _auto_plot(plt, domain: str, promoted: list[RunRecord], answered: dict[str, 
     fig, (share, curve) = plt.subplots(1, 2, figsize=(12.8, 3.8), dpi=100)
     xs = list(range(len(promoted)))
     expected = [r.candidate_metrics["acceptance"]["expected_share"] for r in promoted]
-    counts = [answered.get(r.version) or {} for r in promoted]
-    served = [c["served"] / n if (n := c.get("served", 0) + c.get("deferred", 0) + c.get("unverified", 0))
-              else float("nan") for c in counts]
+    shares = [auto_figures(answered.get(r.version), None)["share_served"] for r in promoted]
+    served = [float("nan") if share is None else share for share in shares]
     share.plot(xs, expected, "o--", color="#888", label="expected (held-out, at its gate)")
     share.plot(xs, served, "o-", color="#176317", label="served by auto/ since")
     share.set(title=f"{domain}: the student's share of auto/ calls", xlabel="version", ylim=(-0.05, 1.05))

@@ -46,7 +46,7 @@ class CascadeAnswers:
         """Per domain and version: calls the student served, deferred, served unverified, the teacher's seconds
         on them, and of the deferred calls compared, how many the student had answered as the teacher did."""
         out: dict[str, dict] = {}
-        for row in self.teacher.store.auto_answers():
+        for row in self.deferral.store.auto_answers():
             out.setdefault(row.pop("domain"), {})[row.pop("version")] = row
         return out
 
